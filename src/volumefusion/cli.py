@@ -1,0 +1,70 @@
+"""The ``volumefusion`` (alias ``vf``) command line.
+
+Each subcommand lives in ``volumefusion/commands/<name>.py`` and exposes ``register(subparsers)``,
+which adds its parser and sets ``func``. Command modules import heavy dependencies inside ``func``
+so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from volumefusion import VolumeFusionError, __version__
+from volumefusion.log import setup
+
+COMMANDS = ["demo", "prepare", "pretrain", "finetune", "predict", "evaluate", "show", "convert", "config"]
+
+DESCRIPTION = """\
+Volume Fusion self-supervised pretraining of PCT-Net for 3D CT segmentation (MIS-FM),
+with fine-tuning, sliding-window prediction and evaluation.
+
+Typical pipeline:
+  volumefusion prepare  /data/ct/ --out store/            # raw CT -> chunked int16 store
+  volumefusion pretrain --data store/ --out runs/vf       # Volume Fusion pretraining
+  volumefusion finetune --data Task09_Spleen/ --pretrained runs/vf/checkpoints/latest.pt --out runs/ft
+  volumefusion predict  -m runs/ft/checkpoints/best.pt -i images/ -o preds/
+  volumefusion evaluate --pred preds/ --gt labels/ --out metrics.csv
+  volumefusion demo --quick                               # all of it on built-in data, in minutes
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="volumefusion", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"volumefusion {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"volumefusion.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"volumefusion.commands.{name}":
+                continue  # command not part of this build
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    setup(-1 if args.quiet else args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except VolumeFusionError as exc:
+        print(f"volumefusion {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"volumefusion {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
