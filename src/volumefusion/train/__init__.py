@@ -1,0 +1,1 @@
+"""Training: the engine shared by pretraining and fine-tuning, losses, checkpoints, logging."""

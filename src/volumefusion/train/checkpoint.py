@@ -1,0 +1,58 @@
+"""Self-describing checkpoints, written atomically and read without unpickling code.
+
+A checkpoint is a dict:
+  ``model``        plain state dict (no ``module.`` / ``_orig_mod.`` prefixes)
+  ``config``       the full resolved :class:`~volumefusion.config.Config` as a dict
+  ``task``         ``{"kind": "pretrain" | "segmentation", "num_classes": int,
+                     "label_names": {str(int): str} | None, "preprocessing": dict}``
+                   where ``preprocessing`` is the store's preparation settings (target spacing,
+                   orientation, body crop) that predict must apply to new images
+  ``optimizer``, ``scheduler``, ``scaler``  state dicts (absent in exported weights)
+  ``step``         optimiser steps done
+  ``rng``          RNG states for exact resume
+  ``extra``        anything else the engine needs to resume (data position, best metric)
+  ``version``      volumefusion version that wrote it
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from volumefusion import VolumeFusionError, __version__
+from volumefusion.io import atomic_write_bytes
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.replace(prefix, "")
+        out[key] = value
+    return out
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Serialise ``payload`` to memory, then write it atomically (a killed run leaves no half file)."""
+    payload = dict(payload, version=__version__)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; errors name the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise VolumeFusionError(f"{path}: checkpoint file not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or foreign files
+        raise VolumeFusionError(
+            f"{path}: not a loadable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "it may be truncated, or contain pickled objects that are not allowed for safety"
+        ) from None
