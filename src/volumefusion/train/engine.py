@@ -1,0 +1,383 @@
+"""The training loop shared by pretraining and fine-tuning.
+
+The engine owns what every run needs: devices and DDP, mixed precision, the optimiser and schedule,
+gradient accumulation and clipping, checkpoints and exact resume, signals, logging. What differs
+between pretraining and fine-tuning (data, how a batch becomes network input and target, how to
+validate) comes from a :class:`Task`. The engine knows nothing of any particular network.
+
+Exact resume: the data stream and every per-step random draw are functions of (seed, rank, step),
+and the checkpoint carries the global RNG states (dropout), so N steps + resume + N steps equals 2N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from volumefusion import VolumeFusionError
+from volumefusion.config import Config, OptimConfig, RunConfig
+from volumefusion.log import get_logger, progress
+from volumefusion.train.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
+from volumefusion.train.logging import RunLogger
+from volumefusion.train.losses import DeepSupervisionLoss
+
+log = get_logger(__name__)
+
+
+class Task(Protocol):
+    """What a training run is about; see :mod:`volumefusion.train.tasks`."""
+
+    num_classes: int
+
+    def batches(self, start_step: int, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
+        """Micro-batches from micro-step ``start_step`` on (an infinite, deterministic stream)."""
+
+    def make_inputs(self, batch: dict[str, Any], generator: torch.Generator,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Network input (N, C, D, H, W) float and target labels (N, D, H, W) long, on ``device``."""
+
+    def validate(self, model: nn.Module, device: torch.device, autocast) -> dict[str, float]:
+        """Validation metrics; ``score`` (higher is better) chooses the best checkpoint."""
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        """The checkpoint's ``task`` entry (kind, num_classes, label_names, preprocessing)."""
+
+    def save_images(self, path: Path, inputs: torch.Tensor, labels: torch.Tensor,
+                    predictions: torch.Tensor) -> None:
+        """A PNG montage of a few inputs with true and predicted class maps."""
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> DistInfo:
+        """Ranks as set by torchrun (RANK, WORLD_SIZE, LOCAL_RANK); a single process otherwise."""
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise VolumeFusionError(f"run.device: {name!r} requested but no CUDA device is available; use cpu")
+        if name == "cuda":
+            name = f"cuda:{local_rank}"
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise VolumeFusionError(f"run.device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+def autocast_for(run: RunConfig, device: torch.device):
+    """A zero-argument factory of the autocast context: bf16 on GPUs (unless fp32 is asked), none on CPU."""
+    use_bf16 = run.precision == "bf16" or (run.precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def step_seed(seed: int, rank: int, micro_step: int) -> int:
+    """Seed of the random draws of one micro-step (fusion, augmentation), independent of history."""
+    return int(np.random.SeedSequence([seed, rank, micro_step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                           nesterov=cfg.momentum > 0)
+
+
+def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Learning-rate multiplier at optimiser step ``step``: linear warm-up, then the schedule."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "step":
+        return cfg.gamma ** (step // cfg.step_size)
+    progress_ = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    if cfg.schedule == "poly":
+        return (1 - progress_) ** cfg.poly_power
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress_))
+    return 1.0
+
+
+class _Signals:
+    """First SIGINT/SIGTERM asks the loop to stop after the current step; a second one exits at once."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            os._exit(128 + signum)
+        self.requested = signal.Signals(signum).name
+        log.warning("%s received: finishing the current step and writing a checkpoint "
+                    "(send it again to exit at once)", self.requested)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class FitResult:
+    step: int
+    interrupted: str | None = None
+    best_score: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Train ``model`` on ``task`` under ``cfg`` (sections ``optim``, ``loss``, ``run``), writing to ``out_dir``.
+
+    ``freeze``: ``(prefixes, steps)`` keeps the parameters whose names start with one of ``prefixes``
+    unchanged for the first ``steps`` optimiser steps (learning rate 0 for that group, which stays
+    DDP-safe, unlike toggling ``requires_grad``).
+    """
+
+    def __init__(self, cfg: Config, model: nn.Module, task: Task, out_dir: str | Path, *,
+                 resume: bool | str | Path = False, freeze: tuple[tuple[str, ...], int] | None = None):
+        self.cfg, self.task, self.out_dir = cfg, task, Path(out_dir)
+        self.dist = DistInfo.from_env()
+        if self.dist.world_size > 1 and not dist.is_initialized():
+            backend = "nccl" if cfg.run.device != "cpu" and torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+        self.device = resolve_device(cfg.run.device, self.dist.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True
+        self.autocast = autocast_for(cfg.run, self.device)
+        memory_format = torch.channels_last_3d if cfg.run.channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=memory_format)
+        self.loss_fn = DeepSupervisionLoss(task.num_classes, cfg.loss.dice_weight, cfg.loss.ce_weight,
+                                           cfg.loss.deep_supervision)
+        self.freeze_steps = freeze[1] if freeze else 0
+        frozen = [p for n, p in model.named_parameters() if freeze and n.startswith(freeze[0])]
+        frozen_ids = {id(p) for p in frozen}
+        groups = [{"params": [p for p in model.parameters() if id(p) not in frozen_ids], "name": "main"}]
+        if frozen:
+            groups.append({"params": frozen, "name": "frozen"})
+        self.optimizer = build_optimizer(groups, cfg.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, [self._group_lambda(g["name"]) for g in groups])
+        self.step = 0
+        self.best_score: float | None = None
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        if resume:
+            self._resume(resume)
+        self.train_model: nn.Module = self.model
+        if self.dist.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.run.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.logger = RunLogger(self.out_dir, enabled=self.dist.is_main, resume_step=self.step)
+
+    def _group_lambda(self, name: str):
+        def factor(step: int) -> float:
+            if name == "frozen" and step < self.freeze_steps:
+                return 0.0
+            return lr_factor(step, self.cfg.optim, self.cfg.run.max_steps)
+        return factor
+
+    # ---------------------------------------------------------------------------------- checkpoints
+
+    def _payload(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "model": clean_state_dict(self.model.state_dict()),
+            "config": self.cfg.to_dict(),
+            "task": self.task.checkpoint_info(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": None,  # bf16 needs no loss scaling; kept for the documented layout
+            "step": self.step,
+            "rng": rng,
+            "extra": {"best_score": self.best_score, "world_size": self.dist.world_size},
+        }
+
+    def save(self, name: str) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        path = self.ckpt_dir / name
+        save_checkpoint(path, self._payload())
+        return path
+
+    def _save_numbered(self) -> None:
+        if not self.dist.is_main:
+            return
+        self.save(f"step_{self.step:08d}.pt")
+        numbered = sorted(self.ckpt_dir.glob("step_*.pt"))
+        for old in numbered[: max(0, len(numbered) - self.cfg.run.keep_last)]:
+            old.unlink()
+
+    def _resume(self, resume: bool | str | Path) -> None:
+        path = self.ckpt_dir / "latest.pt" if resume is True else Path(resume)
+        if not path.exists():
+            if resume is True:
+                log.info("no checkpoint at %s: starting from step 0", path)
+                return
+            raise VolumeFusionError(f"--resume {path}: checkpoint not found")
+        ckpt = load_checkpoint(path)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.step = int(ckpt["step"])
+        self.best_score = ckpt.get("extra", {}).get("best_score")
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ---------------------------------------------------------------------------------------- loop
+
+    def _stop_requested(self, signals: _Signals) -> bool:
+        """Whether any rank got a signal (all ranks must stop at the same step)."""
+        if self.dist.world_size == 1:
+            return bool(signals.requested)
+        flag = torch.tensor([1.0 if signals.requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _train_step(self, data: Iterator[dict[str, Any]], keep: bool) -> tuple[torch.Tensor, int, tuple | None]:
+        """One optimiser step over ``accumulate`` micro-batches.
+
+        Returns the loss (a device tensor, not synchronised), the samples seen, and, if ``keep``, the
+        last micro-batch's (inputs, labels, outputs) for pictures.
+        """
+        accumulate = self.cfg.optim.accumulate
+        self.train_model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        samples = 0
+        for micro in range(accumulate):
+            micro_step = self.step * accumulate + micro
+            generator = torch.Generator().manual_seed(step_seed(self.cfg.run.seed, self.dist.rank, micro_step))
+            x, y = self.task.make_inputs(next(data), generator, self.device)
+            if self.cfg.run.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            sync = micro == accumulate - 1 or not isinstance(self.train_model, nn.parallel.DistributedDataParallel)
+            with (contextlib.nullcontext() if sync else self.train_model.no_sync()), self.autocast():
+                outputs = self.train_model(x)
+                loss = self.loss_fn(outputs, y) / accumulate
+            loss.backward()
+            total += loss.detach()
+            samples += x.shape[0]
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return total, samples, (x, y, outputs) if keep else None
+
+    def validate(self) -> dict[str, float]:
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.task.validate(self.model, self.device, self.autocast)
+        score = metrics.get("score")
+        if score is not None and (self.best_score is None or score > self.best_score):
+            self.best_score = score
+            self.save("best.pt")
+        return metrics
+
+    def fit(self) -> FitResult:
+        run = self.cfg.run
+        accumulate = self.cfg.optim.accumulate
+        result = FitResult(step=self.step)
+        data = iter(self.task.batches(self.step * accumulate, self.dist.rank, self.dist.world_size))
+        bar = progress(total=run.max_steps, initial=self.step, desc="train", unit="step",
+                       disable=None if self.dist.is_main else True)
+        running, count, t_log = torch.zeros((), device=self.device), 0, time.perf_counter()
+        samples_since = 0
+        first = self.step
+        with _Signals() as signals:
+            while self.step < run.max_steps:
+                want_images = self.dist.is_main and ((self.step + 1) % run.image_every == 0 or self.step == 0)
+                try:
+                    loss, samples, last = self._train_step(data, keep=want_images)
+                except torch.cuda.OutOfMemoryError:
+                    if self.step != first:
+                        raise
+                    raise VolumeFusionError(
+                        f"out of GPU memory in the first step (batch {run.batch_size}, crop "
+                        f"{list(self.cfg.data.crop_size)}): lower --batch-size (use optim.accumulate to keep "
+                        "the global batch), set model.activation_checkpointing=true, or use a smaller "
+                        "data.crop_size") from None
+                self.step += 1
+                running += loss
+                count += 1
+                samples_since += samples * self.dist.world_size
+                bar.update(1)
+                if self.step % run.log_every == 0 or self.step == run.max_steps:
+                    elapsed = time.perf_counter() - t_log
+                    record = {"step": self.step, "loss": running.item() / count,
+                              "lr": self.optimizer.param_groups[0]["lr"],
+                              "samples_per_s": samples_since / max(elapsed, 1e-9)}
+                    if self.device.type == "cuda":
+                        record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    self.logger.log(record)
+                    result.history.append(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                    sps=f"{record['samples_per_s']:.1f}", refresh=False)
+                    running.zero_()
+                    count, samples_since, t_log = 0, 0, time.perf_counter()
+                if last is not None:
+                    x, y, outputs = last
+                    pred = (outputs[0] if isinstance(outputs, list) else outputs).argmax(1)
+                    self.task.save_images(self.out_dir / "images" / f"step_{self.step:08d}.png", x, y, pred)
+                if self.step % run.val_every == 0 or self.step == run.max_steps:
+                    if self.dist.is_main:
+                        record = {"step": self.step, **{f"val_{k}": v for k, v in self.validate().items()}}
+                        self.logger.log(record)
+                        result.history.append(record)
+                    self.logger.plot()
+                if self.step % run.checkpoint_every == 0:
+                    self.save("latest.pt")
+                    if run.keep_last:
+                        self._save_numbered()
+                if self._stop_requested(signals):
+                    result.interrupted = signals.requested or "signal on another rank"
+                    break
+        bar.close()
+        self.save("latest.pt")
+        self.logger.plot()
+        self.logger.close()
+        result.step, result.best_score = self.step, self.best_score
+        if result.interrupted and self.dist.is_main:
+            log.warning("stopped at step %d (%s); continue with --resume", self.step, result.interrupted)
+        return result

@@ -1,0 +1,85 @@
+"""Config: defaults reproduce the paper; bad values fail with a message naming the field."""
+
+import pytest
+import yaml
+
+from volumefusion import config
+from volumefusion.config import ConfigError
+
+
+def test_defaults_are_the_paper_settings():
+    cfg = config.load()
+    assert cfg.data.crop_size == (64, 128, 128)
+    assert cfg.fusion.num_classes == 5 and cfg.fusion.num_boxes == (10, 40)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("adam", 1e-3, 1e-5)
+    assert (cfg.optim.step_size, cfg.optim.gamma, cfg.run.max_steps) == (50000, 0.5, 400000)
+    assert cfg.model.feature_channels == (24, 48, 128, 256, 512)
+
+
+def test_paper_preset_equals_defaults():
+    assert config.load("configs/pretrain_paper.yaml") == config.load()
+
+
+def test_override_sets_nested_field():
+    cfg = config.load(overrides=["optim.lr=3e-4", "data.crop_size=[32,64,64]", "fusion.mode=grid"])
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.data.crop_size == (32, 64, 64)
+    assert cfg.fusion.mode == "grid"
+
+
+def test_yaml_file_then_override_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"optim": {"lr": 0.01}, "run": {"batch_size": 2}}))
+    cfg = config.load(path, ["optim.lr=0.02"])
+    assert cfg.optim.lr == 0.02 and cfg.run.batch_size == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "optim.lrr: unknown field"),
+        ("nosection.x=1", "nosection: unknown field"),
+        ("run.max_steps=abc", "run.max_steps: expected an integer, got 'abc'"),
+        ("run.max_steps=1.5", "run.max_steps: expected an integer"),
+        ("run.compile=3", "run.compile: expected true or false"),
+        ("run.max_steps=0", "run.max_steps: 0 is out of range; must be >= 1"),
+        ("fusion.grid_foreground_ratio=1.5", "fusion.grid_foreground_ratio: 1.5 is out of range; must be <= 1"),
+        ("fusion.mode=cubes", "fusion.mode: 'cubes' is not allowed; choose one of: boxes, grid"),
+        ("data.crop_size=[64,128]", "data.crop_size: expected 3 values, got 2"),
+        ("fusion.num_boxes=[40,10]", "fusion.num_boxes: [40, 10] must be [min, max]"),
+        ("model.num_heads=[3,8,16]", "model.num_heads: 3 heads do not divide 128 channels"),
+        ("finetune.fold=5", "finetune.fold: 5 must be < finetune.num_folds (5)"),
+    ],
+)
+def test_invalid_value_names_field(override, message):
+    with pytest.raises(ConfigError) as err:
+        config.load(overrides=[override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(bad)
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(ConfigError, match="expected section.field=value"):
+        config.load(overrides=["optim.lr"])
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    cfg = config.load(overrides=["optim.lr=2e-4", "finetune.split_file=split.json"])
+    config.save(cfg, tmp_path / "config.yaml")
+    assert config.load(tmp_path / "config.yaml") == cfg
+
+
+def test_cli_config_command_prints_error(capsys):
+    from volumefusion.cli import main
+
+    assert main(["config", "--set", "optim.name=lion"]) == 2
+    assert "optim.name: 'lion' is not allowed" in capsys.readouterr().err
