@@ -47,3 +47,86 @@ def pretrain(cfg: Config, data: str | Path, out_dir: str | Path, resume: bool | 
     log.info("pretraining %s (%.2f M parameters) on %d cases, %s", cfg.model.name, n_params / 1e6,
              len(task.store), f"fusion {cfg.fusion.mode}, K={cfg.fusion.num_classes - 1}")
     return Trainer(cfg, model, task, out_dir, resume=resume).fit()
+
+
+def _pretrained_base(pretrained: str | Path | None) -> tuple[dict | None, dict]:
+    """The checkpoint (or None) and the config it imposes on fine-tuning (model and intensity)."""
+    from volumefusion.nets.weights import model_config_from_misfm
+    from volumefusion.train.checkpoint import load_checkpoint
+
+    if pretrained is None:
+        return None, {}
+    ckpt = load_checkpoint(pretrained)
+    if "model_state_dict" in ckpt:  # an official MIS-FM / PyMIC checkpoint
+        return ckpt, {"model": model_config_from_misfm(ckpt["model_state_dict"])}
+    if "model" not in ckpt or "config" not in ckpt:
+        raise VolumeFusionError(f"{pretrained}: neither a volumefusion nor a MIS-FM checkpoint "
+                                "(expected keys 'model' and 'config', or 'model_state_dict')")
+    return ckpt, {"model": ckpt["config"]["model"], "data": {"hu_window": ckpt["config"]["data"]["hu_window"]}}
+
+
+def _segmentation_store(data: str | Path, out_dir: Path, preprocessing: dict | None, workers: int):
+    """Open ``data`` as a labelled store, preparing it first (into OUT/store) when it is a raw dataset.
+
+    ``preprocessing``: the pretrained checkpoint's preparation settings, which the store must match.
+    """
+    from volumefusion.data.prepare import PrepareSettings, prepare
+    from volumefusion.data.store import Store
+
+    data = Path(data)
+    if (data / "dataset.json").is_file():
+        settings = PrepareSettings.from_dict(preprocessing) if preprocessing else PrepareSettings()
+        if DistInfo.from_env().is_main:
+            summary = prepare([str(data)], out_dir / "store", settings, workers=max(1, workers))
+            if summary.failed:
+                log.warning("%d case(s) could not be prepared and are left out", len(summary.failed))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        data = out_dir / "store"
+    store = Store.open(data)
+    if preprocessing:
+        mismatch = {k: (store.settings.get(k), v) for k, v in preprocessing.items() if store.settings.get(k) != v}
+        if mismatch:
+            detail = "; ".join(f"{k}: store {a!r} vs pretraining {b!r}" for k, (a, b) in mismatch.items())
+            raise VolumeFusionError(f"{data}: store preparation differs from the pretrained model's ({detail}); "
+                                    "prepare the dataset again with the pretraining settings, or pass the raw "
+                                    "dataset folder so it is prepared automatically")
+    return store
+
+
+def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_dir: str | Path,
+             pretrained: str | Path | None, resume: bool | str = False) -> FitResult:
+    """Fine-tune on a labelled dataset from ``pretrained`` weights (or from scratch with ``None``).
+
+    The pretrained checkpoint fixes the architecture and the intensity window; asking for a different
+    window is an error, so pretraining and fine-tuning intensities can never silently differ.
+    """
+    import json
+
+    from volumefusion.config import load
+    from volumefusion.io import atomic_write_text
+    from volumefusion.nets.weights import load_pretrained
+    from volumefusion.train.tasks import SegmentationTask, split_cases
+
+    out_dir = Path(out_dir)
+    ckpt, base = _pretrained_base(pretrained)
+    cfg = load(cfg_paths, overrides, base=base)
+    if "data" in base and list(cfg.data.hu_window) != list(base["data"]["hu_window"]):
+        raise VolumeFusionError(f"data.hu_window: {list(cfg.data.hu_window)} differs from the pretrained model's "
+                                f"{list(base['data']['hu_window'])}; fine-tuning must use the same intensities")
+    preprocessing = (ckpt or {}).get("task", {}).get("preprocessing") or None
+    store = _segmentation_store(data, out_dir, preprocessing, cfg.data.workers)
+    f = cfg.finetune
+    train_ids, val_ids = split_cases([c.id for c in store.cases], f.num_folds, f.fold, f.split_file)
+    task = SegmentationTask(cfg, store, train_ids, val_ids)
+    model = build_model(cfg, task.num_classes)
+    write_config(cfg, out_dir)
+    if ckpt is not None:
+        report = load_pretrained(model, ckpt)
+        if DistInfo.from_env().is_main:
+            print(report.format())
+            atomic_write_text(out_dir / "load_report.json", json.dumps(report.to_dict(), indent=1))
+    log.info("fine-tuning %s on %d training / %d validation cases, %d classes (%s)", cfg.model.name,
+             len(train_ids), len(val_ids), task.num_classes, "pretrained" if ckpt is not None else "from scratch")
+    freeze = (tuple(model.encoder_prefixes), f.freeze_encoder_steps) if f.freeze_encoder_steps else None
+    return Trainer(cfg, model, task, out_dir, resume=resume, freeze=freeze).fit()

@@ -93,3 +93,87 @@ class PretrainTask:
 
     def save_images(self, path: Path, inputs, labels, predictions) -> None:
         save_prediction_montage(path, inputs, labels, predictions)
+
+
+def split_cases(case_ids: list[str], num_folds: int, fold: int, split_file: str | None = None,
+                seed: int = 12345) -> tuple[list[str], list[str]]:
+    """Training and validation case ids: fold ``fold`` of a k-fold split by case (fixed seed, so the
+    split does not change with the run's seed), or the ``{"train": [...], "val": [...]}`` split file."""
+    import json
+
+    from volumefusion import VolumeFusionError
+
+    if split_file:
+        try:
+            split = json.loads(Path(split_file).read_text())
+            train, val = list(split["train"]), list(split["val"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise VolumeFusionError(f"{split_file}: not a split file with 'train' and 'val' lists ({exc})") from None
+        unknown = sorted(set(train + val) - set(case_ids))
+        if unknown:
+            raise VolumeFusionError(f"{split_file}: cases not in the dataset: {', '.join(unknown[:5])}")
+        return train, val
+    if len(case_ids) < 2:
+        raise VolumeFusionError(f"fine-tuning needs at least 2 labelled cases for a split, found {len(case_ids)}")
+    order = np.random.default_rng(seed).permutation(sorted(case_ids))
+    folds = np.array_split(order, min(num_folds, len(order)))
+    val = [str(c) for c in folds[fold % len(folds)]]
+    train = [str(c) for c in order if c not in set(val)]
+    return train, val
+
+
+class SegmentationTask:
+    """Supervised segmentation on a labelled store: crops with foreground oversampling, on-device
+    augmentation, sliding-window validation on whole cases (mean foreground Dice is the score)."""
+
+    def __init__(self, cfg: Config, store: Store, train_ids: list[str], val_ids: list[str]):
+        from volumefusion import VolumeFusionError
+
+        if not store.label_names:
+            raise VolumeFusionError(f"{store.path}: store has no labels; prepare a labelled dataset "
+                                    "(dataset.json with imagesTr/labelsTr) to fine-tune")
+        self.cfg, self.store = cfg, store
+        self.train_ids, self.val_ids = train_ids, val_ids
+        self.label_names = {int(k): v for k, v in store.label_names.items()}
+        self.num_classes = max(self.label_names) + 1
+        self.class_names = [self.label_names.get(i, str(i)) for i in range(self.num_classes)]
+
+    def batches(self, start_step: int, rank: int, world_size: int):
+        c = self.cfg
+        return SegmentationLoader(self.store, self.train_ids, c.data.crop_size, c.run.batch_size, seed=c.run.seed,
+                                  foreground_ratio=c.finetune.foreground_ratio, rank=rank, world_size=world_size,
+                                  workers=c.data.workers, start_step=start_step, pad_value=c.data.pad_value)
+
+    def make_inputs(self, batch: dict[str, Any], generator: torch.Generator, device: torch.device):
+        from volumefusion.augment import augment_segmentation
+
+        image = normalise_hu(batch["image"].to(device, non_blocking=True), self.cfg.data.hu_window)
+        label = batch["label"].to(device, non_blocking=True)
+        image, label = augment_segmentation(image, label, generator)
+        return image, label[:, 0].long()
+
+    def validate(self, model: nn.Module, device: torch.device, autocast) -> dict[str, float]:
+        from volumefusion.infer import sliding_window_inference
+
+        c = self.cfg
+        per_case = []
+        for case_id in self.val_ids:
+            image = torch.from_numpy(np.asarray(self.store.image(case_id)[:], dtype=np.int16))
+            image = normalise_hu(image, c.data.hu_window)[None, None]
+            probs = sliding_window_inference(model, image, c.data.crop_size, self.num_classes,
+                                             overlap=c.finetune.overlap, window_batch=c.finetune.window_batch,
+                                             device=device, precision=c.run.precision)
+            label = torch.from_numpy(np.asarray(self.store.label(case_id)[:], dtype=np.int64))
+            per_case.append(dice_per_class(probs.argmax(0)[None], label[None], self.num_classes).numpy())
+        dice = np.nanmean(np.stack(per_case), axis=0)
+        metrics = {"score": float(np.nanmean(dice[1:]))}
+        metrics.update({f"dice_{name}": float(d) for name, d in zip(self.class_names[1:], dice[1:])})
+        return metrics
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        return {"kind": "segmentation", "num_classes": self.num_classes,
+                "label_names": {str(k): v for k, v in self.label_names.items()},
+                "preprocessing": self.store.settings}
+
+    def save_images(self, path: Path, inputs, labels, predictions) -> None:
+        save_prediction_montage(path, inputs, labels, predictions)
