@@ -1,0 +1,296 @@
+"""Sliding-window inference: Gaussian-weighted patches, batched windows, mirror TTA, bf16 on GPU.
+
+The volume is covered by a regular grid of windows (``patch_size``, neighbours overlapping by
+``overlap`` of a patch, spread evenly so the last window ends at the border). Each window's softmax
+is weighted by a Gaussian importance map (sigma = patch / 8 per axis, so a voxel is decided mostly by
+windows that see it near their centre) and the weighted probabilities are averaged.
+
+Memory: windows run in z order and the weighted sums live in a ring buffer that spans only the
+z-range the windows in flight can touch (about ``patch_z + step_z`` slices, not the whole volume).
+As soon as no later window can touch a z-slab, the slab is normalised and handed out, so callers
+that keep only labels (:func:`sliding_window_segmentation`) need ``C x (patch_z + step_z) x H x W``
+float32 for the sums plus one byte per voxel for the labels. The normaliser (the sum of the weights
+over the windows covering a voxel) needs no buffer: the Gaussian is a product of 1-D Gaussians and
+the windows form a Cartesian grid, so the sum is a product of three 1-D sums.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from volumefusion import VolumeFusionError
+from volumefusion.log import progress as progress_bar
+
+Emit = Callable[[int, torch.Tensor], None]
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """First index of each window along one axis of ``size`` voxels (``size >= patch``).
+
+    Windows are spaced at most ``patch * (1 - overlap)`` apart, evenly, the first at 0 and the
+    last ending at ``size``.
+    """
+    if size <= patch:
+        return [0]
+    count = math.ceil((size - patch) / (patch * (1.0 - overlap))) + 1
+    step = (size - patch) / (count - 1)
+    return [round(i * step) for i in range(count)]
+
+
+@functools.lru_cache(maxsize=16)
+def _gaussian_1d(length: int, device: torch.device) -> torch.Tensor:
+    """(length,) float32 Gaussian, sigma = length / 8, maximum 1 at the centre."""
+    x = torch.arange(length, dtype=torch.float64) - (length - 1) / 2
+    g = torch.exp(-0.5 * (x / (length / 8.0)) ** 2)
+    return (g / g.max()).float().to(device)
+
+
+@functools.lru_cache(maxsize=4)
+def importance_map(patch_size: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """(pz, py, px) float32 Gaussian importance map (outer product of 1-D Gaussians), cached."""
+    gz, gy, gx = (_gaussian_1d(p, device) for p in patch_size)
+    return gz[:, None, None] * gy[None, :, None] * gx[None, None, :]
+
+
+def _coverage(size: int, patch: int, starts: Sequence[int], device: torch.device) -> torch.Tensor:
+    """(size,) float32: sum over the windows along one axis of their 1-D Gaussian at each index."""
+    g = _gaussian_1d(patch, device)
+    total = torch.zeros(size, dtype=torch.float32, device=device)
+    for s in starts:
+        total[s:s + patch] += g
+    return total
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``precision`` ("auto": bf16 on CUDA, fp32 elsewhere); None means fp32."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise VolumeFusionError(f"precision {precision!r} is not allowed; choose auto, bf16 or fp32")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def flip_sets(tta: bool | Sequence[int]) -> list[tuple[int, ...]]:
+    """Tensor dims to flip for each TTA pass: every subset of the mirrored spatial axes.
+
+    ``tta``: False (no TTA), True (mirror z, y and x: 8 passes) or spatial axes, e.g. ``(1, 2)`` to
+    mirror y and x only (4 passes). Returns dims of an (N, C, D, H, W) tensor; ``()`` = no flip.
+    """
+    axes = (0, 1, 2) if tta is True else () if tta is False else tuple(sorted(set(int(a) for a in tta)))
+    if any(a not in (0, 1, 2) for a in axes):
+        raise VolumeFusionError(f"TTA axes {tuple(tta)} must be spatial axes 0 (z), 1 (y) or 2 (x)")
+    dims = [a + 2 for a in axes]
+    return [subset for r in range(len(dims) + 1) for subset in itertools.combinations(dims, r)]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The network inside DDP (``module``) and torch.compile (``_orig_mod``) wrappers."""
+    while True:
+        inner = next((getattr(model, a) for a in ("module", "_orig_mod")
+                      if isinstance(getattr(model, a, None), nn.Module)), None)
+        if inner is None:
+            return model
+        model = inner
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Evaluation mode with deep supervision off (one full-resolution output); restored on exit."""
+    core = _unwrap(model)
+    was_training = model.training
+    deep_supervision = getattr(core, "deep_supervision", None)
+    model.eval()
+    if deep_supervision is not None:
+        core.deep_supervision = False
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if deep_supervision is not None:
+            core.deep_supervision = deep_supervision
+
+
+def _forward_probabilities(model: nn.Module, x: torch.Tensor, num_classes: int, flips: list[tuple[int, ...]],
+                           autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """Softmax of ``model(x)`` averaged over the mirror passes: (B, num_classes, pz, py, px) float32."""
+    total = None
+    for dims in flips:
+        xi = x.flip(dims) if dims else x
+        autocast = (torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            out = model(xi)
+        if isinstance(out, (list, tuple)):  # deep supervision: the first output is full resolution
+            out = out[0]
+        if out.shape[1] != num_classes:
+            raise VolumeFusionError(
+                f"the network outputs {out.shape[1]} channels but {num_classes} classes were expected"
+            )
+        probs = out.float().softmax(dim=1)
+        probs = probs.flip(dims) if dims else probs
+        total = probs if total is None else total.add_(probs)
+    return total.div_(len(flips)) if len(flips) > 1 else total
+
+
+def _ring(start: int, stop: int, length: int) -> list[tuple[int, int, int]]:
+    """Pieces of the z-range [start, stop) in a ring buffer of ``length`` slices:
+    ``(ring_start, ring_stop, offset in the range)``; at most two pieces when ``stop - start <= length``."""
+    pieces, z = [], start
+    while z < stop:
+        r = z % length
+        n = min(stop - z, length - r)
+        pieces.append((r, r + n, z - start))
+        z += n
+    return pieces
+
+
+def _check_patch(model: nn.Module, patch_size: Sequence[int]) -> tuple[int, int, int]:
+    patch = tuple(int(p) for p in patch_size)
+    if len(patch) != 3 or min(patch) < 1:
+        raise VolumeFusionError(f"patch size {list(patch_size)} must be three positive integers (z, y, x)")
+    divisor = getattr(_unwrap(model), "size_divisor", None)
+    if divisor is not None and any(p % d for p, d in zip(patch, divisor)):
+        raise VolumeFusionError(
+            f"patch size {list(patch)} must be a multiple of the network's size divisor {list(divisor)} "
+            "on each axis (z, y, x)"
+        )
+    return patch  # type: ignore[return-value]
+
+
+def _sliding_window(model: nn.Module, image: torch.Tensor, patch_size: Sequence[int], num_classes: int,
+                    emit: Emit, *, overlap: float, window_batch: int, device: str | torch.device | None,
+                    precision: str, tta: bool | Sequence[int], progress: bool, pad_value: float) -> None:
+    """Run the windows in z order and call ``emit(z0, probs)`` for consecutive finished z-slabs.
+
+    ``probs``: (num_classes, dz, H, W) float32 on the compute device, normalised probabilities of
+    slices ``z0 .. z0 + dz - 1`` of the input; the slabs cover the volume once, in order.
+    """
+    if image.ndim != 5 or image.shape[0] != 1:
+        raise ValueError(f"image must be (1, C, D, H, W), got {tuple(image.shape)}")
+    if not 0.0 <= overlap < 1.0:
+        raise VolumeFusionError(f"overlap {overlap} must be in [0, 1)")
+    if window_batch < 1:
+        raise VolumeFusionError(f"window batch {window_batch} must be >= 1")
+    if device is None:  # the model's device (CPU for a model without parameters)
+        device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    dev = torch.device(device)
+    autocast_dtype = resolve_precision(precision, dev)
+    flips = flip_sets(tta)
+    patch = _check_patch(model, patch_size)
+    pz, py, px = patch
+    size = tuple(image.shape[2:])
+
+    # Images smaller than the patch are padded (centred) with air, so windows match training crops.
+    pad = [max(p - n, 0) for p, n in zip(patch, size)]
+    low = [p // 2 for p in pad]
+    image = image.to(dev, dtype=torch.float32)
+    if any(pad):
+        widths = [w for axis in (2, 1, 0) for w in (low[axis], pad[axis] - low[axis])]
+        image = F.pad(image, widths, value=pad_value)
+    padded = tuple(image.shape[2:])
+
+    starts = [window_starts(n, p, overlap) for n, p in zip(padded, patch)]
+    windows = list(itertools.product(*starts))  # z-major, so z-starts never decrease
+    batches = [windows[i:i + window_batch] for i in range(0, len(windows), window_batch)]
+    coverage = [_coverage(n, p, s, dev) for n, p, s in zip(padded, patch, starts)]
+    weight = importance_map(patch, dev)
+
+    # The ring holds every slice from the first unfinished one to the end of the last window of a batch.
+    length = min(max(b[-1][0] - b[0][0] for b in batches) + pz, padded[0])
+    acc = torch.zeros((num_classes, length, padded[1], padded[2]), dtype=torch.float32, device=dev)
+    (z_lo, y_lo, x_lo), (d, h, w) = low, size
+    yx_norm = coverage[1][y_lo:y_lo + h, None] * coverage[2][None, x_lo:x_lo + w]
+    done = 0  # slices before this one are finished and emitted
+
+    def finish(upto: int) -> None:
+        nonlocal done
+        keep_from, keep_to = max(done, z_lo), min(upto, z_lo + d)  # drop the padding slices
+        if keep_to > keep_from:
+            for r0, r1, offset in _ring(keep_from, keep_to, length):
+                z0 = keep_from + offset
+                norm = coverage[0][z0:z0 + r1 - r0, None, None] * yx_norm
+                emit(z0 - z_lo, acc[:, r0:r1, y_lo:y_lo + h, x_lo:x_lo + w] / norm)
+        for r0, r1, _ in _ring(done, upto, length):
+            acc[:, r0:r1].zero_()
+        done = upto
+
+    with _eval_mode(model), torch.inference_mode():
+        for batch in progress_bar(batches, desc="windows", unit="batch", leave=False, disable=not progress):
+            if batch[0][0] > done:
+                finish(batch[0][0])
+            crops = torch.stack([image[0, :, z:z + pz, y:y + py, x:x + px] for z, y, x in batch])
+            probs = _forward_probabilities(model, crops, num_classes, flips, autocast_dtype).mul_(weight)
+            for (z, y, x), p in zip(batch, probs):
+                for r0, r1, offset in _ring(z, z + pz, length):
+                    acc[:, r0:r1, y:y + py, x:x + px] += p[:, offset:offset + r1 - r0]
+        finish(padded[0])
+
+
+def sliding_window_inference(model: nn.Module, image: torch.Tensor, patch_size: Sequence[int],
+                             num_classes: int, *, overlap: float = 0.5, window_batch: int = 4,
+                             device: str | torch.device | None = None, precision: str = "auto",
+                             tta: bool | Sequence[int] = False, out_device: str | torch.device = "cpu",
+                             out_dtype: torch.dtype = torch.float32, progress: bool = False,
+                             pad_value: float = -1.0) -> torch.Tensor:
+    """Class probabilities of a whole volume by Gaussian-weighted sliding windows.
+
+    ``model``: a segmentation network already on ``device`` (default: the device of its parameters);
+    a list output (deep supervision) uses its first, full-resolution element, and a
+    ``deep_supervision`` attribute is switched off during the call. ``image``: (1, C, D, H, W) float,
+    normalised as in training (any device). ``patch_size``: (z, y, x) window in voxels, a multiple
+    of ``model.size_divisor`` when the model has one; volumes smaller than the patch are padded with
+    ``pad_value`` (-1 = air after :func:`~volumefusion.preprocess.normalise_hu`). ``overlap``: share
+    of a window overlapping its neighbour, in [0, 1). ``window_batch``: windows per forward pass.
+    ``precision``: "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32". ``tta``: mirror
+    test-time augmentation, see :func:`flip_sets`.
+
+    Returns (num_classes, D, H, W) softmax probabilities (``out_dtype``, on ``out_device``).
+    The full output costs ``num_classes x D x H x W`` values; for large volumes where only labels
+    are needed use :func:`sliding_window_segmentation`.
+    """
+    _, _, d, h, w = image.shape
+    out = torch.empty((num_classes, d, h, w), dtype=out_dtype, device=out_device)
+
+    def emit(z0: int, probs: torch.Tensor) -> None:
+        out[:, z0:z0 + probs.shape[1]].copy_(probs)
+
+    _sliding_window(model, image, patch_size, num_classes, emit, overlap=overlap, window_batch=window_batch,
+                    device=device, precision=precision, tta=tta, progress=progress, pad_value=pad_value)
+    return out
+
+
+def sliding_window_segmentation(model: nn.Module, image: torch.Tensor, patch_size: Sequence[int],
+                                num_classes: int, *, probabilities: bool = False, overlap: float = 0.5,
+                                window_batch: int = 4, device: str | torch.device | None = None,
+                                precision: str = "auto", tta: bool | Sequence[int] = False,
+                                progress: bool = False, pad_value: float = -1.0
+                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Label map (argmax) of a whole volume, computed slab by slab to keep memory small.
+
+    Same arguments as :func:`sliding_window_inference`. Returns ``(labels, probs)`` on the CPU:
+    ``labels`` (D, H, W) uint8 class indices (``num_classes <= 256``); ``probs`` (num_classes, D, H, W)
+    float16 probabilities when ``probabilities`` is True (2 bytes per class and voxel), else None.
+    Beyond the input, peak memory is the ring buffer described in the module docstring plus the outputs.
+    """
+    if num_classes > 256:
+        raise VolumeFusionError(f"{num_classes} classes do not fit uint8 labels (at most 256)")
+    _, _, d, h, w = image.shape
+    labels = torch.empty((d, h, w), dtype=torch.uint8)
+    probs_out = torch.empty((num_classes, d, h, w), dtype=torch.float16) if probabilities else None
+
+    def emit(z0: int, probs: torch.Tensor) -> None:
+        labels[z0:z0 + probs.shape[1]].copy_(probs.argmax(dim=0))
+        if probs_out is not None:
+            probs_out[:, z0:z0 + probs.shape[1]].copy_(probs)
+
+    _sliding_window(model, image, patch_size, num_classes, emit, overlap=overlap, window_batch=window_batch,
+                    device=device, precision=precision, tta=tta, progress=progress, pad_value=pad_value)
+    return labels, probs_out
