@@ -106,7 +106,7 @@ class Geometry:
     def apply_to(self, image) -> None:
         """Set spacing, origin and direction of a 3D ``SimpleITK.Image`` (its size must match)."""
         if tuple(reversed(image.GetSize())) != self.shape_zyx:
-            raise ValueError(f"image size {image.GetSize()} (x, y, z) does not match geometry {self.shape_zyx}")
+            raise ValueError(f"image size {image.GetSize()} (x y z) does not match geometry {self.shape_zyx}")
         image.SetSpacing(tuple(reversed(self.spacing_zyx)))
         image.SetOrigin(self.origin)
         image.SetDirection(self.direction)
@@ -172,7 +172,9 @@ def _read_sitk(path: str | Path):
             return sitk.ReadImage(str(folder))
     except RuntimeError as exc:
         detail = str(exc).strip().splitlines()[-1].replace("sitk::ERROR: ", "")
-        raise VolumeFusionError(f"{path}: cannot read image (corrupt, truncated or unsupported): {detail}") from None
+        raise VolumeFusionError(
+            f"{path}: cannot read image (corrupt, truncated or unsupported): {detail}"
+        ) from None
 
 
 def _select_channel(image, path, channel: int | None):
@@ -201,7 +203,9 @@ def _select_channel(image, path, channel: int | None):
                 f"choose one with channel=k / --channel k (0..{components - 1})"
             )
         if not 0 <= channel < components:
-            raise VolumeFusionError(f"{path}: channel {channel} out of range; the image has {components} components")
+            raise VolumeFusionError(
+                f"{path}: channel {channel} out of range; the image has {components} components"
+            )
         image = sitk.VectorIndexSelectionCast(image, channel)
     return image
 
@@ -343,7 +347,9 @@ def discover_input(item: str | Path) -> list[Path]:
                 raise VolumeFusionError(f"{path}: the list is empty")
             missing = [str(p) for p in listed if not _split_series(p)[0].exists()]
             if missing:
-                raise VolumeFusionError(f"{path}: {len(missing)} listed paths do not exist, e.g. {missing[0]}")
+                raise VolumeFusionError(
+                    f"{path}: {len(missing)} listed paths do not exist, e.g. {missing[0]}"
+                )
             return listed
         return [path]
     if glob.has_magic(text):

@@ -1,0 +1,312 @@
+"""The prepared-data store: plain files in a folder, written by ``volumefusion prepare``.
+
+Layout::
+
+    STORE/
+      store.json              format version, preparation settings, label names
+      cases/<id>.json         one record per finished case (a CaseRecord), written last
+      arrays/<id>/image.b2nd  int16 HU, (z, y, x), blosc2 NDArray
+      arrays/<id>/label.b2nd  uint8 labels, (z, y, x) (only for labelled cases)
+
+A case exists once its record file exists: arrays are written first (each atomically), the record
+last, so a killed run never leaves a half case and shards writing into the same folder never touch
+the same file. Arrays are chunked ``(32, 128, 128)`` with ``(8, 32, 32)`` blocks, ZSTD + bit
+shuffle: a ``[64, 128, 128]`` crop decompresses only the blocks it touches (see
+``benchmarks/store.py`` for the measurement behind this choice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from volumefusion import VolumeFusionError
+from volumefusion.io import atomic_path, atomic_write_text
+
+FORMAT = "volumefusion-store"
+VERSION = 1
+CHUNKS = (32, 128, 128)
+BLOCKS = (8, 32, 32)
+_CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def safe_case_id(name: str) -> str:
+    """``name`` made usable as a file name: characters other than ``A-Za-z0-9._-`` become ``_``."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-")
+    return cleaned or "case"
+
+
+@dataclass
+class CaseRecord:
+    """One prepared case (``cases/<id>.json``).
+
+    ``shape`` and ``spacing_zyx`` (mm) describe the stored arrays; ``body_box`` is
+    ``((z0, z1), (y0, y1), (x0, x1))``, half-open, in stored-array voxels; ``label_classes`` the
+    non-zero label values present; ``checksum`` a sha256 of the stored arrays' bytes; ``restore`` what
+    :func:`volumefusion.data.prepare.restore_to_original` needs to map results back onto the source
+    grid; ``settings`` the :class:`~volumefusion.data.prepare.PrepareSettings` used.
+    """
+
+    id: str
+    source: str
+    label_source: str | None
+    shape: tuple[int, int, int]
+    spacing_zyx: tuple[float, float, float]
+    body_box: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+    label_classes: list[int] = field(default_factory=list)
+    checksum: str = ""
+    restore: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CaseRecord:
+        return cls(
+            id=d["id"], source=d["source"], label_source=d.get("label_source"),
+            shape=tuple(d["shape"]), spacing_zyx=tuple(d["spacing_zyx"]),
+            body_box=tuple(tuple(b) for b in d["body_box"]), label_classes=list(d.get("label_classes", [])),
+            checksum=d.get("checksum", ""), restore=d.get("restore", {}), settings=d.get("settings", {}),
+        )
+
+
+class CaseArray:
+    """A stored ``(z, y, x)`` array; slicing it returns an ``np.ndarray`` read from the touched blocks only.
+
+    Picklable (it reopens the file in the receiving process), so loader workers can share it.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._array = None
+
+    def _open(self):
+        if self._array is None:
+            import blosc2
+
+            # One decompression thread: loader parallelism comes from worker processes.
+            self._array = blosc2.open(str(self.path), mode="r", dparams={"nthreads": 1})
+        return self._array
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self._open().shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._open().dtype)
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.asarray(self._open()[key])
+
+    def read(self) -> np.ndarray:
+        """The whole array."""
+        return self[...]
+
+    def __getstate__(self):
+        return {"path": self.path, "_array": None}
+
+
+def write_array(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` (3D) as a chunked, compressed blosc2 NDArray, atomically."""
+    import blosc2
+
+    array = np.ascontiguousarray(array)
+    chunks = tuple(min(c, s) for c, s in zip(CHUNKS, array.shape))
+    blocks = tuple(min(b, c) for b, c in zip(BLOCKS, chunks))
+    cparams = {"codec": blosc2.Codec.ZSTD, "clevel": 5, "filters": [blosc2.Filter.BITSHUFFLE],
+               "typesize": array.dtype.itemsize, "nthreads": 1}
+    with atomic_path(path) as tmp:
+        tmp.unlink()  # blosc2 refuses to overwrite the placeholder atomic_path created
+        blosc2.asarray(array, urlpath=str(tmp), mode="w", chunks=chunks, blocks=blocks, cparams=cparams)
+
+
+def array_checksum(image: np.ndarray, label: np.ndarray | None) -> str:
+    """sha256 over dtype, shape and bytes of the image, then the label (if any)."""
+    digest = hashlib.sha256()
+    for array in (image, label):
+        if array is not None:
+            array = np.ascontiguousarray(array)
+            digest.update(f"{array.dtype.str}{array.shape}".encode())
+            digest.update(memoryview(array).cast("B"))
+    return "sha256:" + digest.hexdigest()
+
+
+def _store_json(path: Path) -> Path:
+    return Path(path) / "store.json"
+
+
+def init_store(path: str | Path, settings: dict, label_names: dict[int, str] | None) -> None:
+    """Create ``store.json`` or check that an existing store was prepared the same way.
+
+    Raises VolumeFusionError when the store exists with other settings or label names (mixing them
+    would make cases incomparable). Shards may call this concurrently: they write identical content.
+    """
+    path = Path(path)
+    meta_path = _store_json(path)
+    names = {str(k): v for k, v in sorted(label_names.items())} if label_names else None
+    if meta_path.exists():
+        meta = _read_meta(path)
+        if meta["settings"] != settings:
+            raise VolumeFusionError(
+                f"{path}: store was prepared with settings {meta['settings']}, this run asks for {settings}; "
+                "use the same options or another --out folder"
+            )
+        if names is not None and meta.get("label_names") not in (None, names):
+            raise VolumeFusionError(
+                f"{path}: store has label names {meta['label_names']}, this run brings {names}; "
+                "use another --out folder for a dataset with other labels"
+            )
+        if names is None or meta.get("label_names") == names:
+            return
+        meta["label_names"] = names
+    else:
+        meta = {"format": FORMAT, "version": VERSION, "array_format": "blosc2", "settings": settings,
+                "label_names": names}
+    atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
+
+
+def _read_meta(path: Path) -> dict:
+    meta_path = _store_json(path)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise VolumeFusionError(f"{meta_path}: unreadable store description ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise VolumeFusionError(f"{meta_path}: not a volumefusion store")
+    if meta.get("version", 0) > VERSION:
+        raise VolumeFusionError(
+            f"{meta_path}: store format version {meta['version']} is newer than this volumefusion "
+            f"understands ({VERSION}); upgrade volumefusion"
+        )
+    return meta
+
+
+def case_dir(store_path: str | Path, case_id: str) -> Path:
+    return Path(store_path) / "arrays" / case_id
+
+
+def record_path(store_path: str | Path, case_id: str) -> Path:
+    return Path(store_path) / "cases" / f"{case_id}.json"
+
+
+def read_record(store_path: str | Path, case_id: str) -> CaseRecord | None:
+    """The record of a finished case, or None."""
+    path = record_path(store_path, case_id)
+    if not path.exists():
+        return None
+    return CaseRecord.from_dict(json.loads(path.read_text()))
+
+
+def write_case(
+    store_path: str | Path,
+    prepared,
+    *,
+    case_id: str,
+    source: str,
+    label_source: str | None = None,
+    settings: dict,
+) -> CaseRecord:
+    """Write a :class:`~volumefusion.data.prepare.PreparedCase` into the store and return its record.
+
+    Order matters for crash safety: an old record is removed first, leftovers of a killed run are
+    cleared, the arrays are written (each atomically), and the record file comes last.
+    """
+    if not _CASE_ID.fullmatch(case_id):
+        raise ValueError(f"case id {case_id!r} is not a safe file name; use safe_case_id()")
+    store_path = Path(store_path)
+    record_file = record_path(store_path, case_id)
+    record_file.unlink(missing_ok=True)
+    folder = case_dir(store_path, case_id)
+    if folder.exists():
+        shutil.rmtree(folder)
+    write_array(folder / "image.b2nd", prepared.image)
+    if prepared.label is not None:
+        write_array(folder / "label.b2nd", prepared.label)
+    classes = [int(v) for v in np.unique(prepared.label) if v != 0] if prepared.label is not None else []
+    record = CaseRecord(
+        id=case_id, source=source, label_source=label_source, shape=tuple(prepared.image.shape),
+        spacing_zyx=tuple(float(s) for s in prepared.spacing_zyx),
+        body_box=tuple(tuple(int(v) for v in b) for b in prepared.body_box), label_classes=classes,
+        checksum=array_checksum(prepared.image, prepared.label), restore=prepared.restore, settings=settings,
+    )
+    atomic_write_text(record_file, json.dumps(record.to_dict(), indent=1) + "\n")
+    return record
+
+
+class Store:
+    """Read access to a prepared store. Open with :meth:`Store.open`."""
+
+    def __init__(self, path: Path, meta: dict, cases: list[CaseRecord]):
+        self.path = path
+        self.meta = meta
+        self.cases = cases
+        self._by_id = {c.id: c for c in cases}
+
+    @classmethod
+    def open(cls, path: str | Path) -> Store:
+        """Open the store at ``path``; VolumeFusionError if it is missing, not a store, or empty."""
+        path = Path(path)
+        hint = f"prepare one with `volumefusion prepare INPUT... --out {path}`"
+        if not path.is_dir():
+            raise VolumeFusionError(f"{path}: no such store folder; {hint}")
+        if not _store_json(path).exists():
+            raise VolumeFusionError(f"{path}: not a volumefusion store (no store.json); {hint}")
+        meta = _read_meta(path)
+        cases = []
+        for f in sorted((path / "cases").glob("*.json")):
+            if f.name.startswith("."):
+                continue  # a temporary file of a running or killed writer
+            try:
+                cases.append(CaseRecord.from_dict(json.loads(f.read_text())))
+            except (OSError, ValueError, KeyError) as exc:
+                raise VolumeFusionError(
+                    f"{f}: unreadable case record ({exc}); delete it and re-run prepare"
+                ) from None
+        if not cases:
+            raise VolumeFusionError(f"{path}: store holds no prepared cases; {hint}")
+        cases.sort(key=lambda c: c.id)
+        return cls(path, meta, cases)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    @property
+    def settings(self) -> dict:
+        """The preparation settings every case in the store shares."""
+        return self.meta["settings"]
+
+    @property
+    def label_names(self) -> dict[int, str] | None:
+        names = self.meta.get("label_names")
+        return {int(k): v for k, v in names.items()} if names else None
+
+    def case(self, case_id: str) -> CaseRecord:
+        try:
+            return self._by_id[case_id]
+        except KeyError:
+            raise VolumeFusionError(f"{self.path}: no case {case_id!r} in the store") from None
+
+    def image(self, case_id: str) -> CaseArray:
+        """int16 HU ``(z, y, x)``."""
+        self.case(case_id)
+        return CaseArray(case_dir(self.path, case_id) / "image.b2nd")
+
+    def label(self, case_id: str) -> CaseArray | None:
+        """uint8 labels ``(z, y, x)``, or None for an unlabelled case."""
+        if self.case(case_id).label_source is None:
+            return None
+        return CaseArray(case_dir(self.path, case_id) / "label.b2nd")
+
+    def verify(self, case_id: str) -> bool:
+        """True when the stored arrays still match the record's checksum (reads the whole case)."""
+        label = self.label(case_id)
+        actual = array_checksum(self.image(case_id).read(), None if label is None else label.read())
+        return actual == self.case(case_id).checksum
