@@ -1,0 +1,34 @@
+"""Segmentation networks: PCT-Net (the paper's) and a residual 3D U-Net baseline.
+
+Every network takes (N, C, D, H, W) float input and returns logits, or with deep supervision the
+list [full, 1/2, 1/4, 1/8], and exposes ``size_divisor`` (z, y, x), ``head_prefixes`` (state-dict
+prefixes of the class-dependent output convolutions) and ``encoder_prefixes``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from volumefusion.config import ModelConfig
+from volumefusion.nets.pctnet import PCTNet
+from volumefusion.nets.unet import UNet3D
+
+__all__ = ["PCTNet", "UNet3D", "build_model"]
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """The network named by ``cfg.name`` ("pctnet" or "unet") with ``num_classes`` outputs."""
+    if cfg.name == "pctnet":
+        return PCTNet(
+            in_channels=cfg.in_channels, num_classes=num_classes, feature_channels=cfg.feature_channels,
+            dropout=cfg.dropout, depths=cfg.depths, num_heads=cfg.num_heads, window_size=cfg.window_size,
+            resolution_mode=cfg.resolution_mode, deep_supervision=cfg.deep_supervision,
+            drop_path=cfg.drop_path, rel_pos_index=cfg.rel_pos_index,
+            activation_checkpointing=cfg.activation_checkpointing,
+        )
+    if cfg.name == "unet":
+        return UNet3D(
+            in_channels=cfg.in_channels, num_classes=num_classes, feature_channels=cfg.feature_channels,
+            dropout=cfg.dropout, resolution_mode=cfg.resolution_mode, deep_supervision=cfg.deep_supervision,
+        )
+    raise ValueError(f"model.name {cfg.name!r}: choose pctnet or unet")

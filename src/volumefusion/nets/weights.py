@@ -1,0 +1,276 @@
+"""Load pretrained weights into a network, from our checkpoints or the official MIS-FM ones.
+
+:func:`load_pretrained` copies every tensor whose name and shape match, adapts the first convolution
+to a different number of input channels, leaves shape-mismatched tensors (e.g. the class-dependent
+output convolutions) at their fresh initialisation, and says what it did in a :class:`LoadReport`.
+
+MIS-FM / PyMIC checkpoints (``{'model_state_dict': ...}``) store three stems (``embeddings.{0,1,2}``)
+and three heads (``pred_heads.{0,1,2}``); the pair of the model's ``resolution_mode`` is mapped onto
+``stem.`` / ``head.`` and the others are reported as unused. Their remaining names map onto ours by
+:func:`misfm_key`.
+
+Relative-position index: it is a persistent buffer of every attention module, so a state dict carries
+the index its bias tables were trained with, and loading copies it. A MIS-FM checkpoint therefore
+runs with the reference index whatever the model was built with; the report's ``rel_pos_index`` says
+which index the model runs with after loading (store it as ``model.rel_pos_index`` in the config).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from volumefusion import VolumeFusionError
+from volumefusion.log import get_logger
+from volumefusion.nets.pctnet import REL_POS_KINDS, relative_position_index
+from volumefusion.train.checkpoint import clean_state_dict, load_checkpoint
+
+log = get_logger(__name__)
+
+MISFM_PREFIXES = ("embeddings.", "pyramid_ct.", "pred_heads.")
+# The reference's nn.Sequential indices -> our module names.
+_CONV_BLOCK = {"0": "unit1.norm", "1": "unit1.act", "2": "unit1.conv", "3": "unit2.norm", "4": "unit2.act",
+               "6": "unit2.conv"}
+_PRE_ACT = {"0": "norm", "1": "act", "2": "conv"}
+
+
+def misfm_key(key: str, resolution_mode: int) -> str | None:
+    """Our state-dict name for a MIS-FM PCT-Net key, or None for tensors the reference stores but does
+    not use with ``resolution_mode`` (the other stems and heads, the unused ``norm_layer``)."""
+    m = re.match(r"(embeddings|pred_heads)\.(\d+)\.(.*)", key)
+    if m:
+        if int(m[2]) != resolution_mode:
+            return None
+        key = ("stem." if m[1] == "embeddings" else "head.") + m[3]
+    elif key.startswith("pyramid_ct."):
+        key = "pyramid." + key[len("pyramid_ct."):].replace("convtrans_", "", 1)
+        if ".norm_layer." in key:
+            return None
+    key = re.sub(r"\.conv_conv\.(\d)\.", lambda g: f".{_CONV_BLOCK.get(g[1], 'conv_conv.' + g[1])}.", key)
+    key = re.sub(r"\.(down\d|out_conv\d)\.conv\.([012])\.", lambda g: f".{g[1]}.{_PRE_ACT[g[2]]}.", key)
+    key = re.sub(r"\.(up\d)\.up\.([012])\.", lambda g: f".{g[1]}.up.{_PRE_ACT[g[2]]}.", key)
+    key = re.sub(r"\.(up\d)\.conv\.([012])\.", lambda g: f".{g[1]}.fuse.{_PRE_ACT[g[2]]}.", key)
+    return key.replace(".trans.blocks.", ".swin.blocks.")
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did. Shapes are lists of ints (source, model)."""
+
+    source: str
+    layout: str  # "volumefusion", "misfm" or "state_dict"
+    loaded: list[str] = field(default_factory=list)
+    adapted: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
+    shape_skipped: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    head_prefixes: tuple[str, ...] = ()
+    rel_pos_index: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON."""
+        out = asdict(self)
+        out["head_prefixes"] = list(self.head_prefixes)
+        return out
+
+    def format(self) -> str:
+        """A short human-readable summary, grouped by module, for the command line."""
+        total = len(self.loaded) + len(self.adapted)
+        kind = {"misfm": "MIS-FM checkpoint", "volumefusion": "volumefusion checkpoint"}.get(self.layout, "state dict")
+        lines = [f"loaded {total} of {total + len(self.shape_skipped) + len(self.missing)} model tensors "
+                 f"from {self.source} ({kind})"]
+        if self.rel_pos_index:
+            lines.append(f"  relative-position index: {self.rel_pos_index}")
+        if self.loaded:
+            lines.append("  loaded:        " + _summary(self.loaded))
+        for key, src, dst in self.adapted:
+            lines.append(f"  adapted:       {key} {src} -> {dst} (input channels {src[1]} -> {dst[1]}: "
+                         "weights repeated over the new channels and rescaled)")
+        heads = [s for s in self.shape_skipped if s[0].startswith(self.head_prefixes)]
+        others = [s for s in self.shape_skipped if not s[0].startswith(self.head_prefixes)]
+        if heads:
+            lines.append("  fresh outputs: " + _summary([k for k, _, _ in heads], by_module=True)
+                         + f" (class count {heads[0][1][0]} -> {heads[0][2][0]})")
+        for key, src, dst in others:
+            lines.append(f"  shape-skipped: {key} {src} vs model {dst}")
+        if self.missing:
+            lines.append("  missing (left at initialisation): " + _summary(self.missing, by_module=True))
+        if self.unexpected:
+            lines.append("  unexpected (ignored): " + _summary(self.unexpected, by_module=True))
+        if self.unused:
+            lines.append("  unused by this configuration (ignored): " + _summary(self.unused))
+        return "\n".join(lines)
+
+
+def _summary(keys: list[str], by_module: bool = False, limit: int = 12) -> str:
+    """``stem (52), pyramid.e2 (40)``: counts per top-two-level module; or per full module path."""
+    groups: dict[str, int] = defaultdict(int)
+    for key in keys:
+        parts = key.split(".")
+        groups[".".join(parts[:-1] if by_module else parts[:2])] += 1
+    items = [f"{name} ({n})" for name, n in groups.items()]
+    more = f", ... {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _read(source: str | Path | dict) -> tuple[dict[str, torch.Tensor], str, str]:
+    """(state dict without DDP/compile prefixes, layout, display name) of a path or a loaded dict."""
+    name = str(source) if isinstance(source, (str, Path)) else "the given state dict"
+    ckpt = load_checkpoint(source) if isinstance(source, (str, Path)) else source
+    if not isinstance(ckpt, dict):
+        raise VolumeFusionError(f"{name}: not a checkpoint (holds a {type(ckpt).__name__}, expected a dict)")
+    layout = "state_dict"
+    if isinstance(ckpt.get("model_state_dict"), dict):
+        state = ckpt["model_state_dict"]
+    elif isinstance(ckpt.get("model"), dict):
+        state, layout = ckpt["model"], "volumefusion"
+    elif isinstance(ckpt.get("state_dict"), dict):
+        state = ckpt["state_dict"]
+    else:
+        state = ckpt
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        keys = ", ".join(list(map(str, ckpt))[:6])
+        raise VolumeFusionError(
+            f"{name}: no model weights found (top-level keys: {keys}); expected a volumefusion checkpoint, "
+            "a MIS-FM/PyMIC checkpoint ({'model_state_dict': ...}) or a plain state dict")
+    state = clean_state_dict(state)
+    if any(k.startswith(MISFM_PREFIXES) for k in state):
+        layout = "misfm"
+    return state, layout, name
+
+
+def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """First-convolution weights (out, c, ...) for ``in_channels`` inputs: channels are repeated
+    cyclically and scaled by c / in_channels, so identical input channels give the same response."""
+    c = weight.shape[1]
+    index = torch.arange(in_channels, device=weight.device) % c
+    return weight[:, index] * (c / in_channels)
+
+
+def load_pretrained(model: nn.Module, source: str | Path | dict, strict_encoder: bool = False) -> LoadReport:
+    """Copy matching tensors of ``source`` (a checkpoint path or an already loaded dict) into ``model``.
+
+    ``strict_encoder``: raise if any tensor under ``model.encoder_prefixes`` is not loaded (other than
+    an adapted first convolution). Raises :class:`VolumeFusionError` naming the file for corrupt,
+    foreign or entirely mismatched checkpoints.
+    """
+    state, layout, name = _read(source)
+    head_prefixes = tuple(getattr(model, "head_prefixes", ()))
+    report = LoadReport(source=name, layout=layout, head_prefixes=head_prefixes)
+    target = model.state_dict()
+    first_conv = next((k for k, v in target.items() if v.dim() == 5), None)
+    seen = set()
+    with torch.no_grad():
+        for src_key, value in state.items():
+            key = src_key
+            if layout == "misfm":
+                key = misfm_key(src_key, getattr(model, "resolution_mode", 1))
+                if key is None:
+                    report.unused.append(src_key)
+                    continue
+            if key not in target:
+                report.unexpected.append(src_key)
+                continue
+            seen.add(key)
+            dst = target[key]
+            if dst.shape == value.shape:
+                dst.copy_(value)
+                report.loaded.append(key)
+            elif key == first_conv and dst.shape[:1] + dst.shape[2:] == value.shape[:1] + value.shape[2:]:
+                dst.copy_(adapt_input_conv(value.to(dst.dtype), dst.shape[1]))
+                report.adapted.append((key, list(value.shape), list(dst.shape)))
+            else:
+                report.shape_skipped.append((key, list(value.shape), list(dst.shape)))
+    report.missing = [k for k in target if k not in seen]
+    if not report.loaded:
+        raise VolumeFusionError(
+            f"{name}: none of its {len(state)} tensors fit this {type(model).__name__} (another architecture "
+            "or configuration?); first keys: " + ", ".join(list(state)[:3]))
+    if strict_encoder:
+        prefixes = tuple(getattr(model, "encoder_prefixes", ()))
+        bad = [k for k in report.missing + [s[0] for s in report.shape_skipped] if k.startswith(prefixes)]
+        if bad:
+            raise VolumeFusionError(f"{name}: {len(bad)} encoder tensors could not be loaded "
+                                    f"({_summary(bad, by_module=True)})")
+    if hasattr(model, "rel_pos_index"):
+        report.rel_pos_index = model.rel_pos_index
+    log.info("%s", report.format())
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# reading a MIS-FM checkpoint's configuration
+
+
+def _shape(state: dict[str, torch.Tensor], key: str) -> torch.Size:
+    if key not in state:
+        raise VolumeFusionError(f"not a MIS-FM PCT-Net state dict: key {key!r} is missing")
+    return state[key].shape
+
+
+def misfm_num_classes(state: dict[str, torch.Tensor]) -> int:
+    """Output classes of a MIS-FM PCT-Net state dict."""
+    return _shape(clean_state_dict(state), "pred_heads.0.out_conv0.conv.2.weight")[0]
+
+
+def misfm_resolution_mode(state: dict[str, torch.Tensor]) -> int | None:
+    """The resolution mode whose stem was trained (the only one with BatchNorm batches tracked), or
+    None when that cannot be told (e.g. untrained weights)."""
+    tracked = [int(state.get(f"embeddings.{m}.conv0.conv_conv.0.num_batches_tracked", torch.tensor(0)))
+               for m in range(3)]
+    best = max(tracked)
+    return tracked.index(best) if best > 0 and tracked.count(best) == 1 else None
+
+
+def model_config_from_misfm(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The ``model`` config section (:class:`volumefusion.config.ModelConfig` fields) of a MIS-FM
+    PCT-Net state dict: channels, heads, depths, window, input channels, resolution mode and the
+    reference relative-position index. Dropout is not stored and keeps its default. Where the
+    resolution mode cannot be told from the weights the paper's (1) is assumed, with a warning.
+    """
+    state = clean_state_dict(state)
+    channels = [
+        _shape(state, "embeddings.0.proj.weight")[0],
+        _shape(state, "embeddings.0.conv1.conv_conv.2.weight")[0],
+        _shape(state, "embeddings.0.down2.conv.2.weight")[0],
+        _shape(state, "pyramid_ct.down3.conv.2.weight")[0],
+        _shape(state, "pyramid_ct.down4.conv.2.weight")[0],
+    ]
+    heads, depths, windows, kinds = [], [], [], set()
+    for level in ("e2", "e3", "e4"):
+        prefix = f"pyramid_ct.convtrans_{level}.trans.blocks."
+        table = _shape(state, prefix + "0.attn.relative_position_bias_table")
+        heads.append(table[1])
+        depths.append(len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)}))
+        side = round(table[0] ** (1 / 3))
+        windows.append((side + 1) // 2)
+        index = state[prefix + "0.attn.relative_position_index"]
+        kinds.update(k for k in REL_POS_KINDS if torch.equal(index.cpu(), relative_position_index(windows[-1], k)))
+    if len(set(windows)) != 1:
+        raise VolumeFusionError(
+            f"MIS-FM model with different windows per level {windows} (trained at a small input size): "
+            "model.window_size holds a single value; build PCTNet(window_size=..., shifted_windows=...) "
+            "with nets.pctnet.reference_windows instead")
+    mode = misfm_resolution_mode(state)
+    if mode is None:
+        log.warning("cannot tell the resolution mode from the weights (no stem has tracked batches); "
+                    "assuming the paper's resolution_mode 1")
+        mode = 1
+    return {
+        "name": "pctnet",
+        "in_channels": _shape(state, "embeddings.0.proj.weight")[1],
+        "feature_channels": channels,
+        "depths": depths,
+        "num_heads": heads,
+        "window_size": windows[0],
+        "resolution_mode": mode,
+        "rel_pos_index": "reference" if "reference" in kinds else "exact",
+        "deep_supervision": True,
+    }
