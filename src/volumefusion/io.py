@@ -17,10 +17,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
+import gzip
 import hashlib
 import os
 import shutil
+import struct
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +157,55 @@ def _dicom_series_files(folder: Path, uid: str | None) -> list[str]:
         return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid or ids[0]))
 
 
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """Header + voxel bytes a NIfTI-1/2 file must hold, from its header; None if not NIfTI."""
+    for order in "<>":
+        size = struct.unpack(order + "i", header[:4])[0]
+        if size == 348 and len(header) >= 112:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+        elif size == 540 and len(header) >= 176:
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = struct.unpack(order + "q", header[168:176])[0]
+        else:
+            continue
+        if not 1 <= dims[0] <= 7:
+            return None
+        return max(offset, size) + int(np.prod([max(d, 1) for d in dims[1 : dims[0] + 1]])) * bitpix // 8
+    return None
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Raise if a NIfTI file is shorter than its header says; ITK would silently read zeros instead."""
+    compressed = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+            expected = _nifti_expected_bytes(f.read(544))
+    except (OSError, EOFError):
+        return  # not gzip / unreadable: SimpleITK reports it
+    if expected is None:
+        return
+    if not compressed:
+        actual = path.stat().st_size
+    else:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            trailer = struct.unpack("<I", f.read(4))[0]  # uncompressed size mod 2**32
+        if trailer == expected % 2**32:
+            return
+        actual = 0  # several gzip members or a damaged end: count by decompressing
+        try:
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    actual += len(chunk)
+        except (OSError, EOFError, zlib.error):
+            raise VolumeFusionError(f"{path}: truncated or corrupt gzip data") from None
+    if actual < expected:
+        raise VolumeFusionError(f"{path}: truncated file: {actual} bytes, the header needs {expected}")
+
+
 def _read_sitk(path: str | Path):
     import SimpleITK as sitk
 
@@ -168,6 +220,8 @@ def _read_sitk(path: str | Path):
                 return reader.Execute()
         if folder.stat().st_size == 0:
             raise VolumeFusionError(f"{folder}: file is empty (0 bytes)")
+        if folder.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti_complete(folder)
         with _quiet_itk():
             return sitk.ReadImage(str(folder))
     except RuntimeError as exc:
