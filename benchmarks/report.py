@@ -1,0 +1,245 @@
+"""Regenerate BENCHMARKS.md from recorded benchmark JSON files (the output of ``python -m benchmarks``).
+
+Usage (from the repository root)::
+
+    python -m benchmarks.report [FILE.json ...] [--out BENCHMARKS.md] [--notes NOTES.md] [--include-tiny]
+
+Without files it reads ``benchmarks/results/*.json``. The page is ``benchmarks/report_template.md``
+with its ``<!-- results -->`` line replaced by one table per machine and its ``<!-- notes -->`` line
+by the notes file (default ``benchmarks/results/notes.md``, appended verbatim when it exists).
+
+Files are grouped by machine (the GPU's name for a CUDA run, else the CPU model and core count).
+For each machine and benchmark module, the rows come from the newest file holding figures of that
+module, so re-running one module (``--only fusion``) replaces just its rows; each row shows its
+own date and commit. Failures recorded since then are listed under the table. Each figure is
+checked against :data:`TARGETS` (the issues' targets), evaluated here, not at measurement time.
+Tiny-size runs (smoke tests) are left out unless ``--include-tiny``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import operator
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.run import MODULES
+
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
+TEMPLATE = HERE / "report_template.md"
+RESULTS_MARK = "<!-- results -->"
+NOTES_MARK = "<!-- notes -->"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A figure's goal from the issues: ``figure[field] op threshold`` for matching figures.
+
+    A figure matches when its module is ``benchmark``, its name fully matches the regex ``name``,
+    its device is ``device`` (any when None) and its params contain every item of ``params``.
+    """
+
+    benchmark: str
+    name: str
+    device: str | None
+    field: str  # "value" or "ratio"
+    op: str  # ">=", "<=", "<"
+    threshold: float
+    text: str
+    params: dict = field(default_factory=dict)
+
+    def matches(self, row: dict) -> bool:
+        return (row["benchmark"] == self.benchmark and re.fullmatch(self.name, row["name"]) is not None
+                and (self.device is None or row["device"] == self.device)
+                and all(row["params"].get(k) == v for k, v in self.params.items()))
+
+    def met(self, row: dict) -> bool | None:
+        value = row[self.field]
+        if value is None:
+            return None
+        return _OPS[self.op](value, self.threshold)
+
+
+_OPS = {">=": operator.ge, "<=": operator.le, "<": operator.lt}
+
+# The targets of the issues (3: fusion, 4: store/loader, 5: engine, 6: predict, 9: network).
+TARGETS: tuple[Target, ...] = (
+    Target("fusion", r".*samples_per_s", "cuda", "value", ">=", 5000, "≥ 5000 samples/s at batch 16 (#3)",
+           {"batch": 16}),
+    Target("fusion", r"grid_pipeline.*per_core.*", "cpu", "ratio", ">=", 10,
+           "≥ 10× the reference's 0.34 s/sample per core (#3)"),
+    Target("loader", r".*per_worker.*", None, "value", ">=", 50, "≥ 50 crops/s per worker (#4)"),
+    Target("loader", r".*training.*", None, "ratio", ">=", 1.5, "≥ 1.5× what training consumes (#4)"),
+    Target("network", r".*samples_per_s", "cuda", "value", ">=", 70, "≥ 70 samples/s on an H200 (#9)",
+           {"crop": [64, 128, 128]}),
+    Target("network", r".*gb_per_sample", "cuda", "value", "<=", 2.5, "≤ 2.5 GB/sample on an H200 (#9)",
+           {"crop": [64, 128, 128]}),
+    Target("engine", r"engine_overhead_pct", None, "value", "<", 5, "< 5 % over the bare step (#5)"),
+    Target("predict", r".*", "cuda", "ratio", ">=", 1.5, "≥ 1.5× MONAI (#6)"),
+    Target("predict", r".*", "cpu", "ratio", ">=", 1.0, "not slower than MONAI (#6)"),
+)
+
+
+def targets_for(row: dict) -> list[Target]:
+    return [t for t in TARGETS if t.matches(row)]
+
+
+def fmt(value: float | None) -> str:
+    """A number with about 3 significant digits and thousands separators; '—' for None."""
+    if value is None:
+        return "—"
+    if value == 0 or not math.isfinite(value):
+        return str(value)
+    decimals = max(0, 2 - math.floor(math.log10(abs(value))))
+    return f"{value:,.{decimals}f}"
+
+
+def _compact(value) -> str:
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
+
+
+def _settings(params: dict) -> str:
+    return ", ".join(f"{k}={_compact(v)}" for k, v in params.items())
+
+
+def machine_key(document: dict) -> str:
+    """Which table a run belongs to: the GPU for a CUDA run, else the CPU model and cores."""
+    machine = document["machine"]
+    if document.get("device") == "cuda" and machine.get("gpu"):
+        return machine["gpu"]
+    return f"CPU: {machine['cpu']}, {machine['cores']} cores"
+
+
+def machine_line(document: dict) -> str:
+    m, v = document["machine"], document["versions"]
+    parts = [f"{m['cpu']}, {m['cores']} cores, {fmt(m['ram_gib'])} GiB RAM"]
+    if m.get("gpu"):
+        parts.insert(0, f"{m['gpu']} ({fmt(m['gpu_memory_gib'])} GiB, driver {m['gpu_driver']}, "
+                        f"CUDA {m['cuda']}, cuDNN {m['cudnn']})")
+    parts.append(f"Python {v['python']}, torch {v['torch']}, numpy {v['numpy']}, MONAI {v['monai']}")
+    return "; ".join(parts)
+
+
+def _commit(document: dict) -> str:
+    v = document["versions"]
+    commit = v.get("commit") or "unknown"
+    return f"{commit} (dirty)" if v.get("dirty") else commit
+
+
+def load(paths: Sequence[Path], include_tiny: bool) -> list[tuple[Path, dict]]:
+    """Read the JSON files, oldest first; tiny-size runs dropped unless asked for."""
+    documents = []
+    for path in paths:
+        document = json.loads(Path(path).read_text())
+        for key in ("machine", "versions", "date", "results", "errors"):
+            if key not in document:
+                raise ValueError(f"{path}: not a benchmark result file (no {key!r}); "
+                                 f"write one with python -m benchmarks --out {path}")
+        if document.get("tiny") and not include_tiny:
+            print(f"[report] {path}: tiny-size run left out (use --include-tiny)", file=sys.stderr)
+            continue
+        documents.append((Path(path), document))
+    return sorted(documents, key=lambda item: item[1]["date"])
+
+
+def _module_order(name: str) -> int:
+    return MODULES.index(name) if name in MODULES else len(MODULES)
+
+
+def machine_section(title: str, documents: list[tuple[Path, dict]]) -> str:
+    """One machine's table: per module, the rows of the newest file that has figures of it."""
+    newest: dict[str, tuple[Path, dict]] = {}
+    for path, document in documents:  # oldest first: later files win
+        for module in {r["benchmark"] for r in document["results"]}:
+            newest[module] = (path, document)
+    lines = [f"### {title}", ""]
+    used = sorted({path: document for path, document in newest.values()}.items(), key=lambda i: i[1]["date"])
+    for path, document in used:
+        tiny = " **tiny sizes: smoke test, not a measurement**" if document.get("tiny") else ""
+        lines.append(f"- `{path.name}`: `{document.get('command', 'python -m benchmarks')}` on "
+                     f"{document['date']}, commit {_commit(document)}.{tiny} {machine_line(document)}")
+    lines += ["", "| benchmark | figure | settings | ours | unit | baseline | ratio | target | met | date "
+                  "| commit |", "| --- | --- | --- | ---: | --- | --- | ---: | --- | --- | --- | --- |"]
+    for module in sorted(newest, key=_module_order):
+        _, document = newest[module]
+        for row in (r for r in document["results"] if r["benchmark"] == module):
+            baseline = "—" if row["baseline"] is None else f"{fmt(row['baseline'])} ({row['baseline_name']})"
+            ratio = "—" if row["ratio"] is None else f"{fmt(row['ratio'])}×"
+            goals = targets_for(row)
+            verdicts = [t.met(row) for t in goals]
+            if not goals:
+                met = "—"
+            elif document.get("tiny"):
+                met = "tiny"
+            else:
+                met = "yes" if all(verdicts) else "no"
+            lines.append(
+                f"| {module} | {row['name']} | {_settings({'device': row['device'], **row['params']})} | "
+                f"{fmt(row['value'])} | {row['unit']} | {baseline} | {ratio} | "
+                f"{'; '.join(t.text for t in goals) or '—'} | {met} | {document['date'][:10]} | "
+                f"{_commit(document)} |")
+    failures = []
+    for path, document in documents:
+        for error in document["errors"]:
+            module = error["benchmark"]
+            if module not in newest or document["date"] >= newest[module][1]["date"]:
+                first_line = error["error"].splitlines()[0] if error["error"] else ""
+                failures.append(f"- {module} ({path.name}, {document['date'][:10]}): {first_line}")
+    missing = [m for m in MODULES if m not in newest]
+    if failures:
+        lines += ["", "Failures (newer than or in the run that gave the rows above):", *failures]
+    if missing:
+        lines += ["", f"Not measured on this machine: {', '.join(missing)}."]
+    return "\n".join(lines)
+
+
+def render(documents: list[tuple[Path, dict]], notes: str | None, template: str) -> str:
+    """The whole page: the template with the per-machine tables and the notes filled in."""
+    groups: dict[str, list[tuple[Path, dict]]] = {}
+    for path, document in documents:
+        groups.setdefault(machine_key(document), []).append((path, document))
+    # CPU tables first, then GPUs, each group in a stable order.
+    order = sorted(groups, key=lambda key: (not key.startswith("CPU"), key))
+    sections = "\n\n".join(machine_section(key, groups[key]) for key in order)
+    if not sections:
+        sections = "No results recorded yet."
+    return (template.replace(RESULTS_MARK, sections)
+            .replace(NOTES_MARK, notes.strip() if notes else "No notes yet.").rstrip() + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0],
+        epilog="example: python -m benchmarks.report benchmarks/results/*.json --out BENCHMARKS.md")
+    parser.add_argument("files", nargs="*", type=Path,
+                        help="result JSON files (default: benchmarks/results/*.json)")
+    parser.add_argument("--out", type=Path, default=None, help="write the page here (default: stdout)")
+    parser.add_argument("--notes", type=Path, default=RESULTS_DIR / "notes.md",
+                        help="markdown appended verbatim (default: benchmarks/results/notes.md, if present)")
+    parser.add_argument("--include-tiny", action="store_true", help="also show tiny-size smoke-test runs")
+    args = parser.parse_args(argv)
+    files = args.files or sorted(RESULTS_DIR.glob("*.json"))
+    try:
+        documents = load(files, args.include_tiny)
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        parser.error(str(exc))
+    notes = args.notes.read_text() if args.notes.is_file() else None
+    page = render(documents, notes, TEMPLATE.read_text())
+    if args.out is None:
+        sys.stdout.write(page)
+    else:
+        from volumefusion.io import atomic_write_text
+
+        atomic_write_text(args.out, page)
+        print(f"[report] {len(documents)} result files -> {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
