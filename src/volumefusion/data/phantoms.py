@@ -95,6 +95,11 @@ class _Field:
         t = wy @ t  # (nz, Y, X)
         return (wz @ t.reshape(nz, -1)).reshape(len(z), len(y), len(x))
 
+    def along_z(self, z: np.ndarray) -> np.ndarray:
+        """The field on the line x = y = 0: a smooth random 1D path, shape ``(len(z),)``."""
+        zero = np.zeros(1, np.float32)
+        return self(z, zero, zero)[:, 0, 0]
+
 
 class _Canvas:
     """The volume being painted, with normalised coordinates.
@@ -111,7 +116,6 @@ class _Canvas:
             (((np.arange(n) + 0.5) * s - e / 2) / r).astype(np.float32)
             for n, s, e, r in zip(shape, spacing_zyx, extent, scales)
         )
-        self.voxel = np.array([s / r for s, r in zip(spacing_zyx, scales)], dtype=np.float32)
         self.image = np.full(shape, -1000.0, dtype=np.float32)
         self.label = np.zeros(shape, dtype=np.uint8)
 
@@ -130,9 +134,9 @@ class _Canvas:
         return self.z[sl[0], None, None], self.y[None, sl[1], None], self.x[None, None, sl[2]]
 
     def paint(self, sl, mask: np.ndarray, hu, label: int | None = None) -> None:
-        """Set HU (scalar or array over the box) and optionally the label where ``mask`` is true."""
+        """Set HU (scalar or array broadcastable to the box) and, if given, the label where ``mask``."""
         region = self.image[sl]
-        region[mask] = hu[mask] if isinstance(hu, np.ndarray) else hu
+        region[mask] = np.broadcast_to(hu, region.shape)[mask] if isinstance(hu, np.ndarray) else hu
         if label is not None:
             self.label[sl][mask] = label
 
@@ -161,20 +165,20 @@ class _Blob:
 
         ``within``, if given, is another ``(slices, mask)`` the shape is intersected with.
         """
-        reach = self.axes.max() * (1 + self.wobble) ** (1 / self.power) * 1.05
-        half = np.array([self.axes[0] * (1 + self.wobble) ** (1 / self.power) * 1.05, reach, reach])
+        # the field is N(0, 1): |field| < 2.5 holds almost everywhere, so the shape stays in the box
+        grow = (1 + 2.5 * self.wobble) ** (1 / self.power)
+        half = np.array([self.axes[0], self.axes[1:].max(), self.axes[1:].max()]) * grow
         sl = canvas.box(self.centre - half, self.centre + half)
         if sl is None:
             return None, None
-        z, y, x = canvas.coords(sl)
-        dz, dy, dx = z - self.centre[0], y - self.centre[1], x - self.centre[2]
+        offsets = [c_[s_] - m for c_, s_, m in zip((canvas.z, canvas.y, canvas.x), sl, self.centre)]
+        dz, dy, dx = offsets[0][:, None, None], offsets[1][None, :, None], offsets[2][None, None, :]
         c, s = np.cos(self.angle), np.sin(self.angle)
         u, v = (c * dx + s * dy) / self.axes[2], (c * dy - s * dx) / self.axes[1]
         p = self.power
         f = np.abs(dz / self.axes[0]) ** p + np.abs(u) ** p + np.abs(v) ** p
-        local = [(cc[s_] - m) / a for cc, s_, m, a in zip((canvas.z, canvas.y, canvas.x), sl, self.centre,
-                                                           np.full(3, 1.0, np.float32))]
-        inside = f < 1 + self.wobble * self.field(*local)
+        # the deformation is drawn in the shape's own units, so every organ gets a few bumps
+        inside = f < 1 + self.wobble * self.field(*(o / a for o, a in zip(offsets, self.axes)))
         if within is not None:
             inside &= _restrict(within, sl, inside.shape)
         return sl, inside
@@ -197,22 +201,240 @@ def _restrict(region, sl, shape) -> np.ndarray:
     return out
 
 
-def _tube(canvas: _Canvas, rng, path_field: tuple[_Field, _Field], centre_yx, radius, z_range, wiggle):
+def _tube(canvas: _Canvas, path_field: tuple[_Field, _Field], centre_yx, radius, z_range, wiggle):
     """A vertical vessel: a disc of ``radius`` around a smoothly wandering centre, for z in ``z_range``."""
     sl = canvas.box((z_range[0], centre_yx[0] - radius - wiggle, centre_yx[1] - radius - wiggle),
                     (z_range[1], centre_yx[0] + radius + wiggle, centre_yx[1] + radius + wiggle))
     if sl is None:
         return None, None
-    z, y, x = canvas.coords(sl)
-    zc = canvas.z[sl[0]]
-    zero = np.zeros(1, np.float32)
-    cy = centre_yx[0] + wiggle * 0.5 * path_field[0](zc, zero, zero)[:, 0, 0]
-    cx = centre_yx[1] + wiggle * 0.5 * path_field[1](zc, zero, zero)[:, 0, 0]
+    _, y, x = canvas.coords(sl)
+    cy = centre_yx[0] + wiggle * 0.5 * path_field[0].along_z(canvas.z[sl[0]])
+    cx = centre_yx[1] + wiggle * 0.5 * path_field[1].along_z(canvas.z[sl[0]])
     return sl, (y - cy[:, None, None]) ** 2 + (x - cx[:, None, None]) ** 2 < radius**2
 
 
 # --------------------------------------------------------------------------------------------------
 # The generator
+
+
+@dataclass
+class _Torso:
+    """Whole-body parameters drawn first; every organ is placed relative to them.
+
+    Lengths are normalised (see :class:`_Canvas`): ``bx``/``by`` body semi-axes, ``back`` the
+    posterior semi-axis, ``fat``/``muscle`` layer thicknesses, ``diaphragm`` the z of the lung bases,
+    ``spine_y`` the y of the vertebral bodies' centre and ``vb_r`` their radius.
+    """
+
+    bx: float
+    by: float
+    centre_y: float
+    back: float
+    fat: float
+    muscle: float
+    diaphragm: float
+    vb_r: float
+    spine_y: float
+    interior: tuple = ()  # (slices, mask) inside the muscle wall
+    wall: tuple = ()  # (slices, mask) inside the fat layer
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> _Torso:
+        u = rng.uniform
+        bx, by, centre_y = u(0.80, 0.92), u(0.56, 0.68), u(-0.08, 0.0)
+        back = by * u(0.85, 0.95)  # the back is flatter than the front
+        fat, muscle, diaphragm = u(0.03, 0.11), u(0.035, 0.06), u(-0.15, 0.1)
+        vb_r = u(0.09, 0.11)
+        # the spinous process (3.3 radii behind the body's centre) ends just inside the back muscles
+        spine_y = centre_y + back - fat - u(0.02, 0.04) - 3.3 * vb_r
+        return cls(bx, by, centre_y, back, fat, muscle, diaphragm, vb_r, spine_y)
+
+
+def _paint_body(cv: _Canvas, rng, t: _Torso) -> None:
+    """Skin-to-cavity layers (fat, muscle wall, visceral fat and bowel), ribs and the table."""
+    u = rng.uniform
+    power = u(2.0, 2.6)
+    outline, texture = _Field(rng, (4, 5, 5)), _Field(rng, (10, 16, 16))
+    sl = tuple(slice(0, n) for n in cv.image.shape)
+    z, y, x = cv.coords(sl)
+    dy = y - t.centre_y
+    ay = np.where(dy > 0, t.back, t.by).astype(np.float32)
+    taper = 1 + 0.04 * z  # the chest is a little wider than the upper abdomen
+    radius = (np.abs(x / (t.bx * taper)) ** power + np.abs(dy / (ay * taper)) ** power) ** (1 / power)
+    radius += 0.02 * outline(cv.z, cv.y, cv.x)
+    tex = texture(cv.z, cv.y, cv.x)
+    t.wall = (sl, radius < 1 - t.fat / t.by)
+    t.interior = (sl, radius < 1 - (t.fat + t.muscle) / t.by)
+    cv.paint(sl, radius < 1, u(-110, -85) + 8 * tex)
+    cv.paint(sl, t.wall[1], u(35, 55))
+    # bowel loops below the diaphragm, mostly fat in the mediastinum above
+    soft = 1 / (1 + np.exp(-6 * (tex - 0.3 - 0.8 * (z > t.diaphragm))))
+    cv.paint(sl, t.interior[1], -95 + 130 * soft)
+    del soft, tex
+
+    # Ribs: bands in the inner half of the chest wall, repeating along z, sloping down to the front.
+    inner_radius = radius / (1 - (t.fat + t.muscle) / t.by)  # 1 on the inner surface of the wall
+    pitch, height, slope = u(0.26, 0.34), u(0.09, 0.12), u(0.8, 1.2)
+    phase = (z - slope * dy - u(0, 1)) % pitch
+    ribs = ((inner_radius > 1.0) & (inner_radius < 1 + 0.7 * t.muscle / t.by) & (phase < height)
+            & (z > t.diaphragm - 0.6) & (np.abs(x) > 0.15 * t.bx))
+    cv.paint(sl, ribs, u(450, 650))
+
+    # Table: a carbon-fibre plate (bright bottom skin) under a foam layer.
+    top = t.centre_y + t.back + u(0.03, 0.06)
+    plate = (y > top) & (y < top + 0.04) & (np.abs(x) < 0.95)
+    cv.paint(sl, np.broadcast_to(plate, cv.image.shape), np.where(y > top + 0.03, 200.0, -500.0))
+
+
+def _paint_muscles(cv: _Canvas, rng, t: _Torso) -> None:
+    """Paraspinal muscles behind the spine, psoas muscles beside it below the diaphragm."""
+    u = rng.uniform
+    for side in (-1, 1):
+        para = _Blob.draw(rng, (0, t.spine_y + t.vb_r * 1.8, side * u(0.2, 0.26)),
+                          (3, u(0.13, 0.17), u(0.12, 0.16)), wobble=0.1)
+        cv.paint(*para.mask(cv, t.wall), u(40, 55))
+        psoas = _Blob.draw(rng, (-1.2, t.spine_y - 0.02, side * (t.vb_r + u(0.06, 0.1))),
+                           (1.3 + t.diaphragm, u(0.06, 0.09), u(0.07, 0.1)), wobble=0.1)
+        s, m = psoas.mask(cv, t.interior)
+        if s is not None:
+            cv.paint(s, m, u(40, 55))
+
+
+def _paint_lungs(cv: _Canvas, rng, t: _Torso) -> None:
+    """Both lungs above the diaphragm, with vessels (two crossing zero sets) thickest near the hila."""
+    u = rng.uniform
+    lung_hu = u(-880, -830)
+    vessels = (_Field(rng, (20, 40, 40)), _Field(rng, (20, 40, 40)))
+    for name, side in (("lung_right", -1), ("lung_left", 1)):
+        az = u(1.1, 1.4)
+        lung = _Blob.draw(rng, (t.diaphragm + az + (0.05 if side < 0 else 0), t.centre_y + t.by * 0.05,
+                                side * t.bx * u(0.42, 0.5)),
+                          (az, t.by * u(0.7, 0.8), t.bx * u(0.34, 0.4)), power=2.2, wobble=0.12)
+        s, m = lung.mask(cv, t.interior)
+        width = 0.1 + 0.15 * np.clip(1 - np.abs(cv.x[s[2]]) / t.bx * 1.6, 0, 1)
+        f1, f2 = (f(cv.z[s[0]], cv.y[s[1]], cv.x[s[2]]) for f in vessels)
+        vessel = (np.abs(f1) < width) & (np.abs(f2) < width)
+        cv.paint(s, m, np.where(vessel, np.float32(80), lung_hu + 15 * f1), _LABEL[name])
+
+
+def _paint_abdomen(cv: _Canvas, rng, t: _Torso) -> None:
+    """Stomach (unlabelled), liver, spleen and kidneys below the diaphragm."""
+    u = rng.uniform
+    d, bx, by, cy = t.diaphragm, t.bx, t.by, t.centre_y
+
+    # Stomach: soft-tissue wall, fluid, and gas at the front (the patient lies on the back).
+    stomach = _Blob.draw(rng, (d - u(0.15, 0.35), cy - by * u(0.2, 0.35), bx * u(0.25, 0.4)),
+                         (u(0.25, 0.4), by * u(0.25, 0.35), bx * u(0.22, 0.3)), wobble=0.2)
+    s, m = stomach.mask(cv, t.interior)
+    if s is not None:
+        cv.paint(s, m, u(35, 50))
+        gas_level = stomach.centre[1] - stomach.axes[1] * u(0.3, 0.6)
+        cv.paint(s, ndimage.binary_erosion(m, iterations=2),
+                 np.where(cv.coords(s)[1] < gas_level, np.float32(-990), np.float32(u(5, 25))))
+
+    # Liver: a large right lobe and a smaller left lobe, with enhancing vessels.
+    liver_hu = u(50, 75)
+    right = _Blob.draw(rng, (d - u(0.3, 0.4), cy + by * u(-0.05, 0.1), -bx * u(0.35, 0.45)),
+                       (u(0.5, 0.6), by * u(0.6, 0.75), bx * u(0.45, 0.55)), angle=u(-0.3, 0.1))
+    left = _Blob.draw(rng, (d - u(0.15, 0.25), cy - by * u(0.35, 0.45), bx * u(0.0, 0.15)),
+                      (u(0.25, 0.35), by * u(0.25, 0.35), bx * u(0.3, 0.4)), angle=u(-0.3, 0.3), wobble=0.2)
+    vessels = (_Field(rng, (8, 10, 10)), _Field(rng, (8, 10, 10)))
+    for lobe in (right, left):
+        s, m = lobe.mask(cv, t.interior)
+        if s is None:
+            continue
+        f1, f2 = (f(cv.z[s[0]], cv.y[s[1]], cv.x[s[2]]) for f in vessels)
+        vessel = (np.abs(f1) < 0.12) & (np.abs(f2) < 0.12)
+        cv.paint(s, m, np.where(vessel, np.float32(liver_hu + 70), liver_hu + 6 * f1), _LABEL["liver"])
+
+    # Spleen: a crescent behind the stomach, HU close to the liver's.
+    spleen = _Blob.draw(rng, (d - u(0.2, 0.35), cy + by * u(0.2, 0.3), bx * u(0.45, 0.52)),
+                        (u(0.3, 0.4), by * u(0.35, 0.45), bx * u(0.15, 0.2)), angle=u(-0.7, -0.3))
+    # the hollow faces the stomach: a blob centred just inside the spleen's medial surface
+    medial = -0.9 * spleen.axes[2] * np.array([0, np.sin(spleen.angle), np.cos(spleen.angle)], np.float32)
+    notch = _Blob.draw(rng, spleen.centre + medial, spleen.axes * np.array([1.3, 0.7, 0.5], np.float32),
+                       angle=spleen.angle, wobble=0.05)
+    s, m = spleen.mask(cv, t.interior)
+    if s is not None:
+        m &= ~_restrict(notch.mask(cv), s, m.shape)
+        cv.paint(s, m, liver_hu + u(-12, 12), _LABEL["spleen"])
+
+    # Kidneys beside the spine: bright cortex, darker medulla, a fat-filled hilum facing front-middle.
+    kidney_hu = u(140, 180)
+    for name, side in (("kidney_right", -1), ("kidney_left", 1)):
+        drop = 0.1 if side < 0 else 0.0  # the right kidney sits lower, under the liver
+        kidney = _Blob.draw(rng, (d - u(0.8, 0.9) - drop, t.spine_y - u(0.0, 0.08),
+                                  side * (t.vb_r + u(0.2, 0.27))),
+                            (u(0.45, 0.6), u(0.17, 0.21), u(0.12, 0.15)), angle=side * u(0.4, 0.8),
+                            wobble=0.08)
+        medulla = _Blob(kidney.centre, kidney.axes * 0.65, kidney.angle, 2.0, 0.2, kidney.field)
+        hilum = _Blob.draw(rng, kidney.centre + np.array([0, -0.06, -side * 0.09], np.float32),
+                           kidney.axes * np.array([0.4, 0.45, 0.45], np.float32), wobble=0.05)
+        s, m = kidney.mask(cv, t.interior)
+        if s is None:
+            continue
+        m &= ~_restrict(hilum.mask(cv), s, m.shape)
+        inner = _restrict(medulla.mask(cv), s, m.shape)
+        cv.paint(s, m, np.where(inner, np.float32(kidney_hu - 50), np.float32(kidney_hu)), _LABEL[name])
+
+
+def _paint_heart_and_vessels(cv: _Canvas, rng, t: _Torso) -> None:
+    """Heart, ascending and descending aorta (contrast blood) and the unlabelled inferior vena cava."""
+    u = rng.uniform
+    blood_hu = u(150, 250)
+    # on the diaphragm, left of centre and in front; myocardium around the blood pool
+    centre = (t.diaphragm + u(0.45, 0.6), t.centre_y - t.by * u(0.2, 0.3), t.bx * u(0.08, 0.18))
+    axes = (u(0.5, 0.65), t.by * u(0.42, 0.5), t.bx * u(0.3, 0.36))
+    heart = _Blob.draw(rng, centre, axes, angle=u(0.4, 0.8), wobble=0.1)
+    s, m = heart.mask(cv, t.interior)
+    if s is not None:
+        pool = _Blob(heart.centre, heart.axes * np.array([0.85, 0.7, 0.7], np.float32), heart.angle, 2.0,
+                     0.3, heart.field)
+        blood = _restrict(pool.mask(cv), s, m.shape)
+        cv.paint(s, m, np.where(blood, np.float32(blood_hu), np.float32(u(45, 65))), _LABEL["heart"])
+
+    aorta_r = u(0.07, 0.09)
+    paths = [(_Field(rng, (5, 2, 2)), _Field(rng, (5, 2, 2))) for _ in range(3)]
+    descending = _tube(cv, paths[0], (t.spine_y - t.vb_r - aorta_r - 0.02, u(0.06, 0.12)), aorta_r,
+                       (-2, 2), 0.04)
+    ascending = _tube(cv, paths[1], (heart.centre[1] - 0.05, heart.centre[2] - 0.1), aorta_r * 1.1,
+                      (heart.centre[0] + heart.axes[0] * 0.5, 2), 0.04)
+    for s, m in (descending, ascending):
+        if s is not None:
+            cv.paint(s, m, blood_hu, _LABEL["aorta"])
+    s, m = _tube(cv, paths[2], (t.spine_y - t.vb_r - 0.08, -u(0.12, 0.18)), u(0.06, 0.08),
+                 (-2, t.diaphragm + 0.15), 0.03)
+    if s is not None:
+        cv.paint(s, m, u(100, 140), 0)
+
+
+def _paint_spine(cv: _Canvas, rng, t: _Torso) -> None:
+    """Vertebral bodies (trabecular bone in a cortical shell) between discs, the canal with the cord,
+    the neural arch with spinous and transverse processes; the spine follows a gentle random curve."""
+    u = rng.uniform
+    r = t.vb_r
+    curve = (_Field(rng, (4, 2, 2)), _Field(rng, (4, 2, 2)))
+    pitch, disc = u(0.3, 0.38), u(0.05, 0.07)
+    s = cv.box((-2, t.spine_y - r * 1.3, -r * 2.5), (2, t.spine_y + r * 3.6, r * 2.5))
+    z, y, x = cv.coords(s)
+    sy = t.spine_y + 0.03 * curve[0].along_z(cv.z[s[0]])[:, None, None]
+    x = x - 0.02 * curve[1].along_z(cv.z[s[0]])[:, None, None]
+    r_body = np.sqrt((x / (r * 1.15)) ** 2 + ((y - sy) / r) ** 2)
+    phase = (z - u(0, 1)) % pitch
+    is_disc = phase < disc
+    canal_y = sy + r * 1.6
+    r_canal = np.sqrt(x**2 + (y - canal_y) ** 2) / (r * 0.55)
+    # the processes occupy only part of each vertebra's height
+    processes = (phase > disc + 0.1 * pitch) & (phase < disc + 0.6 * pitch)
+    arch = (r_canal >= 1) & (r_canal < 1.7) & (y > sy + r * 0.8)
+    spinous = processes & (np.abs(x) < r * 0.25) & (y > canal_y) & (y < canal_y + r * 1.7)
+    transverse = processes & (np.abs(y - canal_y + r * 0.2) < r * 0.25) & (np.abs(x) < r * 1.9)
+    bone = ((r_body < 1) | arch | spinous | transverse) & ~is_disc
+    trabecular_hu, cortical_hu = u(250, 400), u(700, 1000)
+    cv.paint(s, (r_body < 1) & is_disc, u(70, 100), 0)
+    shell = r_body > 0.85  # the vertebral body's rim and all of the arch are cortical bone
+    cv.paint(s, bone, np.where(shell, np.float32(cortical_hu), np.float32(trabecular_hu)), _LABEL["spine"])
+    cv.paint(s, r_canal < 1, u(15, 35), 0)
 
 
 def make_phantom(
@@ -231,207 +453,28 @@ def make_phantom(
         A :class:`Phantom` with int16 HU and uint8 labels (:data:`LABEL_NAMES`).
     """
     if len(shape) != 3 or min(shape) < 4:
-        raise VolumeFusionError(f"phantom shape {tuple(shape)}: need three sizes (z, y, x) of at least 4 voxels")
+        raise VolumeFusionError(f"phantom shape {tuple(shape)}: need three sizes (z, y, x) of >= 4 voxels")
     if len(spacing_zyx) != 3 or min(spacing_zyx) <= 0:
         raise VolumeFusionError(f"phantom spacing_zyx {tuple(spacing_zyx)}: need three positive sizes in mm")
+    spacing_zyx = tuple(float(s) for s in spacing_zyx)
     rng = np.random.default_rng(seed)
-    cv = _Canvas(tuple(int(n) for n in shape), tuple(float(s) for s in spacing_zyx))
-    u = rng.uniform
+    cv = _Canvas(tuple(int(n) for n in shape), spacing_zyx)
+    torso = _Torso.draw(rng)
+    # later structures overwrite earlier ones where they overlap (HU and label alike)
+    for paint in (_paint_body, _paint_muscles, _paint_lungs, _paint_abdomen, _paint_heart_and_vessels,
+                  _paint_spine):
+        paint(cv, rng, torso)
 
-    # Body outline: a superquadric cylinder, flatter at the back, with fat and muscle layers.
-    bx, by = u(0.80, 0.92), u(0.56, 0.68)  # semi-axes (x, y)
-    body_cy = u(-0.08, 0.0)
-    back = by * u(0.85, 0.95)  # posterior semi-axis (the back is flatter)
-    power = u(2.0, 2.6)
-    fat = u(0.03, 0.11)
-    muscle = u(0.035, 0.06)
-    diaphragm = u(-0.15, 0.1)  # z of the lung bases
-    body_field = _Field(rng, (4, 5, 5))
-    texture = _Field(rng, (10, 16, 16))
-
-    sl = (slice(None),) * 3
-    z, y, x = cv.coords(sl)
-    dy = y - body_cy
-    ay = np.where(dy > 0, back, by).astype(np.float32)
-    taper = 1 + 0.04 * z  # the chest is a little wider than the upper abdomen
-    radius = (np.abs(x / (bx * taper)) ** power + np.abs(dy / (ay * taper)) ** power) ** (1 / power)
-    radius += 0.02 * body_field(cv.z, cv.y, cv.x)
-    body = radius < 1
-    wall = radius < 1 - fat / by
-    interior = radius < 1 - (fat + muscle) / by
-    cv.paint(sl, body, u(-110, -85) + 8 * texture(cv.z, cv.y, cv.x))
-    cv.paint(sl, wall, u(35, 55))
-    inner_radius = radius / (1 - (fat + muscle) / by)  # 1 on the inner surface of the muscle wall
-    del radius
-
-    # Table under the patient: a thin carbon-fibre plate with foam above it.
-    table_y = body_cy + back + u(0.03, 0.06)
-    plate = (y > table_y) & (y < table_y + 0.04) & (np.abs(x) < 0.95)
-    cv.paint(sl, np.broadcast_to(plate, cv.image.shape), np.float32(-500) + 700 * (y > table_y + 0.03))
-
-    # Visceral fat and soft tissue (bowel loops below the diaphragm, mediastinal fat above).
-    soft = 1 / (1 + np.exp(-6 * (texture(cv.z, cv.y, cv.x) - 0.3 + 0.8 * (z > diaphragm))))
-    cv.paint(sl, interior, -95 + 130 * soft)
-    del soft
-    interior_region = (sl, interior)
-
-    # Spine geometry (used by several organs).
-    spine_y = body_cy + back * u(0.45, 0.55)
-    vb_r = u(0.13, 0.17)  # vertebral body radius
-    curve = (_Field(rng, (4, 2, 2)), _Field(rng, (4, 2, 2)))
-
-    # Paraspinal muscles behind the spine and psoas muscles beside it below the diaphragm.
-    for side in (-1, 1):
-        para = _Blob.draw(rng, (0, spine_y + vb_r * 1.8, side * u(0.2, 0.26)),
-                          (3, u(0.13, 0.17), u(0.12, 0.16)), wobble=0.1)
-        s, m = para.mask(cv, (sl, wall))
-        cv.paint(s, m, u(40, 55))
-        psoas = _Blob.draw(rng, (-1.2, spine_y - 0.02, side * (vb_r + u(0.06, 0.1))),
-                           (1.3 + diaphragm, u(0.06, 0.09), u(0.07, 0.1)), wobble=0.1)
-        s, m = psoas.mask(cv, interior_region)
-        if s is not None:
-            cv.paint(s, m, u(40, 55))
-
-    # Ribs: bands in the chest wall, repeating along z, sloping down towards the front.
-    rib_pitch, rib_height, rib_slope = u(0.26, 0.34), u(0.09, 0.12), u(0.3, 0.5)
-    rib_phase = (z + rib_slope * (-dy) - u(0, 1)) % rib_pitch
-    ribs = (
-        (inner_radius > 1.0) & (inner_radius < 1 + 0.7 * muscle / by)
-        & (rib_phase < rib_height) & (z > diaphragm - 0.6) & (np.abs(x) > 0.15 * bx)
-    )
-    cv.paint(sl, ribs, np.float32(u(450, 650)))
-    del rib_phase, ribs, inner_radius, dy
-
-    # Lungs, with vessels thickest near the hila.
-    lung_hu = u(-880, -830)
-    vessels = (_Field(rng, (12, 18, 18)), _Field(rng, (12, 18, 18)))
-    for name, side in (("lung_right", -1), ("lung_left", 1)):
-        az = u(1.1, 1.4)
-        lung = _Blob.draw(rng, (diaphragm + az + (0.05 if side < 0 else 0), body_cy + by * 0.05,
-                                side * bx * u(0.42, 0.5)),
-                          (az, by * u(0.7, 0.8), bx * u(0.34, 0.4)), power=2.2, wobble=0.12)
-        s, m = lung.mask(cv, interior_region)
-        lz, ly, lx = cv.coords(s)
-        width = 0.06 + 0.1 * np.clip(1 - np.abs(lx) / bx * 1.6, 0, 1)
-        f1 = vessels[0](cv.z[s[0]], cv.y[s[1]], cv.x[s[2]])
-        f2 = vessels[1](cv.z[s[0]], cv.y[s[1]], cv.x[s[2]])
-        vessel = (np.abs(f1) < width) & (np.abs(f2) < width)
-        cv.paint(s, m, np.where(vessel, np.float32(40), lung_hu + 15 * f1), _LABEL[name])
-
-    # Stomach (unlabelled): soft-tissue wall, fluid, and gas at the front.
-    stomach = _Blob.draw(rng, (diaphragm - u(0.15, 0.35), body_cy - by * u(0.2, 0.35), bx * u(0.25, 0.4)),
-                         (u(0.25, 0.4), by * u(0.25, 0.35), bx * u(0.22, 0.3)), wobble=0.2)
-    s, m = stomach.mask(cv, interior_region)
-    if s is not None:
-        cv.paint(s, m, u(35, 50))
-        lumen = ndimage.binary_erosion(m, iterations=2)
-        _, sy, _ = cv.coords(s)
-        gas_level = stomach.centre[1] - stomach.axes[1] * u(0.3, 0.6)
-        cv.paint(s, lumen, np.where(sy < gas_level, np.float32(-990), np.float32(u(5, 25))))
-
-    # Liver: a large right lobe and a smaller left lobe, with enhancing vessels.
-    liver_hu = u(50, 75)
-    right = _Blob.draw(rng, (diaphragm - u(0.3, 0.4), body_cy + by * u(-0.05, 0.1), -bx * u(0.35, 0.45)),
-                       (u(0.5, 0.6), by * u(0.6, 0.75), bx * u(0.45, 0.55)), angle=u(-0.3, 0.1), wobble=0.15)
-    left = _Blob.draw(rng, (diaphragm - u(0.15, 0.25), body_cy - by * u(0.35, 0.45), bx * u(0.0, 0.15)),
-                      (u(0.25, 0.35), by * u(0.25, 0.35), bx * u(0.3, 0.4)), angle=u(-0.3, 0.3), wobble=0.2)
-    liver_vessels = (_Field(rng, (8, 10, 10)), _Field(rng, (8, 10, 10)))
-    for lobe in (right, left):
-        s, m = lobe.mask(cv, interior_region)
-        if s is None:
-            continue
-        f1 = liver_vessels[0](cv.z[s[0]], cv.y[s[1]], cv.x[s[2]])
-        f2 = liver_vessels[1](cv.z[s[0]], cv.y[s[1]], cv.x[s[2]])
-        vessel = (np.abs(f1) < 0.12) & (np.abs(f2) < 0.12)
-        cv.paint(s, m, np.where(vessel, np.float32(liver_hu + 70), liver_hu + 6 * f1), _LABEL["liver"])
-
-    # Spleen: a crescent behind the stomach, HU close to the liver's.
-    spleen = _Blob.draw(rng, (diaphragm - u(0.2, 0.35), body_cy + by * u(0.3, 0.45), bx * u(0.55, 0.68)),
-                        (u(0.22, 0.32), by * u(0.3, 0.38), bx * u(0.13, 0.17)), angle=u(-0.7, -0.3), wobble=0.15)
-    notch = _Blob.draw(rng, spleen.centre + np.array([0, -0.06, -0.12], np.float32),
-                       spleen.axes * np.array([1.2, 0.6, 0.7], np.float32), angle=spleen.angle, wobble=0.05)
-    s, m = spleen.mask(cv, interior_region)
-    if s is not None:
-        m &= ~_restrict(notch.mask(cv), s, m.shape)
-        cv.paint(s, m, liver_hu + u(-12, 12), _LABEL["spleen"])
-
-    # Kidneys: bright cortex, darker medulla, fat in the hilum facing front and middle.
-    kidney_hu = u(140, 180)
-    for name, side in (("kidney_right", -1), ("kidney_left", 1)):
-        drop = 0.1 if side < 0 else 0.0  # the right kidney sits lower, under the liver
-        kidney = _Blob.draw(rng, (diaphragm - u(0.8, 0.9) - drop, spine_y - u(0.0, 0.08),
-                                  side * (vb_r + u(0.2, 0.27))),
-                            (u(0.45, 0.6), u(0.17, 0.21), u(0.12, 0.15)),
-                            angle=side * u(0.4, 0.8), wobble=0.08)
-        s, m = kidney.mask(cv, interior_region)
-        medulla = _Blob(kidney.centre, kidney.axes * 0.65, kidney.angle, 2.0, 0.2, kidney.field)
-        hilum = _Blob.draw(rng, kidney.centre + np.array([0, -0.06, -side * 0.09], np.float32),
-                           kidney.axes * np.array([0.4, 0.45, 0.45], np.float32), wobble=0.05)
-        if s is None:
-            continue
-        m &= ~_restrict(hilum.mask(cv), s, m.shape)
-        inner = _restrict(medulla.mask(cv), s, m.shape)
-        cv.paint(s, m, np.where(inner, np.float32(kidney_hu - 50), np.float32(kidney_hu)), _LABEL[name])
-
-    # Heart on the diaphragm, left of centre and in front; myocardium around a contrast blood pool.
-    blood_hu = u(150, 250)
-    heart = _Blob.draw(rng, (diaphragm + u(0.45, 0.6), body_cy - by * u(0.2, 0.3), bx * u(0.08, 0.18)),
-                       (u(0.5, 0.65), by * u(0.42, 0.5), bx * u(0.3, 0.36)), angle=u(0.4, 0.8), wobble=0.1)
-    s, m = heart.mask(cv, interior_region)
-    if s is not None:
-        pool = _Blob(heart.centre, heart.axes * np.array([0.85, 0.7, 0.7], np.float32), heart.angle, 2.0,
-                     0.3, heart.field)
-        cv.paint(s, m, np.where(_restrict(pool.mask(cv), s, m.shape), np.float32(blood_hu), np.float32(u(45, 65))),
-                 _LABEL["heart"])
-
-    # Vessels: the descending aorta left-front of the spine, the ascending aorta out of the heart,
-    # and the (unlabelled) inferior vena cava on the right.
-    aorta_r = u(0.07, 0.09)
-    desc = (_Field(rng, (5, 2, 2)), _Field(rng, (5, 2, 2)))
-    s, m = _tube(cv, rng, desc, (spine_y - vb_r - aorta_r - 0.02, u(0.06, 0.12)), aorta_r, (-2, 2), 0.04)
-    cv.paint(s, m, blood_hu, _LABEL["aorta"])
-    asc = (_Field(rng, (5, 2, 2)), _Field(rng, (5, 2, 2)))
-    s, m = _tube(cv, rng, asc, (heart.centre[1] - 0.05, heart.centre[2] - 0.1), aorta_r * 1.1,
-                 (heart.centre[0] + heart.axes[0] * 0.5, 2), 0.04)
-    if s is not None:
-        cv.paint(s, m, blood_hu, _LABEL["aorta"])
-    ivc = (_Field(rng, (5, 2, 2)), _Field(rng, (5, 2, 2)))
-    s, m = _tube(cv, rng, ivc, (spine_y - vb_r - 0.08, -u(0.12, 0.18)), u(0.06, 0.08),
-                 (-2, diaphragm + 0.15), 0.03)
-    if s is not None:
-        cv.paint(s, m, u(100, 140), 0)
-
-    # Spine: vertebral bodies (trabecular bone in a cortical shell) separated by discs, the canal
-    # with the cord, the neural arch and the spinous process.
-    pitch, disc = u(0.3, 0.38), u(0.05, 0.07)
-    s = cv.box((-2, spine_y - vb_r * 1.3, -vb_r * 2.5), (2, spine_y + vb_r * 4.5, vb_r * 2.5))
-    z, y, x = cv.coords(s)
-    zero = np.zeros(1, np.float32)
-    sy = spine_y + 0.03 * curve[0](cv.z[s[0]], zero, zero)[:, :, :1]
-    sx = 0.02 * curve[1](cv.z[s[0]], zero, zero)[:, :, :1]
-    x = x - sx
-    r_body = np.sqrt((x / (vb_r * 1.15)) ** 2 + ((y - sy) / vb_r) ** 2)
-    is_disc = (z - u(0, 1)) % pitch < disc
-    canal_y = sy + vb_r * 1.55
-    r_canal = np.sqrt(x**2 + (y - canal_y) ** 2) / (vb_r * 0.5)
-    arch = (r_canal >= 1) & (r_canal < 1.6) & (y > sy + vb_r * 0.8)
-    spinous = (np.abs(x) < vb_r * 0.25) & (y > canal_y) & (y < canal_y + vb_r * 2.2)
-    transverse = (np.abs(y - canal_y + vb_r * 0.3) < vb_r * 0.25) & (np.abs(x) < vb_r * 2.0)
-    bone = ((r_body < 1) | arch | spinous | transverse) & ~is_disc
-    cortical = bone & ((r_body > 0.85) | ~(r_body < 1))
-    trabecular_hu, cortical_hu = u(250, 400), u(700, 1000)
-    cv.paint(s, (r_body < 1) & is_disc, u(70, 100), 0)
-    cv.paint(s, bone, np.where(cortical, np.float32(cortical_hu), np.float32(trabecular_hu)), _LABEL["spine"])
-    cv.paint(s, np.broadcast_to(r_canal < 1, bone.shape), u(15, 35), 0)
-
-    # Imaging: a Gaussian point-spread function, and quantum noise correlated by the same kernel.
-    psf = np.array([0.45, 0.6, 0.6]) * np.array([1.5, 1.0, 1.0])  # voxels (z is the slice profile)
-    noise_sd = u(8, 20)
-    gain = _noise_gain(psf)
-    cv.image += rng.standard_normal(cv.image.shape, dtype=np.float32) * np.float32(noise_sd / gain)
+    # Imaging: white noise blurred with the point-spread function together with the anatomy gives
+    # CT-like correlated noise of standard deviation noise_sd. PSF sigma: 0.9 mm in-plane; along z a
+    # slice profile about one slice wide.
+    psf = (0.45, 0.9 / spacing_zyx[1], 0.9 / spacing_zyx[2])  # voxels
+    noise_sd = rng.uniform(8, 20)
+    noise = rng.standard_normal(cv.image.shape, dtype=np.float32)
+    cv.image += noise * np.float32(noise_sd / _noise_gain(psf))
     image = ndimage.gaussian_filter(cv.image, psf, truncate=3.0)
     image = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
-    return Phantom(image=image, label=cv.label, spacing_zyx=tuple(float(s) for s in spacing_zyx))
+    return Phantom(image=image, label=cv.label, spacing_zyx=spacing_zyx)
 
 
 def _noise_gain(sigma) -> float:
@@ -442,3 +485,95 @@ def _noise_gain(sigma) -> float:
         impulse[16] = 1
         gain *= float(np.sqrt(np.sum(ndimage.gaussian_filter1d(impulse, s, truncate=3.0) ** 2)))
     return gain
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing phantoms as files
+
+
+def _geometry(phantom: Phantom):
+    """Identity direction, world origin chosen so the volume is centred on (0, 0, 0) mm."""
+    from volumefusion.io import Geometry
+
+    shape = phantom.image.shape
+    origin_zyx = [-(n - 1) * sp / 2 for n, sp in zip(shape, phantom.spacing_zyx)]
+    return Geometry(shape, phantom.spacing_zyx, tuple(reversed(origin_zyx)))
+
+
+def _write_cases(image_dir: Path, label_dir: Path | None, seeds: Iterable[int], fmt: str, shape, spacing_zyx
+                 ) -> list[tuple[str, Path, Path | None]]:
+    from volumefusion.io import write_image
+
+    written = []
+    for seed in seeds:
+        phantom = make_phantom(int(seed), shape, spacing_zyx)
+        geometry = _geometry(phantom)
+        name = f"phantom_{int(seed):04d}"
+        image_path = image_dir / f"{name}.{fmt}"
+        write_image(image_path, phantom.image, geometry)
+        label_path = None
+        if label_dir is not None:
+            label_path = label_dir / f"{name}.{fmt}"
+            write_image(label_path, phantom.label, geometry)
+        written.append((name, image_path, label_path))
+    return written
+
+
+def write_phantoms(
+    out_dir: str | Path,
+    seeds: Iterable[int],
+    with_labels: bool = False,
+    fmt: str = "nii.gz",
+    *,
+    shape: tuple[int, int, int] = (64, 160, 160),
+    spacing_zyx: tuple[float, float, float] = (2.5, 1.5, 1.5),
+) -> list[Path]:
+    """Write one phantom per seed as ``out_dir/images/phantom_<seed>.<fmt>`` (int16 HU).
+
+    With ``with_labels`` the label maps go to ``out_dir/labels/`` under the same names, so
+    ``out_dir/images`` holds only images and can be given to ``prepare`` as a folder.
+
+    Args:
+        fmt: any extension :func:`volumefusion.io.write_image` knows (``nii.gz``, ``nrrd``, ``mha``...).
+
+    Returns:
+        The image paths, in the order of ``seeds``.
+    """
+    out_dir = Path(out_dir)
+    label_dir = out_dir / "labels" if with_labels else None
+    cases = _write_cases(out_dir / "images", label_dir, seeds, fmt.lstrip("."), shape, spacing_zyx)
+    return [image for _, image, _ in cases]
+
+
+def write_msd_dataset(
+    out_dir: str | Path,
+    seeds: Iterable[int],
+    name: str = "Phantom",
+    *,
+    shape: tuple[int, int, int] = (64, 160, 160),
+    spacing_zyx: tuple[float, float, float] = (2.5, 1.5, 1.5),
+) -> Path:
+    """Write labelled phantoms as a Medical Segmentation Decathlon / nnU-Net raw dataset.
+
+    Layout: ``out_dir/dataset.json`` (``labels`` ``{"0": "background", ...}``, ``training`` entries
+    ``{"image": "./imagesTr/<case>.nii.gz", "label": "./labelsTr/<case>.nii.gz"}``), ``imagesTr/``,
+    ``labelsTr/``. Returns ``out_dir``.
+    """
+    from volumefusion.io import atomic_write_text
+
+    out_dir = Path(out_dir)
+    cases = _write_cases(out_dir / "imagesTr", out_dir / "labelsTr", seeds, "nii.gz", shape, spacing_zyx)
+    dataset = {
+        "name": name,
+        "description": "procedural CT phantoms (volumefusion.data.phantoms)",
+        "tensorImageSize": "3D",
+        "modality": {"0": "CT"},
+        "labels": {str(k): v for k, v in LABEL_NAMES.items()},
+        "numTraining": len(cases),
+        "numTest": 0,
+        "training": [{"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"}
+                     for case, _, _ in cases],
+        "test": [],
+    }
+    atomic_write_text(out_dir / "dataset.json", json.dumps(dataset, indent=1) + "\n")
+    return out_dir
