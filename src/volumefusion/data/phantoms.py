@@ -283,7 +283,7 @@ def _paint_body(cv: _Canvas, rng, t: _Torso) -> None:
     # Table: a carbon-fibre plate (bright bottom skin) under a foam layer.
     top = t.centre_y + t.back + u(0.03, 0.06)
     plate = (y > top) & (y < top + 0.04) & (np.abs(x) < 0.95)
-    cv.paint(sl, np.broadcast_to(plate, cv.image.shape), np.where(y > top + 0.03, 200.0, -500.0))
+    cv.paint(sl, np.broadcast_to(plate, cv.image.shape), np.where(y > top + 0.03, 200.0, -850.0))
 
 
 def _paint_muscles(cv: _Canvas, rng, t: _Torso) -> None:
