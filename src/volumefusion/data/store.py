@@ -224,6 +224,8 @@ def write_case(
     store_path = Path(store_path)
     record_file = record_path(store_path, case_id)
     record_file.unlink(missing_ok=True)
+    for leftover in record_file.parent.glob(f".{case_id}.json.*"):
+        leftover.unlink(missing_ok=True)  # a killed writer's temporary record
     folder = case_dir(store_path, case_id)
     if folder.exists():
         shutil.rmtree(folder)

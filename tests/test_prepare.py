@@ -1,0 +1,379 @@
+"""prepare: per-case preprocessing and its inverse, and the robust batch run into a store."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from volumefusion import VolumeFusionError
+from volumefusion.cli import main as cli_main
+from volumefusion.data.prepare import (
+    PrepareSettings,
+    body_box,
+    prepare,
+    prepared_geometry,
+    preprocess_case,
+    restore_to_original,
+)
+from volumefusion.data.samples import chest_ct, chest_ct_label_names
+from volumefusion.data.store import Store
+from volumefusion.io import Geometry, read_image, write_image
+
+SHAPE = (12, 40, 48)
+GEOMETRY = Geometry(SHAPE, (2.5, 0.8, 0.8), (30.0, -12.5, 100.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1))
+
+
+def ct_case(seed: int, shape=SHAPE) -> tuple[np.ndarray, np.ndarray]:
+    """int16 HU with an elliptic body, a separate table under it, and a 2-class label inside the body."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.indices(shape)
+    cy, cx = shape[1] * 0.42 + rng.uniform(-1, 1), shape[2] / 2 + rng.uniform(-2, 2)
+    body = ((y - cy) / (shape[1] * 0.32)) ** 2 + ((x - cx) / (shape[2] * 0.4)) ** 2 < 1
+    image = np.where(body, 40.0, -1000.0) + rng.normal(0, 10, shape)
+    image[:, -3:, 4:-4] = 300  # the table: bright, but not connected to the body
+    label = np.zeros(shape, np.uint8)
+    label[((z - shape[0] / 2) / 3) ** 2 + ((y - cy) / 5) ** 2 + ((x - cx) / 6) ** 2 < 1] = 1
+    label[2:5, int(cy) - 2:int(cy) + 2, int(cx) + 6:int(cx) + 10] = 2
+    return image.astype(np.int16), label
+
+
+def write_cases(folder, seeds, fmt="nii.gz", label_folder=None):
+    paths = []
+    for seed in seeds:
+        image, label = ct_case(seed)
+        path = folder / f"case{seed}.{fmt}"
+        write_image(path, image, GEOMETRY)
+        if label_folder is not None:
+            write_image(label_folder / f"case{seed}.{fmt}", label, GEOMETRY)
+        paths.append(path)
+    return paths
+
+
+def snapshot(store_path) -> dict:
+    """Everything a store holds per case: record and array contents."""
+    store = Store.open(store_path)
+    out = {}
+    for record in store.cases:
+        label = store.label(record.id)
+        out[record.id] = (record.to_dict(), store.image(record.id).read(),
+                          None if label is None else label.read())
+    return out
+
+
+def assert_same_store(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for case_id in a:
+        assert a[case_id][0] == b[case_id][0]
+        np.testing.assert_array_equal(a[case_id][1], b[case_id][1])
+        np.testing.assert_array_equal(a[case_id][2], b[case_id][2])
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+# ----------------------------------------------------------------------------------------- per case
+
+
+@pytest.fixture(scope="module")
+def chest():
+    image_path, label_path = chest_ct()
+    image, geometry = read_image(image_path)
+    label, _ = read_image(label_path)
+    return image, geometry, label, image_path
+
+
+@pytest.mark.parametrize("code", ["LPS", "RAI", "SLP"])
+def test_reorientation_matches_sitk_dicom_orient(chest, code):
+    image, geometry, _, path = chest
+    prepared = preprocess_case(image, geometry, PrepareSettings(orientation=code, crop_to_body=False))
+    reference = sitk.DICOMOrient(sitk.ReadImage(str(path)), code)
+    np.testing.assert_array_equal(prepared.image, sitk.GetArrayFromImage(reference))
+    expected = Geometry.from_sitk(reference)
+    got = prepared_geometry(prepared.restore)
+    assert got.shape_zyx == expected.shape_zyx and got.spacing_zyx == expected.spacing_zyx
+    np.testing.assert_allclose(got.origin, expected.origin, atol=1e-9)
+    np.testing.assert_array_equal(got.direction, expected.direction)
+
+
+def test_prepared_case_types_and_canonical_orientation(chest):
+    image, geometry, label, _ = chest
+    prepared = preprocess_case(image, geometry, PrepareSettings(), label)
+    assert prepared.image.dtype == np.int16 and prepared.label.dtype == np.uint8
+    assert prepared.label.shape == prepared.image.shape
+    assert prepared_geometry(prepared.restore).direction == pytest.approx((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    json.dumps(prepared.restore)  # recorded in the store as JSON
+
+
+def test_body_box_is_the_largest_component_and_excludes_the_table():
+    image, _ = ct_case(0)
+    box = body_box(image, -600)
+    body = image[:, :-3] > -600
+    ys, xs = np.nonzero(body.any(axis=0))
+    assert box == ((0, SHAPE[0]), (ys.min(), ys.max() + 1), (xs.min(), xs.max() + 1))
+    assert body_box(np.full(SHAPE, -1000, np.int16), -600) == ((0, 12), (0, 40), (0, 48))
+
+
+def test_crop_to_body_and_restore_give_back_the_original_labels_exactly(chest):
+    image, geometry, label, _ = chest
+    prepared = preprocess_case(image, geometry, PrepareSettings(), label)
+    assert prepared.image.size < image.size  # cropped to the body
+    np.testing.assert_array_equal(restore_to_original(prepared.label, prepared.restore), label)
+    restored_image = restore_to_original(prepared.image, prepared.restore, fill=-1024)
+    crop = restore_to_original(np.ones_like(prepared.label), prepared.restore).astype(bool)
+    np.testing.assert_array_equal(restored_image[crop], image[crop])
+
+
+def test_crop_grows_to_keep_labelled_voxels_outside_the_body():
+    image, label = ct_case(1)
+    label[0, 0, 0] = 2  # in the air corner, outside the body box
+    prepared = preprocess_case(image, GEOMETRY, PrepareSettings(), label)
+    np.testing.assert_array_equal(restore_to_original(prepared.label, prepared.restore), label)
+    assert prepared.body_box != tuple((0, s) for s in prepared.image.shape)  # the body box stays tight
+
+
+def test_restore_maps_probability_maps_channel_by_channel():
+    image, label = ct_case(2)
+    prepared = preprocess_case(image, GEOMETRY, PrepareSettings(spacing_zyx=(5.0, 1.6, 1.6)), label)
+    probabilities = np.stack([(prepared.label == k).astype(np.float32) for k in range(3)])
+    restored = restore_to_original(probabilities, prepared.restore, order=1)
+    assert restored.shape == (3,) + SHAPE and restored.dtype == np.float32
+    np.testing.assert_allclose(restored[1], restore_to_original(probabilities[1], prepared.restore, order=1))
+
+
+def test_resampling_changes_spacing_and_restores_onto_the_original_grid(chest):
+    image, geometry, label, _ = chest
+    settings = PrepareSettings(spacing_zyx=(5.0, 4.0, 4.0))
+    prepared = preprocess_case(image, geometry, settings, label)
+    assert prepared.spacing_zyx == (5.0, 4.0, 4.0)
+    assert prepared_geometry(prepared.restore).spacing_zyx == (5.0, 4.0, 4.0)
+    restored = restore_to_original(prepared.label, prepared.restore)
+    assert restored.shape == label.shape
+    for k in (5, 6, 7):  # lungs and soft tissue: large structures survive 3 mm -> 4 mm and back
+        assert dice(restored == k, label == k) > 0.85
+
+
+def test_prepared_geometry_puts_each_voxel_where_it_was(chest):
+    image, geometry, _, _ = chest
+    prepared = preprocess_case(image, geometry, PrepareSettings())
+    moved = sitk.GetImageFromArray(prepared.image)
+    prepared_geometry(prepared.restore).apply_to(moved)
+    reference = sitk.Image(list(reversed(geometry.shape_zyx)), sitk.sitkInt16)
+    geometry.apply_to(reference)
+    resampled = sitk.Resample(moved, reference, sitk.Transform(), sitk.sitkNearestNeighbor, -5000)
+    back = sitk.GetArrayFromImage(resampled)
+    inside = back != -5000
+    assert inside.sum() == prepared.image.size
+    np.testing.assert_array_equal(back[inside], image[inside])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.full(SHAPE, 300, np.int16), "0..255"),
+    (np.full(SHAPE, 0.5, np.float32), "non-integer"),
+])
+def test_bad_label_values_are_errors(bad, message):
+    with pytest.raises(VolumeFusionError, match=message):
+        preprocess_case(ct_case(0)[0], GEOMETRY, PrepareSettings(), bad)
+
+
+def test_settings_validate_and_round_trip():
+    settings = PrepareSettings(spacing_zyx=(2, 1, 1), crop_to_body=False, orientation="ras")
+    assert settings.orientation == "RAS" and settings.spacing_zyx == (2.0, 1.0, 1.0)
+    assert PrepareSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
+    with pytest.raises(VolumeFusionError, match="orientation"):
+        PrepareSettings(orientation="LLS")
+    with pytest.raises(VolumeFusionError, match="spacing"):
+        PrepareSettings(spacing_zyx=(1, 0, 1))
+
+
+# ----------------------------------------------------------------------------------------- batch
+
+
+def test_prepare_is_idempotent(tmp_path):
+    write_cases(tmp_path / "in", [1, 2, 3])
+    first = prepare([str(tmp_path / "in")], tmp_path / "store")
+    assert first.ok and sorted(first.prepared) == ["case1", "case2", "case3"]
+    before = snapshot(tmp_path / "store")
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "store").rglob("*")}
+    second = prepare([str(tmp_path / "in")], tmp_path / "store")
+    assert second.ok and second.prepared == [] and sorted(second.skipped) == ["case1", "case2", "case3"]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "store").rglob("*")} == stamps
+    assert_same_store(before, snapshot(tmp_path / "store"))
+    assert all(Store.open(tmp_path / "store").verify(c) for c in before)
+
+
+def test_prepare_resumes_after_a_kill(tmp_path):
+    write_cases(tmp_path / "in", [1, 2, 3])
+    store = tmp_path / "store"
+    prepare([str(tmp_path / "in")], store)
+    before = snapshot(store)
+    # what a kill leaves behind: arrays of case2 without its record, temporary files of a half write
+    (store / "cases" / "case2.json").unlink()
+    (store / "arrays" / "case2" / ".image.b2nd.k1ll3d.tmp.b2nd").write_bytes(b"partial")
+    (store / "cases" / ".case2.json.k1ll3d.tmp.json").write_text('{"id": "ca')
+    (store / "arrays" / "case3" / "image.b2nd").write_bytes(b"stale garbage")  # no record
+    (store / "cases" / "case3.json").unlink()
+    assert [c.id for c in Store.open(store).cases] == ["case1"]
+    summary = prepare([str(tmp_path / "in")], store)
+    assert summary.ok and sorted(summary.prepared) == ["case2", "case3"] and summary.skipped == ["case1"]
+    assert sorted(p.name for p in (store / "arrays" / "case2").iterdir()) == ["image.b2nd"]
+    assert not list((store / "cases").glob(".*"))
+    assert_same_store(before, snapshot(store))
+
+
+def test_two_shards_give_the_same_store_as_one_run(tmp_path):
+    write_cases(tmp_path / "in", range(8))  # ids that hash to both shards
+    whole = prepare([str(tmp_path / "in")], tmp_path / "one")
+    parts = [prepare([str(tmp_path / "in")], tmp_path / "sharded", shard=(i, 2), workers=2 if i == 0 else 1)
+             for i in range(2)]
+    assert all(p.ok for p in parts) and whole.ok
+    assert not set(parts[0].prepared) & set(parts[1].prepared)
+    assert sorted(parts[0].prepared + parts[1].prepared) == sorted(whole.prepared)
+    assert all(p.prepared for p in parts)  # both shards did some of the work
+    assert_same_store(snapshot(tmp_path / "one"), snapshot(tmp_path / "sharded"))
+
+
+def test_each_bad_input_is_reported_while_good_cases_land(tmp_path):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    write_cases(images, [1, 2], label_folder=labels)
+    good = ct_case(3)[0]
+    corrupt = images / "corrupt.nii.gz"
+    corrupt.write_bytes(b"\x00garbage" * 50)
+    write_image(images / "truncated.nii.gz", good, GEOMETRY)
+    data = (images / "truncated.nii.gz").read_bytes()
+    (images / "truncated.nii.gz").write_bytes(data[: len(data) // 2])
+    sitk.WriteImage(sitk.GetImageFromArray(good[0]), str(images / "flat.nrrd"))
+    four_d = sitk.GetImageFromArray(np.stack([good, good]), isVector=False)
+    sitk.WriteImage(four_d, str(images / "fourd.nii.gz"))
+    nan = good.astype(np.float32)
+    nan[1, 2, 3] = np.nan
+    write_image(images / "nan.mha", nan, GEOMETRY)
+    write_image(images / "shifted.nii.gz", good, GEOMETRY)  # its label sits on another grid
+    write_image(labels / "shifted.nii.gz", ct_case(3)[1],
+                Geometry(SHAPE, (2.5, 0.8, 0.8), (31.0, -12.5, 100.0), GEOMETRY.direction))
+    write_image(images / "case1.nrrd", good, GEOMETRY)  # same id as case1.nii.gz
+    for name in ("corrupt", "truncated", "flat", "fourd", "nan", "case1"):
+        write_image(labels / f"{name}.nii.gz", ct_case(3)[1], GEOMETRY)
+    (tmp_path / "empty").mkdir()
+
+    summary = prepare([str(images), str(tmp_path / "empty")], tmp_path / "store", label_dir=labels)
+    assert not summary.ok
+    assert summary.prepared == ["case2"]
+    reasons = "\n".join(reason for _, reason in summary.failed)
+    for expected in [r"corrupt\.nii\.gz: cannot read image", r"truncated\.nii\.gz: truncated",
+                     r"flat\.nrrd: 2D image", r"fourd\.nii\.gz: 4D image with 2 volumes.*--channel",
+                     r"nan\.mha: 1 voxels are NaN", r"shifted\.nii\.gz: label grid .* does not match",
+                     r"case1\.nii\.gz: duplicate case id 'case1'", r"case1\.nrrd: duplicate case id 'case1'",
+                     r"empty: folder holds no NIfTI"]:
+        assert len(re.findall(expected, reasons)) == 1, expected
+    assert len(summary.failed) == 9 and summary.total == 10
+    assert [c.id for c in Store.open(tmp_path / "store").cases] == ["case2"]
+    assert "FAILED" in summary.format() and "9 failed" in summary.format()
+
+
+def test_files_sharing_a_name_in_different_folders_get_distinct_ids(tmp_path):
+    for patient in ("p1", "p2"):
+        write_image(tmp_path / "in" / patient / "ct.nii.gz", ct_case(int(patient[1]))[0], GEOMETRY)
+    summary = prepare([str(tmp_path / "in")], tmp_path / "store")
+    assert summary.ok and sorted(summary.prepared) == ["p1_ct", "p2_ct"]
+
+
+def test_a_case_id_already_stored_from_another_file_is_a_duplicate(tmp_path):
+    write_cases(tmp_path / "a", [1])
+    write_cases(tmp_path / "b", [1])
+    assert prepare([str(tmp_path / "a")], tmp_path / "store").ok
+    summary = prepare([str(tmp_path / "b" / "case1.nii.gz")], tmp_path / "store")
+    assert not summary.ok and "already holds it from" in summary.failed[0][1]
+
+
+def test_unwritable_output_folder_is_an_error(tmp_path):
+    write_cases(tmp_path / "in", [1])
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(VolumeFusionError, match="output folder is not writable"):
+        prepare([str(tmp_path / "in")], tmp_path / "file" / "store")
+
+
+def test_msd_dataset_with_the_real_chest_ct_keeps_labels_and_names(tmp_path):
+    image_path, label_path = chest_ct()
+    dataset = tmp_path / "Task01_Chest"
+    write_image(dataset / "imagesTr" / "odd.nii.gz", ct_case(1)[0], GEOMETRY)
+    odd_label = ct_case(1)[1]
+    odd_label[odd_label == 2] = 9  # 9 is not declared in dataset.json
+    write_image(dataset / "labelsTr" / "odd.nii.gz", odd_label, GEOMETRY)
+    names = chest_ct_label_names()
+    (dataset / "dataset.json").write_text(json.dumps({
+        "name": "chest", "labels": {str(k): v for k, v in names.items()},
+        "training": [{"image": str(image_path), "label": str(label_path)},
+                     {"image": "./imagesTr/odd.nii.gz", "label": "./labelsTr/odd.nii.gz"}],
+    }))
+    summary = prepare([str(dataset)], tmp_path / "store")
+    assert summary.prepared == ["CTChest4"]
+    assert len(summary.failed) == 1
+    assert "odd.nii.gz: label values [9] are not in dataset.json labels" in summary.failed[0][1]
+    store = Store.open(tmp_path / "store")
+    assert store.label_names == names
+    record = store.case("CTChest4")
+    assert record.label_classes == [1, 2, 3, 4, 5, 6, 7] and record.label_source == str(label_path)
+    label, _ = read_image(label_path)
+    np.testing.assert_array_equal(restore_to_original(store.label("CTChest4").read(), record.restore), label)
+
+
+def test_nnunet_v2_dataset_uses_channel_files_and_name_to_value_labels(tmp_path):
+    dataset = tmp_path / "Dataset002_Demo"
+    for seed in (1, 2):
+        image, label = ct_case(seed)
+        write_image(dataset / "imagesTr" / f"demo_{seed:03d}_0000.nii.gz", image, GEOMETRY)
+        write_image(dataset / "imagesTr" / f"demo_{seed:03d}_0001.nii.gz", image + 5, GEOMETRY)
+        write_image(dataset / "labelsTr" / f"demo_{seed:03d}.nii.gz", label, GEOMETRY)
+    meta = {"channel_names": {"0": "CT", "1": "CT2"}, "labels": {"background": 0, "a": 1, "b": 2},
+            "numTraining": 2, "file_ending": ".nii.gz"}
+    (dataset / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(VolumeFusionError, match="2 channels.*--channel"):
+        prepare([str(dataset)], tmp_path / "store")
+    summary = prepare([str(dataset)], tmp_path / "store", channel=1)
+    assert summary.ok and summary.prepared == ["demo_001", "demo_002"]
+    store = Store.open(tmp_path / "store")
+    assert store.label_names == {0: "background", 1: "a", 2: "b"}
+    source, _ = read_image(dataset / "imagesTr" / "demo_001_0001.nii.gz")
+    record = store.case("demo_001")
+    restored = restore_to_original(store.image("demo_001").read(), record.restore)
+    crop = restore_to_original(np.ones(record.shape, np.uint8), record.restore)
+    np.testing.assert_array_equal(restored[crop > 0], source[crop > 0])
+
+
+def test_label_dir_matches_nnunet_channel_names_and_reports_missing_labels(tmp_path):
+    image, label = ct_case(1)
+    write_image(tmp_path / "img" / "liver_7_0000.nii.gz", image, GEOMETRY)
+    write_image(tmp_path / "img" / "liver_8_0000.nii.gz", image, GEOMETRY)
+    write_image(tmp_path / "lab" / "liver_7.nii.gz", label, GEOMETRY)
+    summary = prepare([str(tmp_path / "img")], tmp_path / "store", label_dir=tmp_path / "lab",
+                      label_names={0: "background", 1: "x", 2: "y"})
+    assert summary.prepared == ["liver_7_0000"]
+    assert "no label file for case 'liver_8_0000'" in summary.failed[0][1]
+    assert Store.open(tmp_path / "store").label_names == {0: "background", 1: "x", 2: "y"}
+
+
+def test_cli_exit_status_says_whether_anything_failed(tmp_path, capsys):
+    write_cases(tmp_path / "in", [1])
+    assert cli_main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "store"), "--no-crop"]) == 0
+    assert "1 prepared" in capsys.readouterr().out
+    (tmp_path / "in" / "bad.nii.gz").write_bytes(gzip.compress(b"nonsense"))
+    assert cli_main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "store"), "--no-crop"]) == 1
+    out = capsys.readouterr().out
+    assert "1 already done" in out and "FAILED" in out and "bad.nii.gz" in out
+    assert Store.open(tmp_path / "store").settings["crop_to_body"] is False
+    other_settings = ["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "store")]
+    assert cli_main(other_settings) == 2
+
+
+def test_cli_help_explains_inputs_resume_and_sharding(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["prepare", "--help"])
+    text = capsys.readouterr().out
+    for phrase in ("dataset.json", "--shard", "SLURM_ARRAY_TASK_ID", "re-run", "::SERIES_UID", "--spacing"):
+        assert phrase in text
