@@ -41,7 +41,7 @@ NOTES_MARK = "<!-- notes -->"
 class Target:
     """A figure's goal from the issues: ``figure[field] op threshold`` for matching figures.
 
-    A figure matches when its module is ``benchmark``, its name fully matches the regex ``name``,
+    A figure matches when its module and its name fully match the regexes ``benchmark`` and ``name``,
     its device is ``device`` (any when None) and its params contain every item of ``params``.
     """
 
@@ -55,7 +55,8 @@ class Target:
     params: dict = field(default_factory=dict)
 
     def matches(self, row: dict) -> bool:
-        return (row["benchmark"] == self.benchmark and re.fullmatch(self.name, row["name"]) is not None
+        return (re.fullmatch(self.benchmark, row["benchmark"]) is not None
+                and re.fullmatch(self.name, row["name"]) is not None
                 and (self.device is None or row["device"] == self.device)
                 and all(row["params"].get(k) == v for k, v in self.params.items()))
 
@@ -74,7 +75,7 @@ TARGETS: tuple[Target, ...] = (
            {"batch": 16}),
     Target("fusion", r"grid_pipeline.*per_core.*", "cpu", "ratio", ">=", 10,
            "≥ 10× the reference's 0.34 s/sample per core (#3)"),
-    Target("loader", r".*per_worker.*", None, "value", ">=", 50, "≥ 50 crops/s per worker (#4)"),
+    Target("store|loader", r".*per_worker.*", None, "value", ">=", 50, "≥ 50 crops/s per worker (#4)"),
     Target("loader", r".*training.*", None, "ratio", ">=", 1.5, "≥ 1.5× what training consumes (#4)"),
     Target("network", r".*samples_per_s", "cuda", "value", ">=", 70, "≥ 70 samples/s on an H200 (#9)",
            {"crop": [64, 128, 128]}),
@@ -152,6 +153,24 @@ def _module_order(name: str) -> int:
     return MODULES.index(name) if name in MODULES else len(MODULES)
 
 
+def _split_settings(rows: list[dict]) -> tuple[dict, list[dict]]:
+    """Settings (device + params) shared by every row, and each row's remaining settings."""
+    settings = [{"device": r["device"], **r["params"]} for r in rows]
+    common = {k: v for k, v in settings[0].items() if all(k in s and s[k] == v for s in settings)}
+    return common, [{k: v for k, v in s.items() if k not in common} for s in settings]
+
+
+def _verdict(row: dict, goals: list[Target], tiny: bool) -> str:
+    if not goals:
+        return "—"
+    if tiny:
+        return "tiny"
+    verdicts = [goal.met(row) for goal in goals]
+    if None in verdicts:
+        return "n/a"
+    return "yes" if all(verdicts) else "no"
+
+
 def machine_section(title: str, documents: list[tuple[Path, dict]]) -> str:
     """One machine's table: per module, the rows of the newest file that has figures of it."""
     newest: dict[str, tuple[Path, dict]] = {}
@@ -166,24 +185,23 @@ def machine_section(title: str, documents: list[tuple[Path, dict]]) -> str:
                      f"{document['date']}, commit {_commit(document)}.{tiny} {machine_line(document)}")
     lines += ["", "| benchmark | figure | settings | ours | unit | baseline | ratio | target | met | date "
                   "| commit |", "| --- | --- | --- | ---: | --- | --- | ---: | --- | --- | --- | --- |"]
+    shared = []
     for module in sorted(newest, key=_module_order):
         _, document = newest[module]
-        for row in (r for r in document["results"] if r["benchmark"] == module):
+        rows = [r for r in document["results"] if r["benchmark"] == module]
+        common, own = _split_settings(rows)
+        shared.append(f"- {module}: {_settings(common)}")
+        for row, settings in zip(rows, own):
             baseline = "—" if row["baseline"] is None else f"{fmt(row['baseline'])} ({row['baseline_name']})"
             ratio = "—" if row["ratio"] is None else f"{fmt(row['ratio'])}×"
             goals = targets_for(row)
-            verdicts = [t.met(row) for t in goals]
-            if not goals:
-                met = "—"
-            elif document.get("tiny"):
-                met = "tiny"
-            else:
-                met = "yes" if all(verdicts) else "no"
             lines.append(
-                f"| {module} | {row['name']} | {_settings({'device': row['device'], **row['params']})} | "
-                f"{fmt(row['value'])} | {row['unit']} | {baseline} | {ratio} | "
-                f"{'; '.join(t.text for t in goals) or '—'} | {met} | {document['date'][:10]} | "
+                f"| {module} | {row['name']} | {_settings(settings) or '—'} | {fmt(row['value'])} | "
+                f"{row['unit']} | {baseline} | {ratio} | {'; '.join(t.text for t in goals) or '—'} | "
+                f"{_verdict(row, goals, document.get('tiny', False))} | {document['date'][:10]} | "
                 f"{_commit(document)} |")
+    if shared:
+        lines += ["", "Settings shared by all figures of a benchmark:", *shared]
     failures = []
     for path, document in documents:
         for error in document["errors"]:
@@ -191,9 +209,9 @@ def machine_section(title: str, documents: list[tuple[Path, dict]]) -> str:
             if module not in newest or document["date"] >= newest[module][1]["date"]:
                 first_line = error["error"].splitlines()[0] if error["error"] else ""
                 failures.append(f"- {module} ({path.name}, {document['date'][:10]}): {first_line}")
-    missing = [m for m in MODULES if m not in newest]
     if failures:
         lines += ["", "Failures (newer than or in the run that gave the rows above):", *failures]
+    missing = [m for m in MODULES if m not in newest]
     if missing:
         lines += ["", f"Not measured on this machine: {', '.join(missing)}."]
     return "\n".join(lines)

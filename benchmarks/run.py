@@ -49,8 +49,9 @@ RESULT_KEYS: dict[str, tuple[type, ...]] = {
     "params": (dict,),
 }
 
-# Modules round their figures; a ratio within this relative tolerance of value/baseline counts as equal.
+# Modules round their figures (often to 3 decimals): a ratio this close to value/baseline counts as equal.
 RATIO_REL_TOL = 1e-2
+RATIO_ABS_TOL = 1e-3
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +94,8 @@ def check_result(result: object) -> list[str]:
     ratio = result["ratio"]
     if expected is None and ratio is not None:
         problems.append(f"'ratio' is {ratio} but there is no usable baseline; it must be None")
-    elif expected is not None and (ratio is None or not math.isclose(ratio, expected, rel_tol=RATIO_REL_TOL)):
+    elif expected is not None and (ratio is None or not math.isclose(ratio, expected, rel_tol=RATIO_REL_TOL,
+                                                                     abs_tol=RATIO_ABS_TOL)):
         formula = "value/baseline" if result["higher_is_better"] else "baseline/value"
         problems.append(f"'ratio' is {ratio} but {formula} = {expected:.6g} (higher_is_better="
                         f"{result['higher_is_better']})")
