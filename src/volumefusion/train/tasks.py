@@ -16,7 +16,7 @@ from torch import nn
 from volumefusion.config import Config
 from volumefusion.data.sampling import PretrainLoader, SegmentationLoader
 from volumefusion.data.store import Store
-from volumefusion.fusion import make_fused_batch
+from volumefusion.fusion import make_fused_batch, source_shape
 from volumefusion.preprocess import normalise_hu
 from volumefusion.train.losses import DeepSupervisionLoss, dice_per_class
 
@@ -49,7 +49,9 @@ class PretrainTask:
 
     def _loader(self, start_step: int, rank: int, world_size: int, seed: int, workers: int) -> PretrainLoader:
         c = self.cfg
-        return PretrainLoader(self.store, c.data.crop_size, c.run.batch_size, seed=seed, rank=rank,
+        # grid mode reads larger crops from which the random resized views are taken
+        crop = source_shape(c.data.crop_size, c.fusion)
+        return PretrainLoader(self.store, crop, c.run.batch_size, seed=seed, rank=rank,
                               world_size=world_size, workers=workers, start_step=start_step,
                               pad_value=c.data.pad_value, same_case=c.fusion.mode == "grid")
 
@@ -60,7 +62,8 @@ class PretrainTask:
         window = self.cfg.data.hu_window
         background = normalise_hu(batch["background"].to(device, non_blocking=True), window)
         foreground = normalise_hu(batch["foreground"].to(device, non_blocking=True), window)
-        return make_fused_batch(background, foreground, self.cfg.fusion, generator)
+        out_shape = self.cfg.data.crop_size if self.cfg.fusion.mode == "grid" else None
+        return make_fused_batch(background, foreground, self.cfg.fusion, generator, out_shape=out_shape)
 
     def _validation_set(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A fixed set of fused crops (own seed stream), built once and kept on the CPU."""
