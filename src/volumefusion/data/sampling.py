@@ -180,6 +180,7 @@ class _Loader:
     def __iter__(self) -> Iterator[dict]:
         loader = DataLoader(
             _Steps(self, self.start_step), batch_size=None, num_workers=self.workers,
+            generator=torch.Generator(),  # keep the global RNG (dropout) untouched by loader creation
             pin_memory=self.pin_memory, prefetch_factor=self.prefetch if self.workers else None,
         )
         return iter(loader)
