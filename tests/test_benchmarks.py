@@ -154,9 +154,13 @@ def _write(path: Path, document: dict) -> Path:
 def test_report_has_a_table_per_machine_with_values_baselines_targets_and_notes(tmp_path):
     cpu = _write(tmp_path / "cpu.json", _document("2026-11-20T10:00:00+00:00", [
         _row("fusion", "boxes_samples_per_s", 1234.5, batch=16),
+        _row("loader", "pretrain_loader_crops_per_s", 30.0, workers=1),
+        _row("loader", "pretrain_loader_crops_per_s", 90.0, workers=4),
+        _row("network", "pctnet_paper_train_fp32_samples_per_s", 30.0),
         _row("engine", "engine_overhead_pct", 3.25)]))
     gpu = _write(tmp_path / "h200.json", _document("2026-11-21T10:00:00+00:00", [
-        _row("fusion", "boxes_samples_per_s", 4321.0, device="cuda", batch=16)], gpu="NVIDIA H200",
+        _row("fusion", "boxes_samples_per_s", 4321.0, device="cuda", batch=16),
+        _row("network", "pctnet_paper_train_bf16_samples_per_s", 75.0, device="cuda")], gpu="NVIDIA H200",
         errors=[{"benchmark": "predict", "error": "OutOfMemoryError: CUDA out of memory"}], commit="def5678"))
     notes = tmp_path / "notes.md"
     notes.write_text("Fusion misses its GPU target by 14 %: *rasterisation* is the bottleneck.\n")
@@ -171,6 +175,12 @@ def test_report_has_a_table_per_machine_with_values_baselines_targets_and_notes(
     assert "≥ 5000 samples/s" in fusion_gpu and "| no |" in fusion_gpu and "2026-11-21" in fusion_gpu
     overhead = next(line for line in cpu_part.splitlines() if "engine_overhead_pct" in line)
     assert "< 5 %" in overhead and "| yes |" in overhead
+    network = next(line for line in gpu_part.splitlines() if "pctnet_paper_train_bf16" in line)
+    assert "≥ 70 samples/s" in network and "| yes |" in network
+    # the loader's 4 workers supply 90 / 2 samples/s against a 30 samples/s training step: 1.5x
+    supply = next(line for line in cpu_part.splitlines() if "vs_training" in line)
+    assert "| 45.0 |" in supply and "1.50×" in supply and "| yes |" in supply and "workers=4" in supply
+    assert "vs_training" not in gpu_part  # no loader figures there
     assert "OutOfMemoryError" in gpu_part
     assert notes.read_text().strip() in page.split("## Notes")[1]
     assert report.RESULTS_MARK not in page and report.NOTES_MARK not in page
