@@ -12,14 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import report
+from benchmarks.run import MODULES, RESULT_KEYS, check_result, main, run_benchmarks
+
 ROOT = Path(__file__).resolve().parents[1]
-# benchmarks/ is a folder of the repository, not part of the installed package.
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import report  # noqa: E402
-from benchmarks.run import MODULES, RESULT_KEYS, check_result, main, run_benchmarks  # noqa: E402
-
 PRESENT = [m for m in MODULES if (ROOT / "benchmarks" / f"{m}.py").is_file()]
 
 
