@@ -283,6 +283,21 @@ def test_files_sharing_a_name_in_different_folders_get_distinct_ids(tmp_path):
     assert summary.ok and sorted(summary.prepared) == ["p1_ct", "p2_ct"]
 
 
+def test_adding_labels_later_redoes_only_those_cases(tmp_path):
+    write_cases(tmp_path / "in", [1, 2], label_folder=tmp_path / "all_labels")
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "all_labels" / "case1.nii.gz").rename(tmp_path / "labels" / "case1.nii.gz")
+    first = prepare([str(tmp_path / "in")], tmp_path / "store")
+    assert first.ok and Store.open(tmp_path / "store").label("case1") is None
+    second = prepare([str(tmp_path / "in" / "case1.nii.gz")], tmp_path / "store",
+                     label_dir=tmp_path / "labels")
+    assert second.prepared == ["case1"]
+    record = Store.open(tmp_path / "store").case("case1")
+    assert record.label_classes == [1, 2]
+    np.testing.assert_array_equal(restore_to_original(Store.open(tmp_path / "store").label("case1").read(),
+                                                      record.restore), ct_case(1)[1])
+
+
 def test_a_case_id_already_stored_from_another_file_is_a_duplicate(tmp_path):
     write_cases(tmp_path / "a", [1])
     write_cases(tmp_path / "b", [1])

@@ -178,13 +178,15 @@ def _resample(array: np.ndarray, source: Geometry, target: Geometry, order: int,
     """Resample ``array`` (z, y, x) from grid ``source`` onto grid ``target`` (order 0 nearest, 1 linear)."""
     import SimpleITK as sitk
 
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    # SimpleITK has no bool or float16 pixels: compute in uint8 / float32, return the input dtype
+    work = {np.dtype(np.bool_): np.uint8, np.dtype(np.float16): np.float32}.get(array.dtype, array.dtype)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=work))
     source.apply_to(image)
     reference = sitk.Image(list(reversed(target.shape_zyx)), image.GetPixelID())
     target.apply_to(reference)
     interpolator = sitk.sitkNearestNeighbor if order == 0 else sitk.sitkLinear
     out = sitk.Resample(image, reference, sitk.Transform(), interpolator, float(fill), image.GetPixelID())
-    return sitk.GetArrayFromImage(out)
+    return sitk.GetArrayFromImage(out).astype(array.dtype, copy=False)
 
 
 # ---------------------------------------------------------------------------------------- body box
@@ -651,10 +653,13 @@ def prepare(
     todo = []
     for task in mine:
         record = read_record(out, task.case_id)
+        label_source = None if task.label is None else _absolute(task.label)
         if record is None:
             todo.append(task)
-        elif record.source == _absolute(task.image):
+        elif record.source == _absolute(task.image) and record.label_source == label_source:
             summary.skipped.append(task.case_id)
+        elif record.source == _absolute(task.image):
+            todo.append(task)  # same image, but its label was added or changed since
         else:
             summary.failed.append((task.image, f"{task.image}: duplicate case id {task.case_id!r}: the store "
                                                f"already holds it from {record.source}; rename the file, or "
