@@ -75,33 +75,44 @@ def draw_view_params(n: int, source: tuple[int, int, int], out: tuple[int, int, 
     return ViewParams(start, size, flip, percentiles, gamma)
 
 
+def _window_positions(params: ViewParams, axis: int, steps: int) -> torch.Tensor:
+    """``(N, steps)`` float64 source coordinates sampled along ``axis``: output voxel ``k`` takes window
+    position ``clamp((k + 0.5) * size / steps - 0.5, 0, size - 1)`` (``F.interpolate`` with
+    ``align_corners=False``), mirrored where flipped."""
+    size = params.size[:, axis, None].double()
+    at = ((torch.arange(steps, dtype=torch.float64) + 0.5) * size / steps - 0.5).clamp(min=0)
+    at = torch.minimum(at, size - 1) + params.start[:, axis, None]
+    return torch.where(params.flip[:, axis, None], at.flip(1), at)
+
+
 def _resize_windows_cpu(x: torch.Tensor, params: ViewParams, out: tuple[int, int, int]) -> torch.Tensor:
-    """Per-sample trilinear resize of each window, then its flips: on a CPU this is 3-6x faster than
-    one batched ``grid_sample``. Same mapping as :func:`_resize_windows_sampled`."""
-    result = x.new_empty((x.shape[0], x.shape[1], *out))
+    """Per sample: bilinear resize of each plane of the window in (y, x), then linear interpolation
+    between planes along z (z flips folded into the plane order). On a CPU this is ~1.5x faster than
+    trilinear ``F.interpolate`` and several times faster than ``grid_sample``."""
+    n, c = x.shape[:2]
+    result = x.new_empty((n, c, *out))
+    lower, upper = x.new_empty((2, c, *out)).unbind(0)  # scratch planes, reused for every sample
+    z_at = _window_positions(params, 0, out[0]) - params.start[:, :1]
     for i, ((z, y, w), (d, h, v), flip) in enumerate(zip(params.start.tolist(), params.size.tolist(),
                                                          params.flip.tolist())):
-        window = x[i:i + 1, :, z:z + d, y:y + h, w:w + v]
-        resized = F.interpolate(window, size=out, mode="trilinear", align_corners=False)
-        dims = [2 + axis for axis in range(3) if flip[axis]]
-        result[i] = (resized.flip(dims) if dims else resized)[0]
+        planes = F.interpolate(x[i, :, z:z + d, y:y + h, w:w + v], size=out[1:], mode="bilinear",
+                               align_corners=False)
+        dims = [1 + axis for axis in (1, 2) if flip[axis]]
+        if dims:
+            planes = planes.flip(dims)
+        first = z_at[i].floor().long()
+        torch.index_select(planes, 1, first, out=lower)
+        torch.index_select(planes, 1, (first + 1).clamp(max=d - 1), out=upper)
+        weight = (z_at[i] - first).to(x.dtype).view(1, -1, 1, 1)
+        torch.lerp(lower, upper, weight, out=result[i])
     return result
 
 
 def _resize_windows_sampled(x: torch.Tensor, params: ViewParams, out: tuple[int, int, int]) -> torch.Tensor:
-    """One batched ``grid_sample`` of all windows, flips folded into the sampling grid.
-
-    Output voxel ``k`` of an axis samples the window at ``clamp((k + 0.5) * size / out - 0.5, 0,
-    size - 1)``, which is ``F.interpolate(..., align_corners=False)`` on the window.
-    """
-    coords = []
-    for axis in range(3):
-        length, steps = x.shape[2 + axis], out[axis]
-        size = params.size[:, axis, None].double()
-        at = ((torch.arange(steps, dtype=torch.float64) + 0.5) * size / steps - 0.5).clamp(min=0)
-        at = torch.minimum(at, size - 1) + params.start[:, axis, None]
-        at = torch.where(params.flip[:, axis, None], at.flip(1), at)
-        coords.append((at * 2 / max(length - 1, 1) - 1).to(x.device, torch.float32))
+    """One batched ``grid_sample`` of all windows, flips folded into the sampling grid; the same
+    mapping as :func:`_resize_windows_cpu` (see :func:`_window_positions`)."""
+    coords = [(_window_positions(params, axis, out[axis]) * 2 / max(x.shape[2 + axis] - 1, 1) - 1)
+              .to(x.device, torch.float32) for axis in range(3)]
     gz, gy, gx = coords
     n, (d, h, w) = x.shape[0], out
     grid = torch.stack([gx[:, None, None, :].expand(n, d, h, w), gy[:, None, :, None].expand(n, d, h, w),
@@ -136,13 +147,13 @@ def contrast_gamma_(x: torch.Tensor, params: ViewParams, invert: torch.Tensor) -
     """In place: stretch ``[p_low, p_high]`` percentiles of each sample to [0, 1] (clipping outside),
     raise to ``gamma``, invert (``1 - v``) where ``invert`` (``(N,)`` bool), and map to [-1, 1]."""
     low, high = percentiles(x, params.percentiles[:, 0], params.percentiles[:, 1])
-    scale = 1 / (high - low).clamp(min=1e-6)
-    low, scale = low.view(-1, *[1] * (x.dim() - 1)), scale.view(-1, *[1] * (x.dim() - 1))
-    x.sub_(low).mul_(scale).clamp_(0, 1)
+    shape = (-1, *[1] * (x.dim() - 1))
+    scale = (1 / (high - low).clamp(min=1e-6)).view(shape)
+    torch.addcmul(-low.view(shape) * scale, x, scale, out=x).clamp_(0, 1)  # (x - low) * scale
     # v ** gamma as exp(gamma * log v): about 3x cheaper than pow on CPUs; log 0 = -inf gives 0.
     x.log_().mul_(_per_sample(params.gamma, x)).exp_()
     sign = _per_sample(torch.where(invert, -2.0, 2.0), x)
-    return x.mul_(sign).sub_(sign / 2)
+    return torch.addcmul(-sign / 2, x, sign, out=x)
 
 
 def fusion_views(background: torch.Tensor, foreground: torch.Tensor, generator: torch.Generator,
