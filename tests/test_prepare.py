@@ -267,7 +267,8 @@ def test_each_bad_input_is_reported_while_good_cases_land(tmp_path):
     reasons = "\n".join(reason for _, reason in summary.failed)
     for expected in [r"corrupt\.nii\.gz: cannot read image", r"truncated\.nii\.gz: truncated",
                      r"flat\.nrrd: 2D image", r"fourd\.nii\.gz: 4D image with 2 volumes.*--channel",
-                     r"nan\.mha: 1 voxels are NaN", r"shifted\.nii\.gz: label grid .* does not match",
+                     r"nan\.mha: 1 voxels are NaN",
+                     r"shifted\.nii\.gz: label grid does not match .*: origin \(31, -12\.5, 100\) vs",
                      r"case1\.nii\.gz: duplicate case id 'case1'", r"case1\.nrrd: duplicate case id 'case1'",
                      r"empty: folder holds no NIfTI"]:
         assert len(re.findall(expected, reasons)) == 1, expected

@@ -520,12 +520,22 @@ def collect_cases(
     return _unique_ids(tasks, failures), label_names, failures
 
 
-def _same_grid(a: Geometry, b: Geometry) -> bool:
-    tolerance = 1e-2 * min(a.spacing_zyx)  # mm; headers store float32, so demand closeness, not equality
-    return (a.shape_zyx == b.shape_zyx
-            and np.allclose(a.spacing_zyx, b.spacing_zyx, rtol=1e-4, atol=0)
-            and np.allclose(a.origin, b.origin, rtol=0, atol=tolerance)
-            and np.allclose(a.direction, b.direction, rtol=0, atol=1e-4))
+def _grid_difference(image: Geometry, label: Geometry) -> str | None:
+    """How the label grid differs from the image grid, or None if they match (to header precision)."""
+    def text(values):
+        return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+    tolerance = 1e-2 * min(image.spacing_zyx)  # mm; headers may store float32: demand closeness only
+    checks = [
+        ("shape", image.shape_zyx == label.shape_zyx),
+        ("spacing_zyx", np.allclose(image.spacing_zyx, label.spacing_zyx, rtol=1e-4, atol=0)),
+        ("origin", np.allclose(image.origin, label.origin, rtol=0, atol=tolerance)),
+        ("direction", np.allclose(image.direction, label.direction, rtol=0, atol=1e-4)),
+    ]
+    for name, same in checks:
+        if not same:
+            return f"{name} {text(getattr(label, name))} vs the image's {text(getattr(image, name))}"
+    return None
 
 
 def prepare_case(task: CaseTask, store: str | Path, settings: PrepareSettings) -> None:
@@ -534,9 +544,10 @@ def prepare_case(task: CaseTask, store: str | Path, settings: PrepareSettings) -
     label = None
     if task.label is not None:
         label, label_geometry = read_image(task.label)
-        if not _same_grid(geometry, label_geometry):
+        difference = _grid_difference(geometry, label_geometry)
+        if difference:
             raise VolumeFusionError(
-                f"{task.label}: label grid {label_geometry} does not match image {task.image} grid {geometry}"
+                f"{task.label}: label grid does not match image {task.image}: {difference}"
             )
         if task.allowed_labels is not None:
             extra = sorted(set(np.unique(label).tolist()) - set(task.allowed_labels))
