@@ -14,7 +14,9 @@
 #   BENCHMARKS.md    the report rendered from gpu.json alone, for a first look
 #   status.txt       one line per step: name, exit status, seconds (124 = timed out); then "overall"
 # --tiny: tiny benchmark sizes, on the GPU when there is one, else on the CPU (to try the script
-# anywhere). --only: run a subset of the benchmarks.
+# anywhere). --only: run these benchmarks, in this order. The default order puts the GPU figures
+# first (fusion, network, predict, engine), then the CPU-bound loader and store, so that a run cut
+# short by its time limit loses the least relevant ones.
 # Environment: PYTHON (default: python, else python3), TESTS_TIMEOUT (140 s), BENCH_TIMEOUT (280 s),
 # VF_COMMIT (the commit to record where the copy has no git metadata).
 # Exit status: 0 when every step succeeded (nvidia-smi is not required with --tiny), else 1.
@@ -31,7 +33,7 @@ case $1 in -*) usage ;; esac
 OUT_DIR=$1
 shift
 TINY=0
-ONLY=()
+ONLY=(--only fusion,network,predict,engine,loader,store)
 while [ $# -gt 0 ]; do
     case $1 in
         --tiny) TINY=1 ;;

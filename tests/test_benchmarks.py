@@ -228,3 +228,9 @@ def test_gpu_check_tiny_writes_json_status_and_report(tmp_path):
     assert [m["benchmark"] for m in document["modules"]] == [module]
     assert (tmp_path / "bench.log").read_text().count('"machine"') == 1
     assert (tmp_path / "gpu_tests.log").is_file() and "Benchmarks" in (tmp_path / "BENCHMARKS.md").read_text()
+
+
+def test_gpu_check_runs_every_benchmark_by_default():
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    default = next(line for line in script.splitlines() if line.startswith("ONLY=(--only "))
+    assert sorted(default.removeprefix("ONLY=(--only ").rstrip(")").split(",")) == sorted(MODULES)
