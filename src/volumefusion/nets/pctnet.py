@@ -23,6 +23,7 @@ the chosen resolution mode are built.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -85,7 +86,8 @@ class ConvBlock(nn.Module):
 class DownSample(PreActConv):
     """Max-pooling by 2 (in-plane only when ``pool_planar``), then a pre-activation convolution."""
 
-    def __init__(self, in_channels: int, out_channels: int, pool_planar: bool = False, conv_planar: bool = False):
+    def __init__(self, in_channels: int, out_channels: int, pool_planar: bool = False,
+                 conv_planar: bool = False):
         kernel, padding = _kernel(conv_planar)
         super().__init__(in_channels, out_channels, kernel, padding)
         self.scale = _scale(pool_planar)
@@ -116,13 +118,8 @@ class UpCat(nn.Module):
 # shifted-window attention
 
 
-def relative_position_index(window: int, kind: str = "exact") -> torch.Tensor:
-    """(T, T) int64 row of the bias table for each (query, key) pair of a window of T = window^3 tokens.
-
-    Tokens are ordered (z, y, x) inside a window. ``exact`` gives each of the (2w-1)^3 offsets its own
-    row. ``reference`` reproduces MIS-FM, whose strides (3w-1, 2w-1, 1) make offsets share rows
-    (291 of 1331 rows are used for w = 6); weights trained with it must run with it.
-    """
+@functools.lru_cache(maxsize=16)
+def _relative_position_index(window: int, kind: str) -> torch.Tensor:
     if kind not in REL_POS_KINDS:
         raise ValueError(f"relative-position index {kind!r}: choose one of {REL_POS_KINDS}")
     axis = torch.arange(window)
@@ -130,10 +127,21 @@ def relative_position_index(window: int, kind: str = "exact") -> torch.Tensor:
     offsets = coords[:, :, None] - coords[:, None, :] + (window - 1)  # (3, T, T), each in [0, 2w-2]
     side = 2 * window - 1
     strides = (side * side, side, 1) if kind == "exact" else (3 * window - 1, side, 1)
-    return sum(s * o for s, o in zip(strides, offsets))
+    return torch.einsum("k,kij->ij", torch.tensor(strides), offsets)
 
 
-def shift_mask(padded: Sequence[int], window: int, shift: int, device: torch.device | None = None) -> torch.Tensor:
+def relative_position_index(window: int, kind: str = "exact") -> torch.Tensor:
+    """(T, T) int64 row of the bias table for each (query, key) pair of a window of T = window^3 tokens.
+
+    Tokens are ordered (z, y, x) inside a window. ``exact`` gives each of the (2w-1)^3 offsets its own
+    row. ``reference`` reproduces MIS-FM, whose strides (3w-1, 2w-1, 1) make offsets share rows
+    (291 of 1331 rows are used for w = 6); weights trained with it must run with it.
+    """
+    return _relative_position_index(window, kind).clone()
+
+
+def shift_mask(padded: Sequence[int], window: int, shift: int,
+               device: torch.device | None = None) -> torch.Tensor:
     """(num_windows, T, T) float32 additive mask of a cyclically shifted window partition.
 
     ``padded``: feature shape (D, H, W), multiples of ``window``. After rolling by ``-shift``, each axis
@@ -180,7 +188,8 @@ class WindowAttention(nn.Module):
     one it is (1, num_windows * heads, T, T) over N samples, so it is never copied per sample.
     """
 
-    def __init__(self, dim: int, num_heads: int, window: int, dropout: float = 0.0, rel_pos_index: str = "exact"):
+    def __init__(self, dim: int, num_heads: int, window: int, dropout: float = 0.0,
+                 rel_pos_index: str = "exact"):
         super().__init__()
         self.num_heads = num_heads
         self.window = window
@@ -197,14 +206,15 @@ class WindowAttention(nn.Module):
         """Which formula the current index buffer follows: ``exact``, ``reference`` or ``custom``."""
         index = self.relative_position_index
         for kind in REL_POS_KINDS:
-            if torch.equal(index.cpu(), relative_position_index(self.window, kind)):
+            if torch.equal(index.cpu(), _relative_position_index(self.window, kind)):
                 return kind
         return "custom"
 
     def bias(self) -> torch.Tensor:
         """(heads, T, T) relative-position bias, float32."""
         t = self.window**3
-        return self.relative_position_bias_table[self.relative_position_index.view(-1)].view(t, t, -1).permute(2, 0, 1)
+        table = self.relative_position_bias_table
+        return table[self.relative_position_index.view(-1)].view(t, t, -1).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
         n, nw, t, c = x.shape
@@ -353,7 +363,8 @@ class PCTBlock(nn.Module):
 class Stem(nn.Module):
     """Input -> (x0 full, x1 1/2, x2 1/4 resolution); level i is in-plane when ``planar[i]``."""
 
-    def __init__(self, in_channels: int, channels: Sequence[int], planar: Sequence[bool], dropout: Sequence[float]):
+    def __init__(self, in_channels: int, channels: Sequence[int], planar: Sequence[bool],
+                 dropout: Sequence[float]):
         super().__init__()
         f0, f1, f2 = channels
         kernel, padding = _kernel(planar[0])
@@ -379,8 +390,8 @@ class Pyramid(nn.Module):
         f2, f3, f4 = channels
 
         def pct(level: int, dim: int) -> PCTBlock:
-            return PCTBlock(dim, depths[level], num_heads[level], windows[level], shifted[level], dropout[level],
-                            drop_path, rel_pos_index)
+            return PCTBlock(dim, depths[level], num_heads[level], windows[level], shifted[level],
+                            dropout[level], drop_path, rel_pos_index)
 
         self.e2 = pct(0, f2)
         self.down3 = DownSample(f2, f3)
@@ -406,7 +417,8 @@ class Pyramid(nn.Module):
 class Head(nn.Module):
     """(x0, x1, d2) -> decoder features at full and 1/2 resolution, and their output convolutions."""
 
-    def __init__(self, channels: Sequence[int], planar: Sequence[bool], dropout: Sequence[float], num_classes: int):
+    def __init__(self, channels: Sequence[int], planar: Sequence[bool], dropout: Sequence[float],
+                 num_classes: int):
         super().__init__()
         f0, f1, f2 = channels
         self.up2 = UpCat(f1, f2, up_planar=planar[1], conv_planar=planar[1])
@@ -416,7 +428,8 @@ class Head(nn.Module):
         self.out_conv0 = PreActConv(f0, num_classes)
         self.out_conv1 = PreActConv(f1, num_classes)
 
-    def forward(self, x0: torch.Tensor, x1: torch.Tensor, d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x0: torch.Tensor, x1: torch.Tensor,
+                d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d1 = self.conv1(self.up2(x1, d2))
         return self.conv0(self.up1(x0, d1)), d1
 
@@ -467,7 +480,8 @@ class PCTNet(nn.Module):
                  shifted_windows: bool | Sequence[bool] = True):
         super().__init__()
         if len(feature_channels) != 5 or len(dropout) != 5:
-            raise ValueError(f"feature_channels {list(feature_channels)} and dropout {list(dropout)} need 5 values")
+            raise ValueError(f"feature_channels {list(feature_channels)} and dropout {list(dropout)} "
+                             "need 5 values")
         if resolution_mode not in (0, 1, 2):
             raise ValueError(f"resolution_mode {resolution_mode}: choose 0, 1 or 2")
         if rel_pos_index not in REL_POS_KINDS:

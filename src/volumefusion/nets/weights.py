@@ -28,7 +28,7 @@ from torch import nn
 
 from volumefusion import VolumeFusionError
 from volumefusion.log import get_logger
-from volumefusion.nets.pctnet import REL_POS_KINDS, relative_position_index
+from volumefusion.nets.pctnet import REL_POS_KINDS, WindowAttention, relative_position_index
 from volumefusion.train.checkpoint import clean_state_dict, load_checkpoint
 
 log = get_logger(__name__)
@@ -83,7 +83,8 @@ class LoadReport:
     def format(self) -> str:
         """A short human-readable summary, grouped by module, for the command line."""
         total = len(self.loaded) + len(self.adapted)
-        kind = {"misfm": "MIS-FM checkpoint", "volumefusion": "volumefusion checkpoint"}.get(self.layout, "state dict")
+        kind = {"misfm": "MIS-FM checkpoint", "volumefusion": "volumefusion checkpoint"}.get(self.layout,
+                                                                                              "state dict")
         lines = [f"loaded {total} of {total + len(self.shape_skipped) + len(self.missing)} model tensors "
                  f"from {self.source} ({kind})"]
         if self.rel_pos_index:
@@ -199,10 +200,21 @@ def load_pretrained(model: nn.Module, source: str | Path | dict, strict_encoder:
         if bad:
             raise VolumeFusionError(f"{name}: {len(bad)} encoder tensors could not be loaded "
                                     f"({_summary(bad, by_module=True)})")
+    _check_indices(model, name)
     if hasattr(model, "rel_pos_index"):
         report.rel_pos_index = model.rel_pos_index
     log.info("%s", report.format())
     return report
+
+
+def _check_indices(model: nn.Module, name: str) -> None:
+    """Loaded relative-position indices must address rows of their bias tables."""
+    for module_name, module in model.named_modules():
+        if isinstance(module, WindowAttention):
+            index, rows = module.relative_position_index, module.relative_position_bias_table.shape[0]
+            if index.min() < 0 or index.max() >= rows:
+                raise VolumeFusionError(f"{name}: {module_name}.relative_position_index points outside its "
+                                        f"bias table ({rows} rows); the checkpoint is corrupt")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,7 +264,8 @@ def model_config_from_misfm(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         side = round(table[0] ** (1 / 3))
         windows.append((side + 1) // 2)
         index = state[prefix + "0.attn.relative_position_index"]
-        kinds.update(k for k in REL_POS_KINDS if torch.equal(index.cpu(), relative_position_index(windows[-1], k)))
+        kinds.update(k for k in REL_POS_KINDS
+                     if torch.equal(index.cpu(), relative_position_index(windows[-1], k)))
     if len(set(windows)) != 1:
         raise VolumeFusionError(
             f"MIS-FM model with different windows per level {windows} (trained at a small input size): "
@@ -271,6 +284,6 @@ def model_config_from_misfm(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         "num_heads": heads,
         "window_size": windows[0],
         "resolution_mode": mode,
-        "rel_pos_index": "reference" if "reference" in kinds else "exact",
+        "rel_pos_index": "exact" if kinds == {"exact"} else "reference",
         "deep_supervision": True,
     }

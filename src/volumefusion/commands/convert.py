@@ -1,0 +1,70 @@
+"""``volumefusion convert``: turn an official MIS-FM PCT-Net checkpoint into a volumefusion checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "convert", help="turn a MIS-FM PCT-Net checkpoint into a volumefusion checkpoint",
+        description="Read a MIS-FM / PyMIC PCT-Net checkpoint ({'model_state_dict': ...}), infer its "
+                    "architecture, map its weights onto volumefusion's PCT-Net (checking every used tensor "
+                    "fits) and write a self-describing checkpoint that finetune --pretrained and predict "
+                    "accept. The reference relative-position index is kept, so outputs are unchanged.\n\n"
+                    "example: volumefusion convert pctnet_ct10k_volf.pt --out pctnet_volf.pt "
+                    "--safetensors pctnet_volf.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", metavar="MISFM_CKPT", help="MIS-FM PCT-Net checkpoint (.pt)")
+    p.add_argument("--out", required=True, metavar="OURS.pt", help="volumefusion checkpoint to write")
+    p.add_argument("--safetensors", metavar="OUT.safetensors", help="also export the weights as safetensors")
+    p.add_argument("--resolution-mode", type=int, choices=(0, 1, 2), default=None,
+                   help="resolution mode the weights were trained with, when it cannot be read from them "
+                        "(default: inferred; the paper's 1 if unknown)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import json
+
+    from volumefusion import VolumeFusionError, config
+    from volumefusion.io import atomic_path
+    from volumefusion.nets import build_model
+    from volumefusion.nets.weights import load_pretrained, misfm_num_classes, model_config_from_misfm
+    from volumefusion.train.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    state = ckpt.get("model_state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise VolumeFusionError(f"{args.checkpoint}: not a MIS-FM/PyMIC checkpoint (no 'model_state_dict'); "
+                                "volumefusion checkpoints need no conversion")
+    model_cfg = model_config_from_misfm(state)
+    if args.resolution_mode is not None:
+        model_cfg["resolution_mode"] = args.resolution_mode
+    cfg = config.load(base={"model": model_cfg})
+    num_classes = misfm_num_classes(state)
+    model = build_model(cfg.model, num_classes)
+    report = load_pretrained(model, ckpt)
+    print(report.format())
+    if report.missing or report.shape_skipped or report.adapted:
+        bad = len(report.missing) + len(report.shape_skipped)
+        raise VolumeFusionError(f"{args.checkpoint}: {bad} tensors of the inferred architecture are "
+                                "missing or mis-shaped; not converted")
+    cfg.model.rel_pos_index = report.rel_pos_index
+    weights = model.state_dict()
+    save_checkpoint(args.out, {
+        "model": weights,
+        "config": cfg.to_dict(),
+        "task": {"kind": "pretrain", "num_classes": num_classes, "label_names": None, "preprocessing": {}},
+        "step": int(ckpt.get("iteration", 0)),
+    })
+    print(f"wrote {args.out}")
+    if args.safetensors:
+        from safetensors.torch import save_file
+
+        metadata = {"config": json.dumps(cfg.to_dict()), "num_classes": str(num_classes)}
+        with atomic_path(args.safetensors) as tmp:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata=metadata)
+        print(f"wrote {args.safetensors}")
+    return 0
