@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import warnings
 
 import numpy as np
@@ -165,3 +167,119 @@ def test_summary_gives_mean_std_median_per_class_and_metric():
     assert s["a"]["dice"]["std"] == pytest.approx(np.std([0.5, 0.7, 0.9]))
     assert s["a"]["hd95"]["median"] == 3.0
     assert s["a"]["nsd"]["n"] == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# volumefusion evaluate
+
+
+def _write_labels(folder, case, array, spacing=SPACING, origin=(0.0, 0.0, 0.0)):
+    from volumefusion.io import Geometry, write_image
+
+    write_image(folder / f"{case}.nii.gz", array.astype(np.uint8), Geometry(array.shape, spacing, origin))
+
+
+def _evaluate(*args) -> int:
+    from volumefusion.cli import main
+
+    return main(["-q", "evaluate", *map(str, args)])
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """Three cases: one predicted perfectly, one with class 2 shifted, one with class 3 missed."""
+    rng = np.random.default_rng(5)
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    for i in range(3):
+        ref = _label_map(rng, (12, 20, 16))
+        out = ref.copy()
+        if i == 1:
+            out[out == 2] = 0
+            out[np.roll(ref == 2, 1, axis=0)] = 2
+        if i == 2:
+            out[out == 3] = 0
+        _write_labels(gt, f"case{i}", ref)
+        _write_labels(pred, f"case{i}", out)
+    (tmp_path / "dataset.json").write_text('{"labels": {"0": "background", "1": "a", "2": "b", "3": "c"}}')
+    return tmp_path
+
+
+def _read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_evaluate_writes_a_row_per_case_and_class_a_summary_and_box_plots(folders):
+    out = folders / "results" / "metrics.csv"
+    assert _evaluate("--pred", folders / "pred", "--gt", folders / "gt", "--labels", folders / "dataset.json",
+                     "--tolerance", "2", "--out", out) == 0
+    rows = _read_csv(out)
+    assert [(r["case"], r["label"]) for r in rows] == [(f"case{i}", n) for i in range(3) for n in "abc"]
+    by = {(r["case"], r["label"]): r for r in rows}
+    assert all(float(by["case0", n]["dice"]) == 1.0 and float(by["case0", n]["hd95"]) == 0.0 for n in "abc")
+    assert float(by["case1", "b"]["dice"]) < 1.0 and float(by["case1", "b"]["hd95"]) > 0
+    assert float(by["case2", "c"]["dice"]) == 0.0 and int(by["case2", "c"]["pred_voxels"]) == 0
+
+    summary = json.loads(out.with_suffix(".json").read_text())
+    dice_a = [float(by[f"case{i}", "a"]["dice"]) for i in range(3)]
+    assert summary["cases"] == 3 and summary["nsd_tolerance_mm"] == 2.0
+    assert summary["per_class"]["a"]["dice"]["mean"] == pytest.approx(np.mean(dice_a))
+    assert summary["per_class"]["c"]["hd95"]["median"] == pytest.approx(
+        np.median([float(by[f"case{i}", "c"]["hd95"]) for i in range(3)]))
+    for metric in ("dice", "hd95", "assd", "nsd"):
+        png = out.with_name(f"metrics_{metric}.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_of_the_chest_ct_label_map_against_itself_is_perfect(tmp_path):
+    from volumefusion.data.samples import chest_ct, chest_ct_label_names
+    from volumefusion.io import read_image, write_image
+
+    labels, geometry = read_image(chest_ct()[1])
+    for folder in ("pred", "gt"):
+        write_image(tmp_path / folder / "chest.nii.gz", labels, geometry)
+    names = {k: v for k, v in chest_ct_label_names().items() if k}
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {str(k): v for k, v in names.items()}}))
+    assert _evaluate("--pred", tmp_path / "pred", "--gt", tmp_path / "gt", "--labels",
+                     tmp_path / "dataset.json", "--out", tmp_path / "m.csv") == 0
+    rows = _read_csv(tmp_path / "m.csv")
+    assert sorted(r["label"] for r in rows) == sorted(names.values())
+    assert all(float(r["dice"]) == 1.0 and float(r["hd95"]) == 0.0 and int(r["ref_voxels"]) > 0 for r in rows)
+
+
+def test_without_labels_every_class_found_is_scored_in_every_case(folders):
+    out = folders / "m.csv"
+    (folders / "gt" / "case0.nii.gz").unlink()
+    (folders / "pred" / "case0.nii.gz").unlink()
+    ref = np.zeros((6, 8, 8), dtype=np.uint8)
+    ref[1:4, 2:5, 2:5] = 9  # class 9 exists only in this case
+    _write_labels(folders / "gt", "extra", ref)
+    _write_labels(folders / "pred", "extra", ref)
+    assert _evaluate("--pred", folders / "pred", "--gt", folders / "gt", "--out", out, "--workers", "2") == 0
+    rows = _read_csv(out)
+    assert sorted({r["label"] for r in rows}) == ["1", "2", "3", "9"]
+    assert len(rows) == 3 * 4
+    absent = next(r for r in rows if r["case"] == "case1" and r["label"] == "9")
+    assert float(absent["dice"]) == 1.0 and int(absent["ref_voxels"]) == 0
+
+
+def test_a_missing_prediction_is_an_error_naming_the_case(folders, capsys):
+    (folders / "pred" / "case1.nii.gz").unlink()
+    assert _evaluate("--pred", folders / "pred", "--gt", folders / "gt") == 2
+    assert "case1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change", ["spacing", "origin", "shape"])
+def test_a_prediction_on_another_grid_is_an_error_naming_the_case(folders, capsys, change):
+    ref = _label_map(np.random.default_rng(0), (12, 20, 16))
+    if change == "spacing":
+        _write_labels(folders / "pred", "case2", ref, spacing=(2.5, 0.8, 0.9))
+    elif change == "origin":
+        _write_labels(folders / "pred", "case2", ref, origin=(0.0, 5.0, 0.0))
+    else:
+        _write_labels(folders / "pred", "case2", ref[:, :, :-1])
+    assert _evaluate("--pred", folders / "pred", "--gt", folders / "gt") == 2
+    err = capsys.readouterr().err
+    assert "case case2" in err and change in err

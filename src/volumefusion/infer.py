@@ -27,7 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from volumefusion import VolumeFusionError
+from volumefusion.log import get_logger
 from volumefusion.log import progress as progress_bar
+
+log = get_logger(__name__)
 
 Emit = Callable[[int, torch.Tensor], None]
 
@@ -167,7 +170,8 @@ def _check_patch(model: nn.Module, patch_size: Sequence[int]) -> tuple[int, int,
 
 def _sliding_window(model: nn.Module, image: torch.Tensor, patch_size: Sequence[int], num_classes: int,
                     emit: Emit, *, overlap: float, window_batch: int, device: str | torch.device | None,
-                    precision: str, tta: bool | Sequence[int], progress: bool, pad_value: float) -> None:
+                    precision: str, tta: bool | Sequence[int], progress: bool | str,
+                    pad_value: float) -> None:
     """Run the windows in z order and call ``emit(z0, probs)`` for consecutive finished z-slabs.
 
     ``probs``: (num_classes, dz, H, W) float32 on the compute device, normalised probabilities of
@@ -223,7 +227,9 @@ def _sliding_window(model: nn.Module, image: torch.Tensor, patch_size: Sequence[
         done = upto
 
     with _eval_mode(model), torch.inference_mode():
-        for batch in progress_bar(batches, desc="windows", unit="batch", leave=False, disable=not progress):
+        bar = progress_bar(batches, desc=progress if isinstance(progress, str) else "windows", unit="batch",
+                           leave=False, disable=not progress)
+        for batch in bar:
             if batch[0][0] > done:
                 finish(batch[0][0])
             crops = torch.stack([image[0, :, z:z + pz, y:y + py, x:x + px] for z, y, x in batch])
@@ -238,7 +244,7 @@ def sliding_window_inference(model: nn.Module, image: torch.Tensor, patch_size: 
                              num_classes: int, *, overlap: float = 0.5, window_batch: int = 4,
                              device: str | torch.device | None = None, precision: str = "auto",
                              tta: bool | Sequence[int] = False, out_device: str | torch.device = "cpu",
-                             out_dtype: torch.dtype = torch.float32, progress: bool = False,
+                             out_dtype: torch.dtype = torch.float32, progress: bool | str = False,
                              pad_value: float = -1.0) -> torch.Tensor:
     """Class probabilities of a whole volume by Gaussian-weighted sliding windows.
 
@@ -250,7 +256,8 @@ def sliding_window_inference(model: nn.Module, image: torch.Tensor, patch_size: 
     ``pad_value`` (-1 = air after :func:`~volumefusion.preprocess.normalise_hu`). ``overlap``: share
     of a window overlapping its neighbour, in [0, 1). ``window_batch``: windows per forward pass.
     ``precision``: "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32". ``tta``: mirror
-    test-time augmentation, see :func:`flip_sets`.
+    test-time augmentation, see :func:`flip_sets`. ``progress``: show a progress bar over the window
+    batches (a string labels it).
 
     Returns (num_classes, D, H, W) softmax probabilities (``out_dtype``, on ``out_device``).
     The full output costs ``num_classes x D x H x W`` values; for large volumes where only labels
@@ -271,7 +278,7 @@ def sliding_window_segmentation(model: nn.Module, image: torch.Tensor, patch_siz
                                 num_classes: int, *, probabilities: bool = False, overlap: float = 0.5,
                                 window_batch: int = 4, device: str | torch.device | None = None,
                                 precision: str = "auto", tta: bool | Sequence[int] = False,
-                                progress: bool = False, pad_value: float = -1.0
+                                progress: bool | str = False, pad_value: float = -1.0
                                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Label map (argmax) of a whole volume, computed slab by slab to keep memory small.
 
@@ -294,3 +301,124 @@ def sliding_window_segmentation(model: nn.Module, image: torch.Tensor, patch_siz
     _sliding_window(model, image, patch_size, num_classes, emit, overlap=overlap, window_batch=window_batch,
                     device=device, precision=precision, tta=tta, progress=progress, pad_value=pad_value)
     return labels, probs_out
+
+
+# --------------------------------------------------------------------------------------------------
+# whole images: checkpoint -> preprocessing -> sliding window -> original grid
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` (first CUDA device when there is one, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise VolumeFusionError(f"device {device!r}: choose auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VolumeFusionError(f"device {device!r}: no CUDA device is available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise VolumeFusionError(
+            f"device {device!r}: only {torch.cuda.device_count()} CUDA devices are visible"
+        )
+    return dev
+
+
+class Predictor:
+    """A trained segmentation network with the preprocessing it was trained with.
+
+    Build it with :meth:`from_checkpoint`; :meth:`predict` maps an image as read by
+    :func:`volumefusion.io.read_image` to a label map on the same grid.
+    """
+
+    def __init__(self, model: nn.Module, cfg, task: dict, device: torch.device, *,
+                 patch_size: Sequence[int] | None = None, overlap: float | None = None,
+                 window_batch: int | None = None, tta: bool | Sequence[int] = False,
+                 precision: str | None = None):
+        from volumefusion.data.prepare import PrepareSettings
+
+        self.model = model.to(device).eval()
+        self.cfg = cfg
+        self.device = device
+        self.num_classes = int(task["num_classes"])
+        names = task.get("label_names") or {}
+        self.label_names = {int(k): str(v) for k, v in names.items()} or {
+            k: str(k) for k in range(self.num_classes)
+        }
+        self.settings = PrepareSettings.from_dict(task.get("preprocessing") or {})
+        self.patch_size = tuple(int(p) for p in (patch_size or cfg.data.crop_size))
+        self.overlap = cfg.finetune.overlap if overlap is None else overlap
+        self.window_batch = cfg.finetune.window_batch if window_batch is None else window_batch
+        self.tta = tta
+        self.precision = precision or cfg.run.precision
+        _check_patch(self.model, self.patch_size)
+        flip_sets(tta)
+
+    @classmethod
+    def from_checkpoint(cls, path, device: str | torch.device = "auto", **options) -> Predictor:
+        """Load a volumefusion checkpoint (model, config, task); ``options`` as in the constructor."""
+        from volumefusion.config import from_dict
+        from volumefusion.nets import build_model
+        from volumefusion.train.checkpoint import clean_state_dict, load_checkpoint
+
+        ckpt = load_checkpoint(path)
+        missing = [k for k in ("model", "config", "task") if k not in ckpt]
+        if missing:
+            raise VolumeFusionError(
+                f"{path}: not a volumefusion checkpoint (no {', '.join(missing)}); predict needs a model "
+                "trained with `volumefusion finetune` (fine-tune an official MIS-FM checkpoint first)"
+            )
+        task = ckpt["task"]
+        if task.get("kind") == "pretrain":
+            log.warning("%s is a pretraining checkpoint: its classes are Volume Fusion "
+                                         "mixing levels, not anatomy", path)
+        cfg = from_dict(ckpt["config"])
+        if cfg.model.in_channels != 1:
+            raise VolumeFusionError(f"{path}: the model takes {cfg.model.in_channels} input channels; "
+                                    "predict handles single-channel CT")
+        model = build_model(cfg.model, int(task["num_classes"]))
+        try:
+            model.load_state_dict(clean_state_dict(ckpt["model"]))
+        except RuntimeError as exc:
+            raise VolumeFusionError(f"{path}: weights do not fit the network in its config: "
+                                    f"{str(exc).splitlines()[0][:300]}") from None
+        return cls(model, cfg, task, resolve_device(device), **options)
+
+    def predict(self, image, geometry, *, probabilities: bool = False, progress: bool | str = False):
+        """Segment one CT image.
+
+        ``image``: (z, y, x) HU, any numeric dtype; ``geometry``: its
+        :class:`~volumefusion.io.Geometry`. The image goes through the checkpoint's
+        :func:`~volumefusion.data.prepare.preprocess_case` and ``normalise_hu``, is segmented in
+        prepared space and mapped back with ``restore_to_original``. Returns ``(labels, probs)`` as
+        numpy arrays on the original grid: ``labels`` (z, y, x) uint8 class indices; ``probs``
+        (num_classes, z, y, x) uint8 with probability = value / 255 when ``probabilities``, else None.
+        """
+        import numpy as np
+
+        from volumefusion.data.prepare import preprocess_case, restore_to_original
+        from volumefusion.preprocess import normalise_hu
+
+        prepared = preprocess_case(image, geometry, self.settings)
+        restore = prepared.restore
+        window = self.cfg.data.hu_window
+        x = normalise_hu(torch.from_numpy(prepared.image), window)[None, None]
+        del prepared  # the int16 copy is no longer needed; large CTs need the memory
+        pad_value = float(normalise_hu(torch.tensor(self.cfg.data.pad_value), window))
+        labels, probs = sliding_window_segmentation(
+            self.model, x, self.patch_size, self.num_classes, probabilities=probabilities,
+            overlap=self.overlap, window_batch=self.window_batch, device=self.device,
+            precision=self.precision, tta=self.tta, progress=progress, pad_value=pad_value,
+        )
+        del x
+        labels = restore_to_original(labels.numpy(), restore, order=0, fill=0)
+        if probs is None:
+            return labels, None
+        # One class at a time keeps the float copy small. Outside the body crop everything is
+        # background: probability 1 for class 0, 0 for the others.
+        restored = np.stack([
+            restore_to_original(probs[k].float().mul_(255).round_().to(torch.uint8).numpy(), restore,
+                                order=1, fill=255 if k == 0 else 0)
+            for k in range(self.num_classes)
+        ])
+        return labels, restored

@@ -39,6 +39,8 @@ import numpy as np
 from scipy import ndimage
 
 METRICS = ("dice", "hd95", "assd", "nsd")
+BOTH_EMPTY = {"dice": 1.0, "hd95": 0.0, "assd": 0.0, "nsd": 1.0}
+"""The metrics of a class absent from both prediction and reference."""
 
 _CROSS = ndimage.generate_binary_structure(3, 1)
 
@@ -101,7 +103,7 @@ def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[floa
     n_pred, n_ref = int(pred.sum()), int(ref.sum())
     counts = {"ref_voxels": float(n_ref), "pred_voxels": float(n_pred)}
     if n_pred == 0 and n_ref == 0:
-        return {"dice": 1.0, "hd95": 0.0, "assd": 0.0, "nsd": 1.0, **counts}
+        return {**BOTH_EMPTY, **counts}
     if n_pred == 0 or n_ref == 0:
         if max_distance is None:
             max_distance = _largest_distance(pred.shape, spacing_zyx)
@@ -146,11 +148,11 @@ def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float
     for value, name in names.items():
         box_p, box_r = boxes_p.get(value), boxes_r.get(value)
         if box_p is None and box_r is None:
-            crop_p = crop_r = np.zeros((1,) * pred.ndim, dtype=bool)
-        else:
-            box = _union_box(box_p, box_r, pred.shape, margin=1)
-            crop_p, crop_r = pred[box] == value, ref[box] == value
-        out[name] = binary_metrics(crop_p, crop_r, spacing_zyx, nsd_tolerance_mm, max_distance)
+            out[name] = {**BOTH_EMPTY, "ref_voxels": 0.0, "pred_voxels": 0.0}
+            continue
+        box = _union_box(box_p, box_r, pred.shape, margin=1)
+        out[name] = binary_metrics(pred[box] == value, ref[box] == value, spacing_zyx, nsd_tolerance_mm,
+                                   max_distance)
     return out
 
 
