@@ -124,6 +124,13 @@ def test_worker_processes_give_the_same_stream_as_the_main_process(store):
     assert _same_batches(main[3:], workers)
 
 
+def test_loading_leaves_the_global_rng_alone(store):
+    # the engine's exact resume restores the global RNG (dropout); the loader must not draw from it
+    state = torch.get_rng_state()
+    next(iter(PretrainLoader(store, CROP, 2, seed=0)))
+    assert torch.equal(state, torch.get_rng_state())
+
+
 def test_batch_size_one_never_fuses_a_case_with_itself(two_case_store):
     pairs = [b["case_ids"][0] for b in _take(PretrainLoader(two_case_store, CROP, 1, seed=0), 200)]
     assert all(bg != fg for bg, fg in pairs)

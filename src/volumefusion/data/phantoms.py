@@ -12,7 +12,7 @@ Conventions: arrays are ``(z, y, x)``; with an identity direction in ITK's LPS w
 axes point to the patient's left (x), posterior (y) and superior (z). The anatomy is scaled to fill
 the field of view, so any ``shape`` / ``spacing_zyx`` gives a whole torso cross-section.
 
-Cost: a ``[64, 160, 160]`` phantom takes about 0.3 s on one CPU core. Every shape is evaluated only
+Cost: a ``[64, 160, 160]`` phantom takes about 0.2 s of CPU time. Every shape is evaluated only
 inside its bounding box, and smooth random fields are separable Gaussian-kernel interpolations of a
 coarse normal grid (three small matrix products), never full-volume filters. The only full-volume
 filter is the final point-spread blur.
