@@ -120,13 +120,14 @@ def draw_grid(n: int, crop_shape: tuple[int, int, int], config: FusionConfig,
     keys = torch.rand((n, capacity), generator=generator, dtype=torch.float64)
     block_class = uniform_int(1, config.num_classes - 1, (n, capacity), generator)
 
-    # Block j of sample i (numbered in its own grid) is foreground if its key ranks among the lowest
+    # Block j of sample i (numbered in its own grid) is foreground if its key is among the lowest
     # round(ratio * blocks) keys: a uniform choice without replacement.
     total = blocks.prod(1)
     foreground = torch.floor(config.grid_foreground_ratio * total + 0.5).long()
     keys[torch.arange(capacity) >= total[:, None]] = 2.0
-    rank = keys.argsort(1).argsort(1)
-    block_class = torch.where(rank < foreground[:, None], block_class, 0)
+    threshold = keys.sort(1).values.gather(1, (foreground[:, None] - 1).clamp(min=0))
+    chosen = (keys <= threshold) & (foreground[:, None] > 0)
+    block_class = torch.where(chosen, block_class, 0)
 
     a, b, c = torch.meshgrid(*(torch.arange(m + 1) for m in most), indexing="ij")
     nd, nh, nw = (blocks[:, i, None, None, None] for i in range(3))
@@ -154,44 +155,45 @@ def _select_boxes(params: BoxParams, shape: tuple[int, int, int], device: torch.
     is the set of boxes covering a voxel and its highest bit (``frexp`` exponent) the last of them.
     Boxes go in passes of 24 so the mask is exact in float32; later passes overwrite earlier ones."""
     n, most = params.classes.shape
-    labels = torch.zeros((n, *shape), dtype=torch.long, device=device)
+    # One host-to-device copy: start (3), stop (3) and class of every box.
+    boxes = torch.cat([params.start, params.stop, params.classes[..., None]], 2).to(device, torch.int32)
+    top = torch.zeros((n, *shape), dtype=torch.int32, device=device)  # 1 + index of the top box; 0: none
     for first in range(0, most, _BITS_PER_PASS):
-        last = min(most, first + _BITS_PER_PASS)
-        bit = torch.ones((), dtype=torch.int32) << torch.arange(last - first, dtype=torch.int32)
+        group = boxes[:, first:first + _BITS_PER_PASS]
+        bit = 1 << torch.arange(group.shape[1], dtype=torch.int32, device=device)
         masks = []
         for axis, length in enumerate(shape):
-            at = torch.arange(length)
-            start, stop = params.start[:, first:last, axis, None], params.stop[:, first:last, axis, None]
-            covers = (at >= start) & (at < stop)
-            masks.append((covers * bit[:, None]).sum(1, dtype=torch.int32).to(device))
+            at = torch.arange(length, dtype=torch.int32, device=device)
+            covers = (at >= group[:, :, axis, None]) & (at < group[:, :, 3 + axis, None])
+            masks.append((covers * bit[:, None]).sum(1, dtype=torch.int32))
         mask_z, mask_y, mask_x = masks
         covering = (mask_z[:, :, None] & mask_y[:, None, :])[..., None] & mask_x[:, None, None, :]
-        top = torch.frexp(covering.float()).exponent  # 0: no box, m + 1: box first + m on top
-        table = torch.cat([torch.zeros(n, 1, dtype=torch.long), params.classes[:, first:last]], 1).to(device)
-        painted = table.gather(1, top.view(n, -1).long()).view_as(labels)
-        labels = torch.where(top > 0, painted, labels)
-    return labels
+        highest = torch.frexp(covering.float()).exponent  # 0: no box of this pass, m + 1: box first + m
+        top = torch.where(highest > 0, highest + first, top) if first else highest
+    table = torch.cat([boxes.new_zeros(n, 1), boxes[:, :, 6]], 1).long()
+    return table.gather(1, top.view(n, -1).long()).view(n, *shape)
 
 
 def _rasterise_grid(params: GridParams, shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
     """Class maps of block grids, separably: expand the block table along x, then rows along y, then
     planes along z (two small gathers and one row/plane copy of the output)."""
     table = params.classes.to(device)
+    geometry = torch.stack([params.offset, params.block, params.blocks], 1).to(device)  # (N, 3, axes)
     n, a1, b1, _ = table.shape
     index = []
     for axis, length in enumerate(shape):
-        at = torch.arange(length)
-        offset, block = params.offset[:, axis, None], params.block[:, axis, None]
+        at = torch.arange(length, device=device)
+        offset, block, blocks = (geometry[:, k, axis, None] for k in range(3))
         which = torch.div(at - offset, block, rounding_mode="floor")
-        outside = (at < offset) | (which >= params.blocks[:, axis, None])
+        outside = (at < offset) | (which >= blocks)
         index.append(which.masked_fill(outside, table.shape[1 + axis] - 1))
     iz, iy, ix = index
     d, h, w = shape
-    rows = table.gather(3, ix.to(device)[:, None, None, :].expand(n, a1, b1, w)).reshape(-1, w)
-    row_index = (torch.arange(n)[:, None, None] * a1 + torch.arange(a1)[None, :, None]) * b1 + iy[:, None, :]
-    planes = rows.index_select(0, row_index.view(-1).to(device)).view(-1, h * w)
-    plane_index = torch.arange(n)[:, None] * a1 + iz
-    return planes.index_select(0, plane_index.view(-1).to(device)).view(n, d, h, w)
+    samples = torch.arange(n, device=device)
+    rows = table.gather(3, ix[:, None, None, :].expand(n, a1, b1, w)).reshape(-1, w)
+    row_index = (samples[:, None, None] * a1 + torch.arange(a1, device=device)[:, None]) * b1 + iy[:, None]
+    planes = rows.index_select(0, row_index.view(-1)).view(-1, h * w)
+    return planes.index_select(0, (samples[:, None] * a1 + iz).view(-1)).view(n, d, h, w)
 
 
 def sample_labels(shape: tuple[int, int, int, int], config: FusionConfig, generator: torch.Generator,
