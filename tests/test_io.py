@@ -187,6 +187,8 @@ def test_discover_inputs_expands_folders_globs_and_lists(tmp_path):
     for rel in ["a/one.nii.gz", "a/deep/two.nrrd", "b/three.mha", "b/.hidden.nii.gz", "b/.cache/x.nii.gz"]:
         write_image(tmp_path / rel, _volume(), AXIS_ALIGNED)
     write_dicom_series(tmp_path / "dicom" / "p7", _volume(shape=(3, 8, 8)), (1, 1, 1), "1.2.3.4")
+    for f in (tmp_path / "dicom" / "p7").iterdir():  # slices named by UID, as many exports do
+        f.rename(f.with_name(f"1.2.3.4.{f.stem[-1]}"))
     (tmp_path / "list.txt").write_text("# images\nb/three.mha\n\na/one.nii.gz\n")
     (tmp_path / "list.csv").write_text("id,image\n1,b/three.mha\n")
 
@@ -202,16 +204,19 @@ def test_discover_inputs_expands_folders_globs_and_lists(tmp_path):
 
 def test_discover_inputs_reports_inputs_that_match_nothing(tmp_path):
     (tmp_path / "empty").mkdir()
-    (tmp_path / "bad.txt").write_text("nowhere.nii.gz\n")
+    write_image(tmp_path / "good.nii.gz", _volume(), AXIS_ALIGNED)
+    (tmp_path / "bad.txt").write_text("nowhere.nii.gz\ngood.nii.gz\n")
+    (tmp_path / "blank.txt").write_text("# nothing\n")
     with pytest.raises(VolumeFusionError, match="no NIfTI/NRRD/MHA images or DICOM series"):
         discover_inputs([tmp_path / "empty"])
     errors: list = []
-    found = discover_inputs([tmp_path / "empty", tmp_path / "bad.txt", str(tmp_path / "*.nrrd"),
-                             tmp_path / "gone.nii"], errors=errors)
-    assert found == []
+    found = discover_inputs([tmp_path / "empty", tmp_path / "bad.txt", tmp_path / "blank.txt",
+                             str(tmp_path / "*.nrrd"), tmp_path / "gone.nii"], errors=errors)
+    assert found == [tmp_path / "good.nii.gz"]  # the list's other entry still counts
     reasons = " | ".join(reason for _, reason in errors)
-    assert len(errors) == 4
-    for expected in ("no NIfTI", "listed paths do not exist", "pattern matches no images", "file not found"):
+    assert len(errors) == 5
+    for expected in ("no NIfTI", "nowhere.nii.gz: file not found", "the list is empty",
+                     "pattern matches no images", "gone.nii: file not found"):
         assert expected in reasons
 
 

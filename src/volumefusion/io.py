@@ -336,10 +336,9 @@ def is_image_file(path: str | Path) -> bool:
 
 
 def _is_dicom_file(path: Path) -> bool:
+    """By extension, else by the DICM magic (exports often name slices by UID: ``1.2.840....7``)."""
     if path.suffix.lower() in (".dcm", ".ima"):
         return True
-    if path.suffix:
-        return False
     try:
         with open(path, "rb") as f:
             f.seek(128)
@@ -377,11 +376,8 @@ def _read_list(path: Path) -> list[Path]:
     return [p if p.is_absolute() else path.parent / p for p in map(Path, entries)]
 
 
-def discover_input(item: str | Path) -> list[Path]:
-    """Expand one input (file, folder, glob, ``.csv``/``.txt`` list, ``folder::UID``) into images.
-
-    Raises VolumeFusionError when it matches nothing.
-    """
+def _discover_one(item: str | Path) -> list[Path]:
+    """Expand one input (file, folder, glob, ``folder::UID``) into images; VolumeFusionError if none."""
     text = str(item)
     if SERIES_SEPARATOR in text:
         folder, _ = _split_series(text)
@@ -395,16 +391,6 @@ def discover_input(item: str | Path) -> list[Path]:
             raise VolumeFusionError(f"{path}: folder holds no NIfTI/NRRD/MHA images or DICOM series")
         return found
     if path.is_file():
-        if path.name.lower().endswith(LIST_SUFFIXES):
-            listed = _read_list(path)
-            if not listed:
-                raise VolumeFusionError(f"{path}: the list is empty")
-            missing = [str(p) for p in listed if not _split_series(p)[0].exists()]
-            if missing:
-                raise VolumeFusionError(
-                    f"{path}: {len(missing)} listed paths do not exist, e.g. {missing[0]}"
-                )
-            return listed
         return [path]
     if glob.has_magic(text):
         matches = sorted(glob.glob(text, recursive=True))
@@ -420,18 +406,34 @@ def discover_inputs(inputs: list[str | Path], errors: list[tuple[str, str]] | No
     """Images named by ``inputs``, deduplicated, in sorted order.
 
     Each input may be an image file, a folder (searched recursively for NIfTI/NRRD/MHA files and
-    DICOM series folders), a glob pattern, or a ``.csv``/``.txt`` list of paths (relative paths are
-    relative to the list). An input that matches nothing raises VolumeFusionError, or, when
-    ``errors`` is given, is appended to it as ``(input, reason)`` and skipped.
+    DICOM series folders), a glob pattern, or a ``.csv``/``.txt`` list whose entries may be any of
+    these (relative paths are relative to the list). An input or list entry that matches nothing
+    raises VolumeFusionError, or, when ``errors`` is given, is appended to it as ``(input, reason)``
+    and skipped, so one missing file does not stop a batch.
     """
     found: set[Path] = set()
-    for item in inputs:
+
+    def fail(item, exc: VolumeFusionError) -> None:
+        if errors is None:
+            raise exc
+        errors.append((str(item), str(exc)))
+
+    def add(item) -> None:
         try:
-            found.update(discover_input(item))
+            found.update(_discover_one(item))
         except VolumeFusionError as exc:
-            if errors is None:
-                raise
-            errors.append((str(item), str(exc)))
+            fail(item, exc)
+
+    for item in inputs:
+        path = Path(item)
+        if path.is_file() and path.name.lower().endswith(LIST_SUFFIXES):
+            entries = _read_list(path)
+            if not entries:
+                fail(path, VolumeFusionError(f"{path}: the list is empty"))
+            for entry in entries:
+                add(entry)
+        else:
+            add(item)
     return sorted(found, key=str)
 
 
