@@ -143,7 +143,8 @@ def _ram_gib() -> float | None:
 
 
 def machine_info() -> dict:
-    """Hostname, CPU model, usable cores, RAM (GiB), and the first GPU's name, memory and drivers."""
+    """Hostname, CPU model, usable cores, RAM (GiB), load average at the start, and the first GPU's
+    name, memory and drivers."""
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -153,6 +154,8 @@ def machine_info() -> dict:
         "cpu": _cpu_model(),
         "cores": cores,
         "ram_gib": _ram_gib(),
+        # Other processes competing for the cores make every CPU figure slower; recorded to judge that.
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "gpu": None,
         "gpu_count": 0,
         "gpu_memory_gib": None,
