@@ -53,7 +53,8 @@ class PretrainTask:
         crop = source_shape(c.data.crop_size, c.fusion)
         return PretrainLoader(self.store, crop, c.run.batch_size, seed=seed, rank=rank,
                               world_size=world_size, workers=workers, start_step=start_step,
-                              pad_value=c.data.pad_value, same_case=c.fusion.mode == "grid")
+                              pad_value=c.data.pad_value, same_case=c.fusion.mode == "grid",
+                              prefetch=c.data.prefetch)
 
     def batches(self, start_step: int, rank: int, world_size: int):
         return self._loader(start_step, rank, world_size, self.cfg.run.seed, self.cfg.data.workers)
@@ -145,7 +146,8 @@ class SegmentationTask:
         c = self.cfg
         return SegmentationLoader(self.store, self.train_ids, c.data.crop_size, c.run.batch_size, seed=c.run.seed,
                                   foreground_ratio=c.finetune.foreground_ratio, rank=rank, world_size=world_size,
-                                  workers=c.data.workers, start_step=start_step, pad_value=c.data.pad_value)
+                                  workers=c.data.workers, start_step=start_step, pad_value=c.data.pad_value,
+                                  prefetch=c.data.prefetch)
 
     def make_inputs(self, batch: dict[str, Any], generator: torch.Generator, device: torch.device):
         from volumefusion.augment import augment_segmentation
