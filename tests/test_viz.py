@@ -53,10 +53,12 @@ def test_middle_slices_take_the_centre_or_the_focus():
 def test_montage_writes_a_png_with_image_and_label_rows(tmp_path):
     images = [np.random.default_rng(i).normal(size=(20, 30)) for i in range(3)]
     labels = [torch.randint(0, 5, (20, 30)) for _ in range(2)]
-    path = viz.save_montage(tmp_path / "m.png", [("image", images), ("label", labels, "label")],
+    overlays = [viz.label_overlay(images[0], labels[0])]
+    rows = [("image", images), ("label", labels, "label"), ("overlay", overlays, "image")]
+    path = viz.save_montage(tmp_path / "m.png", rows,
                             col_titles=["a", "b", "c"], title="t", label_names=["0", "1", "2", "3", "4"])
     picture = read_png(path)
-    assert picture.ndim == 3 and picture.shape[1] > picture.shape[0]  # three columns, two rows
+    assert picture.ndim == 3 and picture.shape[1] > picture.shape[0]  # three columns, three short rows
     assert no_temporary_files(tmp_path)
 
 

@@ -94,14 +94,15 @@ def save_montage(path: str | Path, rows: Sequence[tuple], *, col_titles: Sequenc
                  label_names: Sequence[str] | None = None, cell: float = 2.2, dpi: int = 100) -> Path:
     """A grid of 2D pictures, one row per ``(row_title, images[, kind])``.
 
-    ``kind`` is ``"image"`` (default; grey, through ``window`` or the row's 0.5-99.5 percentiles) or
-    ``"label"`` (integer classes in :data:`LABEL_COLORS`, 0 black). Images are 2D arrays or tensors;
+    ``kind`` is ``"image"`` (default; grey, through ``window`` or the row's 0.5-99.5 percentiles; RGB
+    ``(H, W, 3)`` arrays such as :func:`label_overlay` results are shown as they are) or ``"label"``
+    (integer classes in :data:`LABEL_COLORS`, 0 black). Images are 2D arrays or tensors;
     rows may have different lengths. ``label_names[i]`` adds a legend entry for class ``i``; ``cell``
     is the width of one picture in inches. Returns ``path``.
     """
     columns = max((len(r[1]) for r in rows), default=1)
     shapes = [np.shape(i) for r in rows for i in r[1]]
-    aspect = max((s[0] / s[1] for s in shapes if len(s) == 2 and s[1]), default=1.0)
+    aspect = max((s[0] / s[1] for s in shapes if len(s) >= 2 and s[1]), default=1.0)
     extra = (0.4 if title else 0) + (0.5 if label_names else 0)
     figure = _figure(cell * columns + 0.6, cell * aspect * len(rows) + 0.3 + extra)
     axes = figure.subplots(len(rows), columns, squeeze=False)
