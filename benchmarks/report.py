@@ -13,7 +13,8 @@ For each machine and benchmark module, the rows come from the newest file holdin
 module, so re-running one module (``--only fusion``) replaces just its rows; each row shows its
 own date and commit. Failures recorded since then are listed under the table. Each figure is
 checked against :data:`TARGETS` (the issues' targets), evaluated here, not at measurement time.
-Tiny-size runs (smoke tests) are left out unless ``--include-tiny``.
+One derived row, :func:`loader_vs_training`, sets the loader's supply against the training step's
+demand on the same machine. Tiny-size runs (smoke tests) are left out unless ``--include-tiny``.
 """
 
 from __future__ import annotations

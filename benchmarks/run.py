@@ -25,6 +25,7 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+import numbers
 import os
 import platform
 import subprocess
@@ -36,14 +37,15 @@ from pathlib import Path
 
 MODULES = ("fusion", "store", "loader", "network", "engine", "predict")
 
-# Every figure a module returns has exactly these keys with these types (None where allowed).
+# Every figure a module returns has exactly these keys with these types (None where allowed);
+# numbers.Real admits numpy scalars, which the JSON writer turns into plain numbers.
 RESULT_KEYS: dict[str, tuple[type, ...]] = {
     "name": (str,),
-    "value": (int, float),
+    "value": (numbers.Real,),
     "unit": (str,),
-    "baseline": (int, float, type(None)),
+    "baseline": (numbers.Real, type(None)),
     "baseline_name": (str, type(None)),
-    "ratio": (int, float, type(None)),
+    "ratio": (numbers.Real, type(None)),
     "higher_is_better": (bool,),
     "device": (str,),
     "params": (dict,),
@@ -79,7 +81,8 @@ def check_result(result: object) -> list[str]:
         value = result[key]
         # bool is an int subclass; a True/False number is a bug, not a figure.
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            allowed = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+            names = {numbers.Real: "a number", type(None): "None"}
+            allowed = " or ".join(names.get(t, t.__name__) for t in types)
             problems.append(f"{key!r} must be {allowed}, got {type(value).__name__} {value!r}")
     if problems:
         return problems
@@ -274,7 +277,7 @@ def run_benchmarks(
 
 
 def _json_default(value):
-    """numpy / torch scalars and tuples-as-arrays from modules: write them as plain JSON numbers."""
+    """numpy / torch scalars and arrays in figures: write them as plain JSON numbers and lists."""
     if hasattr(value, "item"):
         return value.item()
     if hasattr(value, "tolist"):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import report
@@ -119,6 +120,7 @@ def test_check_result_accepts_a_consistent_figure_and_names_each_problem():
     assert check_result(_figure()) == []
     assert check_result(_figure(value=2.0, baseline=8.0, higher=False)) == []
     assert check_result(_figure(baseline=None)) == []
+    assert check_result(_figure(value=np.float32(200.0), baseline=np.float64(50.0))) == []
     inverted = _figure(value=2.0, baseline=8.0, higher=False)
     inverted["ratio"] = 0.25
     assert any("ratio" in p for p in check_result(inverted))
