@@ -67,7 +67,8 @@ def run(tiny: bool = False, device: str = "cpu") -> list[dict]:
         prepare([str(f) for f in files], tmp / "store", PrepareSettings())
         # one checkpoint and a few log records within the measured steps, no validation
         cfg = config.load(overrides=overrides + [f"run.device={dev.type}", f"run.max_steps={steps + 1}",
-                                                 "run.log_every=5", f"run.checkpoint_every={steps}",
+                                                 f"run.log_every={max(1, steps // 4)}",
+                                                 f"run.checkpoint_every={steps}",
                                                  "run.val_every=1000000", "run.image_every=1000000"])
         from volumefusion.data.store import Store
 
@@ -76,8 +77,8 @@ def run(tiny: bool = False, device: str = "cpu") -> list[dict]:
         trainer = Trainer(cfg, build_model(cfg, task.num_classes), task, tmp / "run")
         result = trainer.fit()
         # the first record includes start-up (workers, first step); use the later ones
-        timed = [r for r in result.history if "samples_per_s" in r][1:] or result.history
-        engine = sum(r["samples_per_s"] for r in timed) / len(timed)
+        timed = [r["samples_per_s"] for r in result.history if "samples_per_s" in r][1:]
+        engine = sum(timed) / len(timed)
     params = {"crop": list(cfg.data.crop_size), "batch": cfg.run.batch_size, "steps": steps,
               "features": list(cfg.model.feature_channels), "workers": cfg.data.workers,
               "threads": torch.get_num_threads()}
