@@ -73,7 +73,7 @@ def _measure(mode: str, tiny: bool, size, batch: int, warmup: int, steps: int, d
         model = model.to(memory_format=torch.channels_last_3d)
         x = x.to(memory_format=torch.channels_last_3d)
     if mode == "bf16+compile":
-        model, loss_fn = torch.compile(model), torch.compile(loss_fn)
+        model = torch.compile(model)
     step = _train_step(model, loss_fn, optimizer, x, y, bf16)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):

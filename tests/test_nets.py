@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -39,12 +40,18 @@ def reference_model(config: dict) -> PCTNet:
                   resolution_mode=config["resolution_mode"])
 
 
-@needs_conformance
-def test_reproduces_reference_outputs():
+@pytest.fixture(scope="module")
+def conformance():
+    """(our model with the reference checkpoint loaded, eval mode; the reference's inputs/outputs)."""
     io = torch.load(CONFORMANCE / "pctnet_small_io.pt", weights_only=True)
     model = reference_model(io["config"])
     load_pretrained(model, CONFORMANCE / "pctnet_small_misfm.pt")
-    model.eval()
+    return model.eval(), io
+
+
+@needs_conformance
+def test_reproduces_reference_outputs(conformance):
+    model, io = conformance
     with torch.no_grad():
         outputs = model(io["input"])
     assert len(outputs) == len(io["outputs"]) == 4
@@ -54,14 +61,11 @@ def test_reproduces_reference_outputs():
 
 
 @needs_conformance
-def test_reference_weights_need_the_reference_index():
-    io = torch.load(CONFORMANCE / "pctnet_small_io.pt", weights_only=True)
-    model = reference_model(io["config"])
-    load_pretrained(model, CONFORMANCE / "pctnet_small_misfm.pt")
+def test_reference_weights_need_the_reference_index(conformance):
+    model, io = copy.deepcopy(conformance[0]), conformance[1]
     for name, buf in model.named_buffers():
         if name.endswith("relative_position_index"):
             buf.copy_(relative_position_index(round(buf.shape[0] ** (1 / 3)), "exact"))
-    model.eval()
     with torch.no_grad():
         outputs = model(io["input"])
     assert max((a - b).abs().max().item() for a, b in zip(outputs, io["outputs"])) > 1e-2
@@ -95,8 +99,8 @@ def _expected_shapes(size, mode, classes=3):
     return [(2, classes) + tuple(n // s for n, s in zip(size, sc)) for sc in scales]
 
 
-@pytest.mark.parametrize("mode,size", [(0, (16, 32, 48)), (0, (32, 16, 16)), (1, (8, 48, 32)),
-                                       (1, (24, 16, 32)), (2, (4, 32, 16)), (2, (12, 16, 48))])
+@pytest.mark.parametrize("mode,size", [(0, (16, 16, 32)), (0, (32, 16, 16)), (1, (8, 32, 16)),
+                                       (1, (16, 16, 32)), (2, (4, 32, 16)), (2, (8, 16, 32))])
 def test_pctnet_output_shapes(mode, size):
     model = tiny_pctnet(resolution_mode=mode, num_classes=3, in_channels=2)
     assert all(n % d == 0 for n, d in zip(size, model.size_divisor))
@@ -136,14 +140,14 @@ def test_gradients_reach_every_parameter(name):
         model = tiny_pctnet(drop_path=0.0)
     else:
         model = UNet3D(1, 3, (4, 8, 8, 16, 16))
-    outputs = model(torch.randn(2, 1, 16, 32, 32))
+    outputs = model(torch.randn(2, 1, 8, 16, 32))
     sum((o * torch.randn_like(o)).mean() for o in outputs).backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not dead
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    x = torch.randn(2, 1, 16, 32, 32)
+    x = torch.randn(2, 1, 8, 16, 16)
     grads = []
     for checkpointing in (False, True):
         model = tiny_pctnet(activation_checkpointing=checkpointing, dropout=(0, 0, 0, 0, 0), drop_path=0.0)
@@ -156,7 +160,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 def test_channels_last_3d_gives_the_same_outputs():
     model = tiny_pctnet().eval()
-    x = torch.randn(2, 1, 16, 32, 32)
+    x = torch.randn(2, 1, 8, 16, 32)
     with torch.no_grad():
         ref = model(x)
         model.to(memory_format=torch.channels_last_3d)
@@ -167,7 +171,7 @@ def test_channels_last_3d_gives_the_same_outputs():
 
 def test_bf16_autocast_runs_forward_and_backward():
     model = tiny_pctnet()
-    x = torch.randn(2, 1, 16, 32, 32)
+    x = torch.randn(2, 1, 8, 16, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = model(x)
     assert outputs[0].dtype == torch.bfloat16

@@ -211,10 +211,11 @@ class WindowAttention(nn.Module):
         return "custom"
 
     def bias(self) -> torch.Tensor:
-        """(heads, T, T) relative-position bias, float32."""
+        """(heads, T, T) relative-position bias, float32, contiguous (fused attention kernels need the
+        mask's last dimension contiguous)."""
         t = self.window**3
         table = self.relative_position_bias_table
-        return table[self.relative_position_index.view(-1)].view(t, t, -1).permute(2, 0, 1)
+        return table[self.relative_position_index.view(-1)].view(t, t, -1).permute(2, 0, 1).contiguous()
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
         n, nw, t, c = x.shape
@@ -231,7 +232,7 @@ class WindowAttention(nn.Module):
         else:
             # windows x heads as the heads: the per-window mask broadcasts over the batch
             q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, n, nw * h, t, c // h).unbind(0)
-            mask = (self.bias().unsqueeze(0) + shift.unsqueeze(1)).to(q.dtype).reshape(1, nw * h, t, t)
+            mask = (self.bias().unsqueeze(0) + shift.unsqueeze(1)).to(q.dtype).view(1, nw * h, t, t)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
             out = out.view(n, nw, h, t, c // h).transpose(2, 3).reshape(n, nw, t, c)
         return self.proj_drop(self.proj(out))
