@@ -34,10 +34,11 @@ min, max per class and metric) and one box plot PNG per metric."""
 def register(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="Dice, HD95, ASSD and NSD of predictions against reference label maps",
-        description="Compare every predicted label map in --pred with the reference of the same case "
-                    "in --gt (cases match by file name without extension; both must be on the same "
-                    "voxel grid).\n\nexample: volumefusion evaluate --pred preds/ --gt labelsTs/ "
-                    "--labels Task09_Spleen/dataset.json --tolerance 2 --out results/metrics.csv\n\n"
+        description="Compare every predicted label map in --pred with the reference of the same case\n"
+                    "in --gt (cases match by file name without extension; both must be on the same\n"
+                    "voxel grid).\n\n"
+                    "example: volumefusion evaluate --pred preds/ --gt labelsTs/ --labels "
+                    "Task09_Spleen/dataset.json --tolerance 2 --out results/metrics.csv\n\n"
                     + CONVENTIONS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -17,17 +17,18 @@ outputs (in OUT_DIR):
   CASE is the input file name without extension (a DICOM folder's name). With --format same the
   input's format is kept (DICOM series are written as NIfTI).
 
-memory: windows run slab by slab along z and only labels are kept for the whole volume, so a
-512x512x600 CT fits in 8 GB of RAM on CPU; --save-probabilities adds 2 bytes per voxel and class.
+memory: windows run slab by slab along z and only labels are kept for the whole volume: a
+512x512x600 CT with the paper PCT-Net and window batch 4 peaks at about 6.5 GB of RAM on CPU
+(--window-batch 1 saves about 3 GB). --save-probabilities adds about 3 bytes per voxel and class.
 A case that fails is reported and skipped; the exit status is 1 if any case failed."""
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "predict", help="segment CT images with a fine-tuned checkpoint (sliding window, original geometry)",
-        description="Segment each input with the checkpoint's network and preprocessing (reorientation, "
-                    "spacing, body crop and HU window exactly as in training), by Gaussian-weighted "
-                    "sliding windows (bf16 on GPU), and write the labels on the input's grid.\n\n"
+        description="Segment each input with the checkpoint's network and preprocessing (reorientation,\n"
+                    "spacing, body crop and HU window exactly as in training) by Gaussian-weighted sliding\n"
+                    "windows (bf16 on GPU), and write the labels on the input's grid.\n\n"
                     "example: volumefusion predict -m runs/ft/checkpoints/best.pt -i ct/ scan.nrrd "
                     "dicom/patient7/ -o preds/ --tta\n\n" + EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
