@@ -151,10 +151,12 @@ def machine_line(document: dict) -> str:
     return "; ".join(parts)
 
 
-def _commit(document: dict) -> str:
-    v = document["versions"]
-    commit = v.get("commit") or "unknown"
-    return f"{commit} (dirty)" if v.get("dirty") else commit
+def _commit(document: dict, module: str | None = None) -> str:
+    """The commit a module ran at (recorded per module), else the run's commit at its start."""
+    state = next((m for m in document.get("modules", []) if m["benchmark"] == module and "commit" in m),
+                 document["versions"])
+    commit = state.get("commit") or "unknown"
+    return f"{commit} (dirty)" if state.get("dirty") else commit
 
 
 def load(paths: Sequence[Path], include_tiny: bool) -> list[tuple[Path, dict]]:
@@ -202,7 +204,7 @@ def _table_row(row: dict, settings: dict, document: dict) -> str:
     return (f"| {row['benchmark']} | {row['name']} | {_settings(settings) or '—'} | {fmt(row['value'])} | "
             f"{row['unit']} | {baseline} | {ratio} | {'; '.join(t.text for t in goals) or '—'} | "
             f"{_verdict(row, goals, document.get('tiny', False))} | {document['date'][:10]} | "
-            f"{_commit(document)} |")
+            f"{_commit(document, row['benchmark'])} |")
 
 
 def machine_section(title: str, documents: list[tuple[Path, dict]]) -> str:

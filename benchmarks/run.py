@@ -186,14 +186,23 @@ def _package_version(name: str) -> str | None:
         return None
 
 
+def git_state() -> dict:
+    """``{"commit", "dirty"}`` of the checkout (``VF_COMMIT`` env var where git is absent, dirty None)."""
+    commit = _command_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT)
+    status = _command_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT)
+    return {
+        "commit": commit or os.environ.get("VF_COMMIT"),
+        # Tracked files edited since the commit: the figures may not be the commit's.
+        "dirty": bool(status) if commit is not None and status is not None else None,
+    }
+
+
 def versions() -> dict:
-    """Python and package versions, and the git commit (``VF_COMMIT`` env var where git is absent)."""
+    """Python and package versions, and the git commit at the start (see :func:`git_state`)."""
     import torch
 
     import volumefusion
 
-    commit = _command_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT)
-    status = _command_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT)
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -201,9 +210,7 @@ def versions() -> dict:
         "SimpleITK": _package_version("SimpleITK"),
         "monai": _package_version("monai"),
         "volumefusion": volumefusion.__version__,
-        "commit": commit or os.environ.get("VF_COMMIT"),
-        # Tracked files edited since the commit: the figures may not be the commit's.
-        "dirty": bool(status) if commit is not None and status is not None else None,
+        **git_state(),
     }
 
 
@@ -232,7 +239,8 @@ def run_benchmarks(
     Returns ``(results, errors, modules)``: the well-formed figures, each with ``benchmark`` (the
     module name) and ``seconds`` (the module's wall time) added; one error entry per failure
     (``benchmark``, ``error``, and ``traceback`` or the offending ``result``); and one status entry
-    per module (``benchmark``, ``status`` in ok / error / missing, ``seconds``).
+    per module (``benchmark``, ``status`` in ok / error / missing, ``seconds``, and for a module that
+    ran the ``commit`` and ``dirty`` flag when it started: the checkout may change during a long run).
     ``after_module(results, errors, modules)`` is called after each module.
     """
     results: list[dict] = []
@@ -245,6 +253,7 @@ def run_benchmarks(
             modules.append({"benchmark": name, "status": "missing", "seconds": 0.0})
             continue
         log(f"[benchmarks] {name}: running (tiny={tiny}, device={device})")
+        checkout = git_state()
         start = time.perf_counter()
         try:
             figures = importlib.import_module(qualified).run(tiny=tiny, device=device)
@@ -254,7 +263,7 @@ def run_benchmarks(
             seconds = round(time.perf_counter() - start, 3)
             log(f"[benchmarks] {name}: FAILED after {seconds:.1f} s: {type(exc).__name__}: {exc}")
             errors.append(_error(name, f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()))
-            modules.append({"benchmark": name, "status": "error", "seconds": seconds})
+            modules.append({"benchmark": name, "status": "error", "seconds": seconds, **checkout})
         else:
             seconds = round(time.perf_counter() - start, 3)
             bad = 0
@@ -269,7 +278,7 @@ def run_benchmarks(
             status = "error" if bad else "ok"
             log(f"[benchmarks] {name}: {len(figures) - bad} figures in {seconds:.1f} s"
                 + (f", {bad} malformed (see errors)" if bad else ""))
-            modules.append({"benchmark": name, "status": status, "seconds": seconds})
+            modules.append({"benchmark": name, "status": status, "seconds": seconds, **checkout})
         _release_memory()
         if after_module is not None:
             after_module(results, errors, modules)

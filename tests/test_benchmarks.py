@@ -106,6 +106,7 @@ def test_runner_skips_missing_modules_and_records_failures_without_stopping(fake
     assert [(m["benchmark"], m["status"]) for m in modules] == [
         ("absent", "missing"), ("broken", "error"), ("good", "ok"), ("inverted", "error")]
     assert any("absent" in line and "does not exist" in line for line in lines)
+    assert all({"commit", "dirty"} <= set(m) for m in modules if m["status"] != "missing")
     assert len(results) == 1
     assert results[0]["benchmark"] == "good" and results[0]["params"] == {"tiny": True}
     assert results[0]["seconds"] >= 0
@@ -174,6 +175,10 @@ def test_report_has_a_table_per_machine_with_values_baselines_targets_and_notes(
         _row("fusion", "fusion_boxes_samples_per_s", 4321.0, device="cuda", batch=16),
         _row("network", "pctnet_paper_train_bf16_samples_per_s", 75.0, device="cuda")], gpu="NVIDIA H200",
         errors=[{"benchmark": "predict", "error": "OutOfMemoryError: CUDA out of memory"}], commit="def5678"))
+    document = json.loads(gpu.read_text())  # fusion ran at a later commit than the run started at
+    document["modules"] = [{"benchmark": "fusion", "status": "ok", "seconds": 1.0, "commit": "9999999",
+                            "dirty": False}]
+    _write(gpu, document)
     notes = tmp_path / "notes.md"
     notes.write_text("Fusion misses its GPU target by 14 %: *rasterisation* is the bottleneck.\n")
     out = tmp_path / "BENCHMARKS.md"
@@ -185,6 +190,7 @@ def test_report_has_a_table_per_machine_with_values_baselines_targets_and_notes(
     assert "4,321" not in cpu_part and "4,321" in gpu_part and "def5678" in gpu_part
     fusion_gpu = next(line for line in gpu_part.splitlines() if "fusion_boxes_samples_per_s" in line)
     assert "≥ 5000 samples/s" in fusion_gpu and "| no |" in fusion_gpu and "2026-11-21" in fusion_gpu
+    assert "9999999" in fusion_gpu
     overhead = next(line for line in cpu_part.splitlines() if "engine_overhead_pct" in line)
     assert "< 5 %" in overhead and "| yes |" in overhead
     network = next(line for line in gpu_part.splitlines() if "pctnet_paper_train_bf16" in line)
