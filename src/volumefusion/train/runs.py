@@ -120,12 +120,15 @@ def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_d
     train_ids, val_ids = split_cases([c.id for c in store.cases], f.num_folds, f.fold, f.split_file)
     task = SegmentationTask(cfg, store, train_ids, val_ids)
     model = build_model(cfg, task.num_classes)
-    write_config(cfg, out_dir)
     if ckpt is not None:
         report = load_pretrained(model, ckpt)
+        # the index travels in the weights; the saved config must say which one they use
+        if report.rel_pos_index:
+            cfg.model.rel_pos_index = report.rel_pos_index
         if DistInfo.from_env().is_main:
             print(report.format())
             atomic_write_text(out_dir / "load_report.json", json.dumps(report.to_dict(), indent=1))
+    write_config(cfg, out_dir)
     log.info("fine-tuning %s on %d training / %d validation cases, %d classes (%s)", cfg.model.name,
              len(train_ids), len(val_ids), task.num_classes, "pretrained" if ckpt is not None else "from scratch")
     freeze = (tuple(model.encoder_prefixes), f.freeze_encoder_steps) if f.freeze_encoder_steps else None
