@@ -101,16 +101,17 @@ def test_sigterm_writes_latest_and_resume_continues(phantom_store, tmp_path):
     args = ["pretrain", "--data", str(phantom_store), "--out", str(out), *_cli_overrides("run.val_every=1000")]
     proc = _run_cli([*args, "--max-steps", "100000"])
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    deadline = time.time() + 600
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, "training did not start"
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=60)
+    output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
     step = load_checkpoint(out / "checkpoints/latest.pt")["step"]
     assert 3 <= step < 100000
     resumed = _run_cli([*args, "--max-steps", str(step + 2), "--resume"])
-    output, _ = resumed.communicate(timeout=120)
+    output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, output
     assert load_checkpoint(out / "checkpoints/latest.pt")["step"] == step + 2
 
