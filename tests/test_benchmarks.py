@@ -71,11 +71,11 @@ def _check_document(document: dict, modules: list[str]) -> None:
 
 
 def test_tiny_run_prints_one_well_formed_document(tmp_path):
-    """The real entry point with the quickest benchmark; all of them: the slow test below."""
+    """The real entry point with the quickest benchmark; all of them: the `heavy` test below."""
     _check_document(_run_tiny(["fusion"], tmp_path / "results.json"), ["fusion"])
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.skipif(not PRESENT, reason="no benchmark module exists yet")
 def test_every_present_benchmark_runs_tiny_on_cpu(tmp_path):
     _check_document(_run_tiny(PRESENT, tmp_path / "results.json"), PRESENT)
