@@ -176,8 +176,39 @@ def make_data(settings: dict, root: Path) -> DemoData:
     atomic_write_text(split, json.dumps({"train": ids[: len(train_seeds)], "val": ids[len(train_seeds):]},
                                         indent=1) + "\n")
     test = write_phantoms(root / "test", _phantom_seeds(p, "test"), with_labels=True, **geometry)
+    merge_paired_organs(dataset, [dataset / "labelsTr", root / "test" / "labels"])
     return DemoData(root / "pool_store", inputs, dataset, split, test[0].parent,
                     root / "test" / "labels", with_ct)
+
+
+def paired_organs_merged(names: dict[int, str]) -> tuple[dict[int, str], np.ndarray]:
+    """Label names with each ``X_right``/``X_left`` pair merged into one class ``X``, and the uint8
+    lookup table old value -> new value (new values numbered in order of first appearance)."""
+    merged: dict[str, int] = {}
+    table = np.zeros(max(names) + 1, dtype=np.uint8)
+    for value, name in sorted(names.items()):
+        base = name.removesuffix("_right").removesuffix("_left")
+        table[value] = merged.setdefault(base, len(merged))
+    return {v: k for k, v in merged.items()}, table
+
+
+def merge_paired_organs(dataset: Path, label_dirs: list[Path]) -> None:
+    """Rewrite the label maps in ``label_dirs`` and ``dataset/dataset.json`` with left/right organs merged.
+
+    Fine-tuning augmentation mirrors every axis, so a left and a right organ look alike to the
+    network; with a few hundred steps that ambiguity, not the starting weights, would decide which
+    lung gets which label. Merging the pairs keeps the comparison about the weights.
+    """
+    from volumefusion.io import read_image, write_image
+
+    meta = json.loads((dataset / "dataset.json").read_text())
+    names, table = paired_organs_merged({int(k): v for k, v in meta["labels"].items()})
+    for folder in label_dirs:
+        for path in sorted(folder.glob("*.nii.gz")):
+            label, geometry = read_image(path)
+            write_image(path, table[label], geometry)
+    meta["labels"] = {str(k): v for k, v in names.items()}
+    atomic_write_text(dataset / "dataset.json", json.dumps(meta, indent=1) + "\n")
 
 
 def write_configs(settings: dict, out: Path) -> tuple[Path, Path]:
@@ -340,14 +371,14 @@ def _copy_figure(source: Path, target: Path) -> str | None:
 def write_report(out: Path, settings: dict, data: DemoData, pretrain_result, runs: list[RunResult],
                  clock: _Clock, device: str, quick: bool) -> Path:
     """``out/report.md``, ``out/results.json`` and the pictures under ``out/figures/``."""
-    from volumefusion.data.phantoms import LABEL_NAMES
-
     figures = out / "figures"
     seeds = sorted({r.seed for r in runs})
     organ_table, seed_table, numbers = _dice_tables(runs, seeds)
     diff = numbers["mean_dice"]["pretrained"] - numbers["mean_dice"]["scratch"]
     _curves_figure(runs, figures / "finetune_curves.png")
-    _overlay_figure(runs, data, LABEL_NAMES, figures / "predictions.png")
+    labels = json.loads((data.dataset / "dataset.json").read_text())["labels"]
+    label_names = {int(k): v for k, v in labels.items()}
+    _overlay_figure(runs, data, label_names, figures / "predictions.png")
     pre_progress = _copy_figure(out / "runs" / "pretrain" / "progress.png", figures / "pretrain_progress.png")
     ft_progress = {arm: _copy_figure(out / "runs" / f"seed{seeds[0]}" / arm / "progress.png",
                                      figures / f"finetune_{arm}_progress.png") for arm in ARMS}
@@ -381,7 +412,9 @@ def write_report(out: Path, settings: dict, data: DemoData, pretrain_result, run
         "",
         f"- Phantoms: {list(p['shape'])} voxels (z, y, x) at {list(p['spacing_zyx'])} mm; pretraining pool: "
         f"{pool_text} (no labels used); fine-tuning: {p['train']} labelled training phantom(s), {p['val']} "
-        f"validation phantom(s) (choose `best.pt`); evaluation: {p['test']} held-out phantoms.",
+        f"validation phantom(s) (choose `best.pt`); evaluation: {p['test']} held-out phantoms. "
+        f"Classes: {', '.join(list(label_names.values())[1:])} (left and right lungs and kidneys are one "
+        "class each: fine-tuning mirrors every axis, which makes sides ambiguous).",
         f"- Network: PCT-Net, feature channels {pt['model']['feature_channels']}, crop "
         f"{pt['data']['crop_size']}, batch {pt['run']['batch_size']}.",
         f"- Pretraining: {pt['run']['max_steps']} steps, Volume Fusion "
