@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
 import platform
 import shutil
 import time
@@ -113,6 +114,7 @@ class _Clock:
 
     def __init__(self):
         self.start = time.perf_counter()
+        self.wall_start = time.time()
         self.seconds: dict[str, float] = {}
 
     def elapsed(self) -> float:
@@ -369,7 +371,7 @@ def _copy_figure(source: Path, target: Path) -> str | None:
 
 
 def write_report(out: Path, settings: dict, data: DemoData, pretrain_result, runs: list[RunResult],
-                 clock: _Clock, device: str, quick: bool) -> Path:
+                 clock: _Clock, device: str, quick: bool, parallel: tuple[int, int | None]) -> Path:
     """``out/report.md``, ``out/results.json`` and the pictures under ``out/figures/``."""
     figures = out / "figures"
     seeds = sorted({r.seed for r in runs})
@@ -398,6 +400,7 @@ def write_report(out: Path, settings: dict, data: DemoData, pretrain_result, run
     spacing = f" --spacing {' '.join(map(str, spacing))}" if spacing else ""
     stage_rows = "\n".join(f"| {k} | {v:.0f} |" for k, v in clock.seconds.items())
     threads = torch.get_num_threads()
+    workers, run_threads = parallel
     pool_text = f"{p['pool']} phantoms" + (" + the slicerio chest CT" if data.chest_ct else "")
     lines = [
         f"# volumefusion demo report{' (--quick)' if quick else ''}",
@@ -422,8 +425,9 @@ def write_report(out: Path, settings: dict, data: DemoData, pretrain_result, run
         f"- Fine-tuning: {ft['run']['max_steps']} steps per run, lr {ft['optim']['lr']}, seeds {seeds}; "
         "the two arms share config, seed, data order and augmentation, and differ only in the starting "
         "weights.",
-        f"- Machine: {platform.machine()}, device {device}, {threads} torch thread(s); "
-        f"total {clock.elapsed():.0f} s.",
+        f"- Machine: {platform.machine()}, {_cpu_count()} CPU core(s), device {device}; pretraining with "
+        f"{threads} torch thread(s), fine-tuning runs {workers} at a time with {run_threads or threads} "
+        f"thread(s) each; total {clock.elapsed():.0f} s.",
         "",
         "## Dice on the held-out phantoms",
         "",
@@ -483,7 +487,7 @@ def write_report(out: Path, settings: dict, data: DemoData, pretrain_result, run
     report = out / "report.md"
     atomic_write_text(report, "\n".join(lines))
     results = {
-        "quick": quick, "device": device, "torch_threads": threads, "seconds": clock.seconds,
+        "quick": quick, "device": device, "torch_threads": threads, "parallel_runs": workers, "seconds": clock.seconds,
         "total_seconds": clock.elapsed(), **numbers,
         "runs": [{"seed": r.seed, "arm": r.arm, "mean_dice": r.mean_dice, "organ_dice": r.organ_dice,
                   "val_best": r.best_score, "seconds": r.seconds} for r in runs],
@@ -496,11 +500,97 @@ def write_report(out: Path, settings: dict, data: DemoData, pretrain_result, run
 # the demo
 
 
+@dataclass(frozen=True)
+class FinetuneJob:
+    """One fine-tuning run with its prediction and evaluation of the held-out phantoms (picklable, so
+    that it can run in a worker process)."""
+
+    seed: int
+    arm: str
+    run_dir: Path
+    config: Path
+    overrides: tuple[str, ...]
+    dataset: Path
+    pretrained: Path | None
+    test_images: Path
+    test_labels: Path
+    device: str
+    wall_start: float
+    """``time.time()`` when the demo started, for the progress lines."""
+
+
+def run_job(job: FinetuneJob, threads: int | None = None, verbosity: int | None = None) -> RunResult:
+    """Fine-tune, predict the held-out phantoms with ``best.pt`` and evaluate; in a worker process
+    ``threads`` sets torch's thread count and ``verbosity`` the log level (see :func:`volumefusion.log.setup`)."""
+    from volumefusion.train.runs import finetune
+
+    if threads:
+        torch.set_num_threads(threads)
+    if verbosity is not None:
+        from volumefusion.log import setup
+
+        setup(verbosity)
+
+    def progress(what: str) -> None:
+        log.info("[demo %6.1f s] seed %d, %s: %s", time.time() - job.wall_start, job.seed, job.arm, what)
+
+    progress("fine-tuning")
+    t0 = time.perf_counter()
+    result = finetune([str(job.config)], list(job.overrides), job.dataset, job.run_dir, job.pretrained)
+    seconds = time.perf_counter() - t0
+    progress(f"fine-tuned in {seconds:.0f} s; predicting and evaluating")
+    _command(["predict", "-m", str(job.run_dir / "checkpoints" / "best.pt"), "-i", str(job.test_images),
+              "-o", str(job.run_dir / "predictions"), "--device", job.device])
+    _command(["evaluate", "--pred", str(job.run_dir / "predictions"), "--gt", str(job.test_labels),
+              "--labels", str(job.dataset / "dataset.json"), "--out", str(job.run_dir / "metrics.csv")])
+    run = RunResult(job.seed, job.arm, job.run_dir, seconds, result.best_score,
+                    _read_dice(job.run_dir / "metrics.csv"))
+    progress(f"mean Dice {run.mean_dice:.3f} on the held-out phantoms")
+    return run
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _parallel_runs(device: str, jobs: int) -> tuple[int, int | None]:
+    """How many fine-tuning runs go at once and with how many torch threads each (None: unchanged).
+
+    On a CPU, two runs of one process each beat one run of two threads: a small 3D network gains
+    little from a second intra-op thread (about 1.2x on 2 cores), and OpenMP threads stall when
+    another process takes a core. On a GPU the runs go one after the other.
+    """
+    from volumefusion.infer import resolve_device
+
+    cpus = _cpu_count()
+    if resolve_device(device).type != "cpu" or cpus < 2 or jobs < 2:
+        return 1, None
+    return 2, max(1, cpus // 2)
+
+
+def _run_jobs(jobs: list[FinetuneJob], workers: int, threads: int | None) -> list[RunResult]:
+    """The jobs' results in order, ``workers`` at a time in worker processes (in this one if 1)."""
+    if workers == 1:
+        return [run_job(job) for job in jobs]
+    import logging
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    level = get_logger("volumefusion").getEffectiveLevel()
+    verbosity = 1 if level <= logging.DEBUG else -1 if level >= logging.WARNING else 0
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_job, job, threads, verbosity) for job in jobs]
+        return [f.result() for f in futures]
+
+
 def run_demo(out: str | Path = "vf-demo", *, quick: bool = False, seeds: list[int] | None = None,
              device: str = "auto", config: str | Path | None = None) -> DemoResult:
     """Run the whole demo into ``out`` and return what it measured; see the module docstring."""
     from volumefusion import config as vf_config
-    from volumefusion.train.runs import finetune, pretrain
+    from volumefusion.train.runs import pretrain
 
     settings = load_settings(config, quick)
     if seeds:
@@ -527,30 +617,18 @@ def run_demo(out: str | Path = "vf-demo", *, quick: bool = False, seeds: list[in
         pretrain_result = pretrain(cfg, data.pool_store, out / "runs" / "pretrain")
     pretrained = out / "runs" / "pretrain" / "checkpoints" / "latest.pt"
 
-    runs: list[RunResult] = []
-    for seed in settings["seeds"]:
-        for arm in ARMS:
-            run_dir = out / "runs" / f"seed{seed}" / arm
-            overrides = [*device_override, f"run.seed={seed}", f"finetune.split_file={data.split}"]
-            with clock.stage("finetune", f"seed {seed}, {arm}"):
-                t0 = time.perf_counter()
-                result = finetune([str(finetune_yaml)], overrides, data.dataset, run_dir,
-                                  pretrained if arm == "pretrained" else None)
-                seconds = time.perf_counter() - t0
-            with clock.stage("predict + evaluate", f"seed {seed}, {arm}"):
-                _command(["predict", "-m", str(run_dir / "checkpoints" / "best.pt"),
-                          "-i", str(data.test_images), "-o", str(run_dir / "predictions"),
-                          "--device", device])
-                _command(["evaluate", "--pred", str(run_dir / "predictions"), "--gt", str(data.test_labels),
-                          "--labels", str(data.dataset / "dataset.json"),
-                          "--out", str(run_dir / "metrics.csv")])
-            dice = _read_dice(run_dir / "metrics.csv")
-            run = RunResult(seed, arm, run_dir, seconds, result.best_score, dice)
-            log.info("seed %d, %s: mean Dice %.3f on %d held-out phantoms", seed, arm, run.mean_dice,
-                     settings["phantoms"]["test"])
-            runs.append(run)
+    jobs = [FinetuneJob(seed, arm, out / "runs" / f"seed{seed}" / arm, finetune_yaml,
+                        (*device_override, f"run.seed={seed}", f"finetune.split_file={data.split}"),
+                        data.dataset, pretrained if arm == "pretrained" else None, data.test_images,
+                        data.test_labels, device, clock.wall_start)
+            for seed in settings["seeds"] for arm in ARMS]
+    workers, threads = _parallel_runs(device, len(jobs))
+    with clock.stage("finetune + predict + evaluate",
+                     f"{len(jobs)} runs, {workers} at a time ({threads or torch.get_num_threads()} thread(s) each)"):
+        runs = _run_jobs(jobs, workers, threads)
 
     with clock.stage("report", "tables and figures"):
-        report = write_report(out, settings, data, pretrain_result, runs, clock, device, quick)
+        report = write_report(out, settings, data, pretrain_result, runs, clock, device, quick,
+                              (workers, threads))
     log.info("[demo %6.1f s] report: %s", clock.elapsed(), report)
     return DemoResult(out, report, runs, clock.seconds, clock.elapsed())
