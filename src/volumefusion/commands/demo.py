@@ -6,8 +6,8 @@ import argparse
 
 EXAMPLES = """\
 examples:
-  volumefusion demo                        # full demo into ./vf-demo (about 10 minutes on 2 CPU cores)
-  volumefusion demo --quick --out /tmp/d   # a smoke run of every stage (about 3 minutes)
+  volumefusion demo                        # full demo into ./vf-demo (about 9.5 minutes on 2 CPU cores)
+  volumefusion demo --quick --out /tmp/d   # a smoke run of every stage (about 1 minute)
   volumefusion demo --seeds 0 1 2 3 4 --device cuda
 
 Stages: write phantoms (+ the slicerio chest CT when installed) and prepare them; Volume Fusion
