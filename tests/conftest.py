@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+
+# Reference checkpoint data beside the checkout (../shared/conformance); tests that need it skip without it.
+CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
 
 # Small, fast PCT-Net: divisible crops of [16, 32, 32] reach 2x2x2 at the bottom.
 TINY_MODEL = [

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import CONFORMANCE
 from volumefusion.config import ModelConfig
 from volumefusion.nets import PCTNet, UNet3D, build_model
 from volumefusion.nets.pctnet import (
@@ -20,7 +20,6 @@ from volumefusion.nets.pctnet import (
 )
 from volumefusion.nets.weights import load_pretrained
 
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
 needs_conformance = pytest.mark.skipif(not (CONFORMANCE / "pctnet_small_io.pt").is_file(),
                                        reason="conformance data not present")
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import CONFORMANCE
 from volumefusion import VolumeFusionError
 from volumefusion.cli import main
 from volumefusion.nets import PCTNet, UNet3D
@@ -19,7 +19,6 @@ from volumefusion.nets.weights import (
 )
 from volumefusion.train.checkpoint import load_checkpoint, save_checkpoint
 
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
 needs_conformance = pytest.mark.skipif(not (CONFORMANCE / "pctnet_full_misfm_shapes.json").is_file(),
                                        reason="conformance data not present")
 TINY = dict(feature_channels=(4, 8, 16, 32, 64), num_heads=(2, 2, 4), window_size=2)

@@ -203,7 +203,7 @@ def load_pretrained(model: nn.Module, source: str | Path | dict, strict_encoder:
     _check_indices(model, name)
     if hasattr(model, "rel_pos_index"):
         report.rel_pos_index = model.rel_pos_index
-    log.info("%s", report.format())
+    log.debug("%s", report.format())
     return report
 
 
