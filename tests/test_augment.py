@@ -128,7 +128,7 @@ def test_views_of_both_crops_are_inverted_together_a_quarter_of_the_time():
 
 def test_identity_augmentation_keeps_image_and_label():
     image, label = torch.randn(2, 1, 8, 12, 10), torch.randint(0, 3, (2, 1, 8, 12, 10), dtype=torch.uint8)
-    out_image, out_label = augment_segmentation(image, label, gen(), flip=False, rotate_deg=(0, 0, 0),
+    out_image, out_label = augment_segmentation(image, label, gen(), mirror_axes=(), rotate_deg=(0, 0, 0),
                                                 scale=(1.0, 1.0), intensity=False)
     torch.testing.assert_close(out_image, image, atol=1e-5, rtol=0)
     assert out_label.dtype == torch.uint8 and torch.equal(out_label, label)
@@ -147,6 +147,21 @@ def test_flips_move_image_and_label_together():
         assert match
         seen.add(match[0])
     assert len(seen) > 1
+
+
+def test_mirror_axes_limits_flips_to_the_named_axes():
+    # x carries left/right: with mirror_axes=(0, 1) no sample may come out mirrored along x.
+    image = torch.randn(16, 1, 6, 8, 10)
+    label = torch.randint(0, 4, (16, 1, 6, 8, 10))
+    out_image, out_label = augment_segmentation(image, label, gen(1), mirror_axes=(0, 1), rotate_deg=(0, 0, 0),
+                                                scale=(1.0, 1.0), intensity=False)
+    seen = set()
+    for i in range(16):
+        match = [dims for dims in [(), (1,), (2,), (1, 2), (3,), (1, 3), (2, 3), (1, 2, 3)]
+                 if torch.equal(out_label[i], label[i].flip(list(dims)))]
+        assert len(match) == 1 and 3 not in match[0]
+        seen.add(match[0])
+    assert len(seen) == 4  # z and y flips still happen, in every combination
 
 
 def test_rotation_and_zoom_keep_labels_aligned_with_the_image():

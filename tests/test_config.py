@@ -17,7 +17,19 @@ def test_defaults_are_the_paper_settings():
 
 
 def test_paper_preset_equals_defaults():
-    assert config.load("configs/pretrain_paper.yaml") == config.load()
+    assert config.load("pretrain_paper") == config.load()
+
+
+def test_presets_ship_in_the_package_and_resolve_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no source checkout around: the package's own copies are used
+    assert {"pretrain_paper", "finetune", "demo"} <= set(config.presets())
+    for name in ("finetune", "finetune.yaml", "configs/finetune.yaml"):
+        assert config.resolve_path(name) == config.PRESETS / "finetune.yaml"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "finetune.yaml").write_text("optim: {lr: 0.5}\n")  # a file of one's own wins
+    assert config.load("configs/finetune.yaml").optim.lr == 0.5
+    with pytest.raises(config.ConfigError, match="elsewhere/finetune.yaml does not exist.*bundled presets: "):
+        config.load("elsewhere/finetune.yaml")
 
 
 def test_override_sets_nested_field():
@@ -47,6 +59,8 @@ def test_yaml_file_then_override_order(tmp_path):
         ("fusion.mode=cubes", "fusion.mode: 'cubes' is not allowed; choose one of: boxes, grid"),
         ("data.crop_size=[64,128]", "data.crop_size: expected 3 values, got 2"),
         ("fusion.num_boxes=[40,10]", "fusion.num_boxes: [40, 10] must be [min, max]"),
+        ("finetune.mirror_axes=[0,3]", "finetune.mirror_axes: (0, 3) is out of range; must be <= 2"),
+        ("finetune.mirror_axes=[1,1]", "finetune.mirror_axes: [1, 1] names an axis twice"),
         ("model.num_heads=[3,8,16]", "model.num_heads: 3 heads do not divide 128 channels"),
         ("finetune.fold=5", "finetune.fold: 5 must be < finetune.num_folds (5)"),
     ],

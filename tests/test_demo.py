@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from volumefusion import VolumeFusionError
+from volumefusion.config import PRESETS
 from volumefusion.demo import ARMS, RunResult, _dice_tables, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,10 +92,10 @@ def test_quick_settings_override_the_full_ones():
 
 def test_bad_demo_settings_name_the_problem(tmp_path):
     path = tmp_path / "demo.yaml"
-    path.write_text((ROOT / "configs" / "demo.yaml").read_text() + "\nextra: 1\n")
+    path.write_text((PRESETS / "demo.yaml").read_text() + "\nextra: 1\n")
     with pytest.raises(VolumeFusionError, match="unknown section 'extra'"):
         load_settings(path)
-    path.write_text((ROOT / "configs" / "demo.yaml").read_text().replace("train: 4", "train: 0"))
+    path.write_text((PRESETS / "demo.yaml").read_text().replace("train: 4", "train: 0"))
     with pytest.raises(VolumeFusionError, match="phantoms.train"):
         load_settings(path)
 

@@ -140,3 +140,12 @@ def test_a_patch_size_the_network_cannot_take_is_refused(checkpoint, tmp_path, c
     args = ("-m", checkpoint, "-i", chest_ct()[0], "-o", tmp_path, "--patch-size", "16", "32", "30")
     assert _predict(*args) == 2
     assert "size divisor" in capsys.readouterr().err
+
+
+def test_tta_mirrors_the_axes_fine_tuning_mirrored(checkpoint, tmp_path):
+    assert Predictor.from_checkpoint(checkpoint, "cpu", tta=True).tta == (0, 1, 2)  # the default
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["config"]["finetune"]["mirror_axes"] = [0, 1]  # a model trained to tell left from right
+    save_checkpoint(tmp_path / "no_x.pt", ckpt)
+    assert Predictor.from_checkpoint(tmp_path / "no_x.pt", "cpu", tta=True).tta == (0, 1)
+    assert Predictor.from_checkpoint(tmp_path / "no_x.pt", "cpu", tta=(2,)).tta == (2,)

@@ -13,6 +13,7 @@ result is reproducible from the generator state; the voxel work runs on the tens
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -196,7 +197,8 @@ def _rotation(angles: torch.Tensor) -> torch.Tensor:
 
 
 def augment_segmentation(image: torch.Tensor, label: torch.Tensor, generator: torch.Generator, *,
-                         flip: bool = True, rotate_deg: tuple[float, float, float] = (15.0, 0.0, 0.0),
+                         mirror_axes: Sequence[int] = (0, 1, 2),
+                         rotate_deg: tuple[float, float, float] = (15.0, 0.0, 0.0),
                          scale: tuple[float, float] = (0.85, 1.25), intensity: bool = True
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random spatial and intensity augmentation of a fine-tuning batch; returns new tensors.
@@ -204,7 +206,8 @@ def augment_segmentation(image: torch.Tensor, label: torch.Tensor, generator: to
     ``image``: float ``(N, C, D, H, W)``, normalised intensities; ``label``: integer ``(N, 1, D, H, W)``
     (dtype kept). One affine per sample about the crop centre, in voxel space: rotation by
     ``U[-r, r]`` degrees about the z, y and x axes (``rotate_deg``; z turns the axial plane), zoom
-    ``U[scale]`` (> 1 magnifies) and, with ``flip``, a flip of each axis with probability 1/2. The
+    ``U[scale]`` (> 1 magnifies) and a flip of each axis of ``mirror_axes`` (0 z, 1 y, 2 x) with
+    probability 1/2 (leave out x where left and right carry different labels). The
     image is resampled linearly (border values outside), the label by nearest neighbour (0 outside).
     With ``intensity``, per sample: brightness x ``U[0.75, 1.25]`` (p 0.15), contrast about the mean
     x ``U[0.75, 1.25]`` (p 0.15), gamma ``U[0.7, 1.5]`` on the sample's range (p 0.3), Gaussian noise
@@ -214,8 +217,10 @@ def augment_segmentation(image: torch.Tensor, label: torch.Tensor, generator: to
     angles = (2 * torch.rand((n, 3), generator=generator, dtype=torch.float64) - 1) \
         * torch.tensor(rotate_deg, dtype=torch.float64).deg2rad()
     zoom = uniform(scale[0], scale[1], (n,), generator)
-    signs = torch.where(torch.rand((n, 3), generator=generator) < 0.5, -1.0, 1.0) if flip \
-        else torch.ones((n, 3))
+    # All three draws are always made, so the other augmentations do not depend on mirror_axes.
+    mirrored = torch.zeros(3, dtype=torch.bool)
+    mirrored[list(mirror_axes)] = True
+    signs = torch.where((torch.rand((n, 3), generator=generator) < 0.5) & mirrored, -1.0, 1.0)
     # Output voxel offset v from the centre samples the input at R diag(sign) v / zoom. In the
     # normalised coordinates of affine_grid (u = 2 v / size, axes x, y, z) that is S^-1 M S.
     sampling = _rotation(angles) @ torch.diag_embed(signs.double() / zoom[:, None])

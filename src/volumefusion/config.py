@@ -1,12 +1,13 @@
 """Typed, validated configuration.
 
 A :class:`Config` is a tree of dataclasses whose defaults reproduce the MIS-FM paper. It is built
-from YAML files (``configs/*.yaml``) and ``--set section.field=value`` overrides, and validated
-before any work starts: every error is one line naming the field, the value and what is allowed.
+from YAML files (the bundled presets of ``volumefusion/configs/`` can be named: ``-c pretrain_paper``)
+and ``--set section.field=value`` overrides, and validated before any work starts: every error is
+one line naming the field, the value and what is allowed.
 
 Each field may carry ``metadata`` with ``choices`` (allowed values), ``min``/``max`` (inclusive
 bounds, applied to every element of a tuple) and ``help`` (documentation, shown by
-``volumefusion config --help-fields``).
+``volumefusion config --fields``).
 """
 
 from __future__ import annotations
@@ -129,6 +130,9 @@ class FinetuneConfig:
     split_file: str | None = _f(None, "JSON file {train: [ids], val: [ids]} overriding the k-fold split")
     foreground_ratio: float = _f(0.33, "share of crops centred on a foreground voxel", min=0, max=1)
     freeze_encoder_steps: int = _f(0, "steps with the pretrained encoder frozen", min=0)
+    mirror_axes: tuple[int, ...] = _f(
+        (0, 1, 2), "axes (0 z, 1 y, 2 x) that augmentation and `predict --tta` mirror; [0, 1] keeps left and "
+        "right apart (left/right organ labels)", min=0, max=2)
     overlap: float = _f(0.5, "sliding-window overlap for validation and prediction", min=0, max=0.95)
     window_batch: int = _f(4, "windows per forward pass in sliding-window inference", min=1)
 
@@ -252,6 +256,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.hu_window: {list(cfg.data.hu_window)} must be [low, high] with low < high")
     if ft.fold >= ft.num_folds:
         raise ConfigError(f"finetune.fold: {ft.fold} must be < finetune.num_folds ({ft.num_folds})")
+    if len(set(ft.mirror_axes)) != len(ft.mirror_axes):
+        raise ConfigError(f"finetune.mirror_axes: {list(ft.mirror_axes)} names an axis twice")
     return cfg
 
 
@@ -299,6 +305,27 @@ def from_dict(data: dict[str, Any]) -> Config:
     return validate(_build(Config, data, ""))
 
 
+PRESETS = Path(__file__).parent / "configs"
+"""The presets shipped with the package: pretrain_paper, finetune, demo."""
+
+
+def presets() -> list[str]:
+    """Names of the bundled presets (usable as ``-c NAME``)."""
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A config file: ``path`` itself when it exists, else the bundled preset of that name
+    (``pretrain_paper``, ``pretrain_paper.yaml`` or ``configs/pretrain_paper.yaml`` all name it)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    preset = PRESETS / f"{path.name.removesuffix('.yaml')}.yaml"
+    if preset.is_file() and path.parent.name in ("", "configs"):
+        return preset
+    raise ConfigError(f"config file {path} does not exist (bundled presets: {', '.join(presets())})")
+
+
 def load(paths: list[str | Path] | str | Path | None = None, overrides: list[str] | None = None,
          base: dict[str, Any] | None = None) -> Config:
     """Defaults, then ``base`` (e.g. a checkpoint's config), then each YAML file, then overrides."""
@@ -308,9 +335,7 @@ def load(paths: list[str | Path] | str | Path | None = None, overrides: list[str
     if isinstance(paths, (str, Path)):
         paths = [paths]
     for path in paths or []:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = resolve_path(path)
         try:
             content = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:

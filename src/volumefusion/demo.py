@@ -12,7 +12,8 @@ Every stage runs the code of the matching command, on data the demo generates it
    the held-out phantoms (``volumefusion predict``), scored by ``volumefusion evaluate``.
 5. **report**: ``DIR/report.md`` with the Dice table and the pictures in ``DIR/figures/``.
 
-The settings live in ``configs/demo.yaml`` (``--quick`` applies its ``quick`` section). Output layout::
+The settings live in the bundled preset ``volumefusion/configs/demo.yaml`` (``--quick`` applies its
+``quick`` section; ``volumefusion config --presets`` lists the presets). Output layout::
 
     DIR/configs/{pretrain,finetune}.yaml  the resolved configs, usable with the ordinary commands
     DIR/data/pool/ (raw phantoms), DIR/data/pool_store/, DIR/data/Task01_Phantom/ (MSD),
@@ -44,8 +45,8 @@ from volumefusion.log import get_logger
 
 log = get_logger(__name__)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
-"""``configs/demo.yaml`` of the source tree (the package is installed from it in place)."""
+DEFAULT_CONFIG = "demo"
+"""The bundled preset ``volumefusion/configs/demo.yaml``."""
 
 SECTIONS = ("phantoms", "prepare", "seeds", "common", "pretrain", "finetune", "quick")
 PHANTOM_FIELDS = ("shape", "spacing_zyx", "pool", "train", "val", "test", "chest_ct")
@@ -71,10 +72,9 @@ def load_settings(path: str | Path | None = None, quick: bool = False) -> dict[s
     Only the demo's own sections are checked here; ``common``/``pretrain``/``finetune`` are checked
     by :func:`volumefusion.config.load` when the stages build their configs.
     """
-    path = Path(path) if path else DEFAULT_CONFIG
-    if not path.is_file():
-        raise VolumeFusionError(f"demo settings {path} not found; pass --config configs/demo.yaml from a "
-                                "source checkout of volumefusion")
+    from volumefusion.config import resolve_path
+
+    path = resolve_path(path or DEFAULT_CONFIG)
     try:
         settings = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

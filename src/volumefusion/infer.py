@@ -358,7 +358,8 @@ class Predictor:
         self.patch_size = tuple(int(p) for p in (patch_size or cfg.data.crop_size))
         self.overlap = cfg.finetune.overlap if overlap is None else overlap
         self.window_batch = cfg.finetune.window_batch if window_batch is None else window_batch
-        self.tta = tta
+        # TTA mirrors the axes that training mirrored (finetune.mirror_axes) unless told otherwise.
+        self.tta = tuple(cfg.finetune.mirror_axes) if tta is True else tta
         self.precision = precision or cfg.run.precision
         _check_patch(self.model, self.patch_size)
         flip_sets(tta)

@@ -11,12 +11,14 @@ def register(sub) -> None:
     p = sub.add_parser(
         "config", help="show the resolved configuration or every config field",
         description="Print the configuration that results from the defaults, --config files and --set "
-                    "overrides, as YAML; or, with --fields, every field with its default and meaning.\n\n"
-                    "example: volumefusion config -c configs/pretrain_paper.yaml --set optim.lr=3e-4",
+                    "overrides, as YAML; with --fields, every field with its default and meaning; with "
+                    "--presets, the bundled presets (give one to -c by name).\n\n"
+                    "example: volumefusion config -c pretrain_paper --set optim.lr=3e-4",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_args(p)
     p.add_argument("--fields", action="store_true", help="list every field with its default and help")
+    p.add_argument("--presets", action="store_true", help="list the bundled presets and where they are")
     p.set_defaults(func=run)
 
 
@@ -27,6 +29,10 @@ def run(args) -> int:
 
     if args.fields:
         print(config.describe_fields())
+        return 0
+    if args.presets:
+        for name in config.presets():
+            print(f"{name:16s} {config.PRESETS / (name + '.yaml')}")
         return 0
     cfg = config.load(args.config, args.overrides)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")

@@ -14,7 +14,8 @@ Stages: write phantoms (+ the slicerio chest CT when installed) and prepare them
 pretraining of a small PCT-Net; for each seed, fine-tuning on a few labelled phantoms from the
 pretrained weights and from scratch (same config, seed and steps); prediction and evaluation on
 held-out phantoms; DIR/report.md with the Dice table, the fusion montage, training curves and
-prediction overlays (DIR/figures/). Settings: configs/demo.yaml (--quick applies its quick section).
+prediction overlays (DIR/figures/). Settings: the bundled preset demo.yaml (`volumefusion config
+--presets` shows where; --quick applies its quick section).
 """
 
 
@@ -27,7 +28,8 @@ def register(sub) -> None:
     p.add_argument("--seeds", type=int, nargs="+", metavar="S",
                    help="fine-tuning seeds (default: seeds of the settings, 0 1 2; --quick: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--config", "-c", metavar="YAML", help="demo settings (default configs/demo.yaml)")
+    p.add_argument("--config", "-c", metavar="YAML",
+                   help="demo settings: a YAML file or a preset name (default: the bundled preset demo)")
     p.set_defaults(func=run)
 
 

@@ -10,9 +10,9 @@ EXAMPLES = """\
 examples:
   # fine-tune VF-pretrained weights on an MSD task, fold 0 of 5
   volumefusion finetune --data Task09_Spleen/ --pretrained runs/vf/checkpoints/latest.pt \\
-      --out runs/spleen_vf -c configs/finetune.yaml --fold 0
+      --out runs/spleen_vf -c finetune --fold 0
   # the same budget from scratch: the fair comparison
-  volumefusion finetune --data Task09_Spleen/ --pretrained none --out runs/spleen_scratch -c configs/finetune.yaml
+  volumefusion finetune --data Task09_Spleen/ --pretrained none --out runs/spleen_scratch -c finetune
   # the official MIS-FM weights (PyMIC checkpoint) work directly
   volumefusion finetune --data Task09_Spleen/ --pretrained pctnet_ct10k_volf.pt --out runs/spleen_misfm
 

@@ -44,7 +44,8 @@ def register(sub) -> None:
     p.add_argument("--window-batch", type=int, default=None, metavar="N",
                    help="windows per forward pass (default: the checkpoint's finetune.window_batch, 4)")
     p.add_argument("--tta", action="store_true",
-                   help="mirror test-time augmentation over z, y and x (8 passes per window)")
+                   help="mirror test-time augmentation over the axes fine-tuning mirrored (the checkpoint's "
+                        "finetune.mirror_axes; z, y and x by default: 8 passes per window)")
     p.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--precision", default=None, choices=("auto", "bf16", "fp32"),
                    help="auto: bf16 autocast on GPU, fp32 on CPU (default: the checkpoint's run.precision)")

@@ -9,15 +9,15 @@ from volumefusion.commands import add_training_args, training_overrides
 EXAMPLES = """\
 examples:
   # the paper's schedule on one GPU (400k steps, batch 4, [64,128,128] crops)
-  volumefusion pretrain -c configs/pretrain_paper.yaml --data store/ --out runs/vf
+  volumefusion pretrain -c pretrain_paper --data store/ --out runs/vf
   # 8 GPUs on one node; global batch = 8 x --batch-size
-  torchrun --nproc_per_node=8 -m volumefusion pretrain -c configs/pretrain_paper.yaml \\
+  torchrun --nproc_per_node=8 -m volumefusion pretrain -c pretrain_paper \\
       --data store/ --out runs/vf --batch-size 4
   # a short CPU try-out with a small network
   volumefusion pretrain --data store/ --out runs/try --device cpu --max-steps 50 \\
       --set model.feature_channels=[8,16,32,64,128] --set model.num_heads=[2,4,8] --set data.crop_size=[32,64,64]
   # continue an interrupted run (the same command plus --resume)
-  volumefusion pretrain -c configs/pretrain_paper.yaml --data store/ --out runs/vf --resume
+  volumefusion pretrain -c pretrain_paper --data store/ --out runs/vf --resume
 
 The run folder gets config.yaml (the resolved config), metrics.jsonl, progress.png, images/,
 tensorboard/ (when installed) and checkpoints/ (latest.pt, best.pt, step_*.pt). SIGTERM or Ctrl-C

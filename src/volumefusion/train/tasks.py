@@ -154,7 +154,7 @@ class SegmentationTask:
 
         image = normalise_hu(batch["image"].to(device, non_blocking=True), self.cfg.data.hu_window)
         label = batch["label"].to(device, non_blocking=True)
-        image, label = augment_segmentation(image, label, generator)
+        image, label = augment_segmentation(image, label, generator, mirror_axes=self.cfg.finetune.mirror_axes)
         return image, label[:, 0].long()
 
     def validate(self, model: nn.Module, device: torch.device, autocast) -> dict[str, float]:
