@@ -63,6 +63,12 @@ def test_yaml_file_then_override_order(tmp_path):
         ("finetune.mirror_axes=[1,1]", "finetune.mirror_axes: [1, 1] names an axis twice"),
         ("model.num_heads=[3,8,16]", "model.num_heads: 3 heads do not divide 128 channels"),
         ("finetune.fold=5", "finetune.fold: 5 must be < finetune.num_folds (5)"),
+        ("model.window_size=[6,4]", "model.window_size: [6, 4] has 2 values; PCT-Net needs one"),
+        ("model.shifted_windows=[true,true,false,false]", "model.shifted_windows: [True, True, False, False] has 4"),
+        ("model.shifted_windows=[]", "model.shifted_windows: [] has 0 values"),
+        ("model.window_size=[6,0,6]", "model.window_size: (6, 0, 6) is out of range; must be >= 1"),
+        ("model.shifted_windows=1", "model.shifted_windows: expected true or false, got 1"),
+        ("model.window_size={a: 1}", "model.window_size: expected a list, got {'a': 1}"),
     ],
 )
 def test_invalid_value_names_field(override, message):
@@ -70,6 +76,28 @@ def test_invalid_value_names_field(override, message):
         config.load(overrides=[override])
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_single_value_for_a_list_field_is_a_list_of_one(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {window_size: 4, shifted_windows: false}\nfinetune: {mirror_axes: 1}\n")
+    cfg = config.load(path)
+    assert (cfg.model.window_size, cfg.model.shifted_windows, cfg.finetune.mirror_axes) == ((4,), (False,), (1,))
+    assert config.load(overrides=["model.window_size=4"]).model.window_size == (4,)
+
+
+def test_windows_per_level_load_and_round_trip(tmp_path):
+    cfg = config.load(overrides=["model.window_size=[6,6,4]", "model.shifted_windows=[true,true,false]"])
+    assert cfg.model.window_size == (6, 6, 4) and cfg.model.shifted_windows == (True, True, False)
+    config.save(cfg, tmp_path / "config.yaml")
+    assert config.load(tmp_path / "config.yaml") == cfg
+
+
+def test_a_config_saved_before_windows_per_level_still_loads():
+    old = config.to_dict(config.Config())
+    old["model"]["window_size"] = 6  # how checkpoints and config files stored it
+    del old["model"]["shifted_windows"]
+    assert config.load(base=old) == config.load() == config.from_dict(old)
 
 
 def test_missing_and_invalid_files(tmp_path):

@@ -214,7 +214,7 @@ def test_reference_windows_follow_the_reference_rule():
 
 
 def test_build_model_from_config():
-    cfg = ModelConfig(feature_channels=(4, 8, 16, 32, 64), num_heads=(2, 2, 4), window_size=2,
+    cfg = ModelConfig(feature_channels=(4, 8, 16, 32, 64), num_heads=(2, 2, 4), window_size=(2,),
                       rel_pos_index="reference")
     model = build_model(cfg, 3)
     assert isinstance(model, PCTNet) and model.rel_pos_index == "reference"
@@ -226,3 +226,19 @@ def test_build_model_from_config():
         heads = [k for k in keys if k.startswith(m.head_prefixes)]
         assert len(heads) == 8 and all(m.state_dict()[k].shape[0] == 3 for k in heads)
         assert any(k.startswith(m.encoder_prefixes) for k in keys)
+
+
+@pytest.mark.parametrize("windows, shifted", [((3, 2, 2), (True, False, True)), ((2,), (False,))])
+def test_build_model_sets_windows_and_shifts_per_level(windows, shifted):
+    cfg = ModelConfig(feature_channels=(4, 8, 16, 32, 64), num_heads=(2, 2, 4), window_size=windows,
+                      shifted_windows=shifted)
+    model = build_model(cfg, 3)
+    windows, shifted = windows * (3 // len(windows)), shifted * (3 // len(shifted))
+    levels = {"e2": 0, "d2": 0, "e3": 1, "d3": 1, "e4": 2}
+    for name, level in levels.items():
+        blocks = getattr(model.pyramid, name).swin.blocks
+        assert [b.window for b in blocks] == [windows[level]] * 2
+        assert [b.attn.window for b in blocks] == [windows[level]] * 2
+        assert [b.shift for b in blocks] == [0, windows[level] // 2 if shifted[level] else 0]
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 1, 8, 16, 16))[0].shape == (1, 3, 8, 16, 16)

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from tests.conftest import CONFORMANCE
-from volumefusion import VolumeFusionError
+from volumefusion import VolumeFusionError, config
 from volumefusion.cli import main
-from volumefusion.nets import PCTNet, UNet3D
-from volumefusion.nets.pctnet import relative_position_index
+from volumefusion.nets import PCTNet, UNet3D, build_model
+from volumefusion.nets.pctnet import reference_windows, relative_position_index
 from volumefusion.nets.weights import (
     load_pretrained,
     misfm_num_classes,
+    misfm_shifted_windows,
     model_config_from_misfm,
 )
 from volumefusion.train.checkpoint import load_checkpoint, save_checkpoint
@@ -150,8 +151,8 @@ def test_model_config_from_misfm_reads_the_architecture():
     state = misfm_paper_layout(trained_mode=2)
     cfg = model_config_from_misfm(state)
     assert cfg == {"name": "pctnet", "in_channels": 1, "feature_channels": [24, 48, 128, 256, 512],
-                   "depths": [2, 2, 2], "num_heads": [4, 8, 16], "window_size": 6, "resolution_mode": 2,
-                   "rel_pos_index": "reference", "deep_supervision": True}
+                   "depths": [2, 2, 2], "num_heads": [4, 8, 16], "window_size": [6], "shifted_windows": [True],
+                   "resolution_mode": 2, "rel_pos_index": "reference", "deep_supervision": True}
     assert misfm_num_classes(state) == 5
 
 
@@ -182,6 +183,29 @@ def test_convert_writes_a_checkpoint_that_reproduces_the_misfm_model(tmp_path):
     x = torch.randn(1, 1, 8, 16, 16)
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(converted(x), direct(x)))
+
+
+@pytest.mark.parametrize("input_size", [(64, 128, 128), (32, 64, 64), (16, 32, 32)])
+def test_shifts_follow_from_the_windows_of_a_misfm_model(input_size):
+    windows, shifted = reference_windows(input_size)
+    assert misfm_shifted_windows(list(windows)) == list(shifted)
+
+
+@needs_conformance
+def test_convert_reproduces_a_misfm_model_with_windows_per_level(tmp_path):
+    out = tmp_path / "ours.pt"
+    assert main(["convert", str(CONFORMANCE / "pctnet_small_misfm.pt"), "--out", str(out)]) == 0
+    ours = load_checkpoint(out)
+    cfg = config.load(base={"model": ours["config"]["model"]})
+    assert cfg.model.window_size == (6, 6, 4) and cfg.model.shifted_windows == (True, True, False)
+    model = build_model(cfg.model, ours["task"]["num_classes"]).eval()
+    report = load_pretrained(model, out)
+    assert len(report.loaded) == len(model.state_dict())
+    io = torch.load(CONFORMANCE / "pctnet_small_io.pt", weights_only=True)
+    with torch.no_grad():
+        outputs = model(io["input"])
+    for a, b in zip(outputs, io["outputs"], strict=True):
+        assert (a - b).abs().max().item() <= 1e-4
 
 
 def test_convert_rejects_a_non_misfm_checkpoint(tmp_path):

@@ -8,6 +8,9 @@ one line naming the field, the value and what is allowed.
 Each field may carry ``metadata`` with ``choices`` (allowed values), ``min``/``max`` (inclusive
 bounds, applied to every element of a tuple) and ``help`` (documentation, shown by
 ``volumefusion config --fields``).
+
+A single value for a list field of any length (``tuple[X, ...]``) means a list of one: ``window_size: 6``
+reads as ``[6]``, so files and checkpoints written before a field took a list still load.
 """
 
 from __future__ import annotations
@@ -70,7 +73,11 @@ class ModelConfig:
     dropout: tuple[float, ...] = _f((0.0, 0.0, 0.2, 0.2, 0.2), "dropout per level", min=0, max=1)
     depths: tuple[int, ...] = _f((2, 2, 2), "Swin blocks per PCT block at 1/4, 1/8, 1/16", min=1)
     num_heads: tuple[int, ...] = _f((4, 8, 16), "attention heads at 1/4, 1/8, 1/16", min=1)
-    window_size: int = _f(6, "attention window side (voxels of the feature map)", min=1)
+    window_size: tuple[int, ...] = _f(
+        (6,), "attention window side (voxels of the feature map); one value or one per level (1/4, 1/8, 1/16)",
+        min=1)
+    shifted_windows: tuple[bool, ...] = _f(
+        (True,), "shift every second Swin block by half a window; one value or one per level (1/4, 1/8, 1/16)")
     resolution_mode: int = _f(1, "0: isotropic stem, 1: first down-sampling in-plane only, 2: first two",
                               choices=(0, 1, 2))
     drop_path: float = _f(0.2, "stochastic depth of the Swin blocks", min=0, max=1)
@@ -165,9 +172,12 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], name)
     if origin is tuple:
+        variable = len(args) == 2 and args[1] is Ellipsis
+        if variable and not isinstance(value, (list, tuple, dict)):
+            return (_coerce(value, args[0], name),)  # a single value is a list of one
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
+        if variable:
             return tuple(_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{name}: expected {len(args)} values, got {len(value)} ({list(value)!r})")
@@ -241,6 +251,11 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"model.feature_channels: PCT-Net needs 5 levels, got {list(m.feature_channels)}")
         if len(m.depths) != 3 or len(m.num_heads) != 3:
             raise ConfigError("model.depths / model.num_heads: PCT-Net needs 3 values each")
+        for key in ("window_size", "shifted_windows"):
+            values = getattr(m, key)
+            if len(values) not in (1, 3):
+                raise ConfigError(f"model.{key}: {list(values)} has {len(values)} values; PCT-Net needs one "
+                                  "(every level) or 3 (levels 1/4, 1/8, 1/16)")
         for c, h in zip(m.feature_channels[2:], m.num_heads):
             if c % h:
                 raise ConfigError(f"model.num_heads: {h} heads do not divide {c} channels")

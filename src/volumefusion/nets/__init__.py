@@ -17,13 +17,17 @@ __all__ = ["PCTNet", "UNet3D", "build_model"]
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """The network named by ``cfg.name`` ("pctnet" or "unet") with ``num_classes`` outputs."""
+    """The network named by ``cfg.name`` ("pctnet" or "unet") with ``num_classes`` outputs.
+
+    PCT-Net's ``window_size`` and ``shifted_windows`` hold one value for every pyramid level or one per
+    level (1/4, 1/8, 1/16); PCTNet takes either form as it is.
+    """
     if cfg.name == "pctnet":
         return PCTNet(
             in_channels=cfg.in_channels, num_classes=num_classes, feature_channels=cfg.feature_channels,
             dropout=cfg.dropout, depths=cfg.depths, num_heads=cfg.num_heads, window_size=cfg.window_size,
-            resolution_mode=cfg.resolution_mode, deep_supervision=cfg.deep_supervision,
-            drop_path=cfg.drop_path, rel_pos_index=cfg.rel_pos_index,
+            shifted_windows=cfg.shifted_windows, resolution_mode=cfg.resolution_mode,
+            deep_supervision=cfg.deep_supervision, drop_path=cfg.drop_path, rel_pos_index=cfg.rel_pos_index,
             activation_checkpointing=cfg.activation_checkpointing,
         )
     if cfg.name == "unet":

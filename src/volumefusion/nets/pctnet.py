@@ -436,7 +436,10 @@ class Head(nn.Module):
 
 
 def _per_level(value, n: int, name: str) -> tuple:
-    values = tuple(value) if isinstance(value, Sequence) else (value,) * n
+    """``n`` values from one value (a scalar or a sequence of one, as configs hold it) or ``n`` values."""
+    values = tuple(value) if isinstance(value, Sequence) else (value,)
+    if len(values) == 1:
+        values *= n
     if len(values) != n:
         raise ValueError(f"{name}: expected one value or {n}, got {list(values)}")
     return values
@@ -466,7 +469,8 @@ class PCTNet(nn.Module):
     ``deep_supervision`` (an attribute that may be changed at any time) the list
     ``[full, 1/2, 1/4, 1/8]``. D, H, W must be multiples of :attr:`size_divisor`.
 
-    ``window_size`` and ``shifted_windows`` are one value or one per pyramid level (1/4, 1/8, 1/16);
+    ``window_size`` and ``shifted_windows`` are one value (or a sequence of one) or one per pyramid level
+    (1/4, 1/8, 1/16);
     :func:`reference_windows` gives the values that reproduce a MIS-FM model trained at a small input
     size. ``rel_pos_index``: ``exact`` (collision-free, for new models) or ``reference`` (MIS-FM weights).
     ``activation_checkpointing`` recomputes the transformer blocks in the backward pass.

@@ -241,11 +241,32 @@ def misfm_resolution_mode(state: dict[str, torch.Tensor]) -> int | None:
     return tracked.index(best) if best > 0 and tracked.count(best) == 1 else None
 
 
+def misfm_shifted_windows(windows: list[int]) -> list[bool]:
+    """Whether each pyramid level of a MIS-FM PCT-Net shifts its windows, from its window sizes.
+
+    The reference shrinks a level's window to the level's smallest feature side when that side is not
+    larger than the configured window, and shifts only where the side is larger
+    (:func:`~volumefusion.nets.pctnet.reference_windows`). The weights store the window (the size of the
+    relative-position table) but not the shift, so this assumes the configured window was the same at
+    every level (the reference's default ``[6, 6, 6]``): a level whose window is smaller than the model's
+    largest was shrunk and is unshifted, the others are shifted.
+
+    Limits, none of which the weights can tell: a level whose smallest side equalled its window exactly
+    (1/16 of a ``[48, 96, 96]`` input with window 6) kept its window but ran unshifted; a level with the
+    largest window is taken as shifted even when every level was shrunk (a 1/4 level no larger than the
+    window, i.e. a tiny training input); and per-level configured windows (say ``[8, 6, 4]``) look
+    shrunk. Set ``model.shifted_windows`` by hand there (``--set model.shifted_windows=[true,true,false]``).
+    """
+    return [w == max(windows) for w in windows]
+
+
 def model_config_from_misfm(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The ``model`` config section (:class:`volumefusion.config.ModelConfig` fields) of a MIS-FM
-    PCT-Net state dict: channels, heads, depths, window, input channels, resolution mode and the
-    reference relative-position index. Dropout is not stored and keeps its default. Where the
-    resolution mode cannot be told from the weights the paper's (1) is assumed, with a warning.
+    PCT-Net state dict: channels, heads, depths, windows and their shifts per level, input channels,
+    resolution mode and the reference relative-position index. Windows come from the size of each
+    level's relative-position table, shifts from :func:`misfm_shifted_windows`; both are one value when
+    every level agrees. Dropout is not stored and keeps its default. Where the resolution mode cannot be
+    told from the weights the paper's (1) is assumed, with a warning.
     """
     state = clean_state_dict(state)
     channels = [
@@ -266,11 +287,7 @@ def model_config_from_misfm(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         index = state[prefix + "0.attn.relative_position_index"]
         kinds.update(k for k in REL_POS_KINDS
                      if torch.equal(index.cpu(), relative_position_index(windows[-1], k)))
-    if len(set(windows)) != 1:
-        raise VolumeFusionError(
-            f"MIS-FM model with different windows per level {windows} (trained at a small input size): "
-            "model.window_size holds a single value; build PCTNet(window_size=..., shifted_windows=...) "
-            "with nets.pctnet.reference_windows instead")
+    shifted = misfm_shifted_windows(windows)
     mode = misfm_resolution_mode(state)
     if mode is None:
         log.warning("cannot tell the resolution mode from the weights (no stem has tracked batches); "
@@ -282,8 +299,14 @@ def model_config_from_misfm(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         "feature_channels": channels,
         "depths": depths,
         "num_heads": heads,
-        "window_size": windows[0],
+        "window_size": _one_if_equal(windows),
+        "shifted_windows": _one_if_equal(shifted),
         "resolution_mode": mode,
         "rel_pos_index": "exact" if kinds == {"exact"} else "reference",
         "deep_supervision": True,
     }
+
+
+def _one_if_equal(values: list) -> list:
+    """``[v]`` when every level has the same value ``v``, else ``values`` (the config's two forms)."""
+    return values[:1] if len(set(values)) == 1 else values
