@@ -40,6 +40,19 @@ def test_finetune_from_pretrained_loads_all_but_the_head(pretrained, phantom_dat
     assert ckpt["task"]["preprocessing"] == load_checkpoint(pretrained)["task"]["preprocessing"]
 
 
+def test_frozen_encoder_keeps_the_pretrained_weights(pretrained, phantom_dataset, tmp_path):
+    finetune([], [*TINY_MODEL, "run.max_steps=2", "run.val_every=2", "finetune.freeze_encoder_steps=2"],
+             phantom_dataset, tmp_path, pretrained)
+    before = load_checkpoint(pretrained)["model"]
+    after = load_checkpoint(tmp_path / "checkpoints" / "latest.pt")["model"]
+    weights = [k for k in after if k.endswith(".weight") and k in before and before[k].shape == after[k].shape]
+    encoder = [k for k in weights if k.startswith(("stem.", "pyramid.e2.", "pyramid.e4."))]
+    decoder = [k for k in weights if k.startswith(("head.conv0.", "pyramid.d2."))]
+    assert encoder and decoder
+    assert all(after[k].equal(before[k]) for k in encoder)
+    assert not all(after[k].equal(before[k]) for k in decoder)
+
+
 def test_finetune_refuses_a_different_intensity_window(pretrained, phantom_dataset, tmp_path):
     with pytest.raises(VolumeFusionError, match="data.hu_window"):
         finetune([], [*FT, "data.hu_window=[-500,500]"], phantom_dataset, tmp_path, pretrained)

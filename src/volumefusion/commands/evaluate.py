@@ -76,24 +76,10 @@ def run(args) -> int:
 
 
 def read_label_names(path: Path) -> dict[int, str]:
-    """Foreground ``{value: name}`` from an MSD (``"1": "liver"``) or nnU-Net v2 (``"liver": 1``)
-    ``dataset.json``; value 0 (background) is left out."""
-    try:
-        labels = json.loads(path.read_text()).get("labels")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise VolumeFusionError(f"{path}: unreadable dataset description ({exc})") from None
-    if not isinstance(labels, dict) or not labels:
-        raise VolumeFusionError(f"{path}: no 'labels' mapping")
-    names = {}
-    for key, value in labels.items():
-        if isinstance(value, int) and not isinstance(value, bool):
-            names[value] = key
-        elif isinstance(value, str) and key.strip().isdigit():
-            names[int(key)] = value
-        else:
-            raise VolumeFusionError(f"{path}: label {key!r}: {value!r} is neither MSD ('1': 'liver') nor "
-                                    "nnU-Net v2 ('liver': 1); region-based labels are not supported")
-    return {v: n for v, n in sorted(names.items()) if v != 0}
+    """Foreground ``{value: name}`` of a ``dataset.json`` (MSD or nnU-Net v2); background left out."""
+    from volumefusion.data.prepare import read_dataset_description
+
+    return {v: n for v, n in read_dataset_description(path)[1].items() if v != 0}
 
 
 def list_cases(folder: Path, role: str) -> dict[str, Path]:

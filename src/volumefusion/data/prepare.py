@@ -397,27 +397,34 @@ def _absolute(path: str | Path) -> str:
     return str(Path(text).resolve())
 
 
-def _dataset_cases(folder: Path, channel: int | None) -> tuple[list[CaseTask], dict[int, str]]:
-    """Cases and label names of an MSD or nnU-Net v2 raw dataset folder (``dataset.json``)."""
-    meta_path = folder / "dataset.json"
+def read_dataset_description(path: Path) -> tuple[dict, dict[int, str]]:
+    """The parsed ``dataset.json`` of an MSD or nnU-Net v2 dataset and its ``{value: name}`` labels
+    (background included), from MSD (``"1": "liver"``) or nnU-Net v2 (``"liver": 1``) form."""
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise VolumeFusionError(f"{meta_path}: unreadable dataset description ({exc})") from None
-    labels = meta.get("labels")
+        raise VolumeFusionError(f"{path}: unreadable dataset description ({exc})") from None
+    labels = meta.get("labels") if isinstance(meta, dict) else None
     if not isinstance(labels, dict) or not labels:
-        raise VolumeFusionError(f"{meta_path}: no 'labels' mapping")
+        raise VolumeFusionError(f"{path}: no 'labels' mapping")
     names: dict[int, str] = {}
     for key, value in labels.items():
         if isinstance(value, int) and not isinstance(value, bool):
-            names[value] = key  # nnU-Net v2: "name": value
+            names[value] = key
         elif isinstance(value, str) and key.strip().isdigit():
-            names[int(key)] = value  # MSD: "value": "name"
+            names[int(key)] = value
         else:
             raise VolumeFusionError(
-                f"{meta_path}: label {key!r}: {value!r} is neither MSD ('1': 'liver') nor nnU-Net v2 "
+                f"{path}: label {key!r}: {value!r} is neither MSD ('1': 'liver') nor nnU-Net v2 "
                 "('liver': 1); region-based labels are not supported"
             )
+    return meta, dict(sorted(names.items()))
+
+
+def _dataset_cases(folder: Path, channel: int | None) -> tuple[list[CaseTask], dict[int, str]]:
+    """Cases and label names of an MSD or nnU-Net v2 raw dataset folder (``dataset.json``)."""
+    meta_path = folder / "dataset.json"
+    meta, names = read_dataset_description(meta_path)
     allowed = sorted(names)
     if "training" in meta:  # MSD: explicit image/label pairs; multi-modal images are 4D
         tasks = [

@@ -131,5 +131,7 @@ def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_d
     write_config(cfg, out_dir)
     log.info("fine-tuning %s on %d training / %d validation cases, %d classes (%s)", cfg.model.name,
              len(train_ids), len(val_ids), task.num_classes, "pretrained" if ckpt is not None else "from scratch")
-    freeze = (tuple(model.encoder_prefixes), f.freeze_encoder_steps) if f.freeze_encoder_steps else None
+    # Freezing protects pretrained features; a randomly initialised encoder is never held still.
+    freeze = (tuple(model.encoder_prefixes), f.freeze_encoder_steps) \
+        if f.freeze_encoder_steps and ckpt is not None else None
     return Trainer(cfg, model, task, out_dir, resume=resume, freeze=freeze).fit()
