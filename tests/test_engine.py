@@ -164,3 +164,20 @@ def test_ddp_two_processes_share_weights_and_see_different_crops(phantom_store, 
     assert r0["seen"][:3] != r1["seen"]  # each rank draws its own crops
     assert r0["weights"] == r1["weights"]  # gradients were synchronised
     assert r0["saves"] and not r1["saves"]  # only rank 0 writes checkpoints
+
+
+def test_progress_picture_is_redrawn_at_most_once_a_minute_unless_forced(tmp_path):
+    from volumefusion.train.logging import RunLogger
+
+    logger = RunLogger(tmp_path, enabled=True)
+    logger.log({"step": 1, "loss": 1.0, "lr": 1e-3})
+    logger.plot(force=False)
+    picture = tmp_path / "progress.png"
+    assert picture.is_file()
+    picture.unlink()
+    logger.log({"step": 2, "loss": 0.9, "lr": 1e-3})
+    logger.plot(force=False)  # within the interval: skipped
+    assert not picture.exists()
+    logger.plot()  # the end of a run always draws
+    assert picture.is_file()
+    logger.close()

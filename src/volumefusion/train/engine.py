@@ -365,7 +365,7 @@ class Trainer:
                         record = {"step": self.step, **{f"val_{k}": v for k, v in self.validate().items()}}
                         self.logger.log(record)
                         result.history.append(record)
-                    self.logger.plot()
+                    self.logger.plot(force=False)
                 if self.step % run.checkpoint_every == 0:
                     self.save("latest.pt")
                     if run.keep_last:

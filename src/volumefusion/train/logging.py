@@ -6,6 +6,8 @@ Only the main process writes; on other ranks every method is a no-op.
 from __future__ import annotations
 
 import json
+import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,9 @@ from volumefusion.io import atomic_write_text
 from volumefusion.log import get_logger
 
 log = get_logger(__name__)
+
+PLOT_INTERVAL_S = 60.0
+"""Least time between two redraws of ``progress.png`` during training (the last one is always drawn)."""
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -34,6 +39,7 @@ class RunLogger:
         self.path = self.out_dir / "metrics.jsonl"
         self.records: list[dict[str, Any]] = []
         self._tb = None
+        self._plotted = -math.inf
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -58,10 +64,18 @@ class RunLogger:
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, record["step"])
 
-    def plot(self) -> None:
-        """Redraw ``progress.png``: loss, validation Dice per class, learning rate, throughput."""
+    def plot(self, force: bool = True) -> None:
+        """Redraw ``progress.png``: loss, validation Dice per class, learning rate, throughput.
+
+        Drawing takes about a second of CPU, so unless ``force`` it is skipped when the last drawing
+        is less than :data:`PLOT_INTERVAL_S` old (the training loop calls it after each validation).
+        """
         if not self.enabled or not self.records:
             return
+        now = time.monotonic()
+        if not force and now - self._plotted < PLOT_INTERVAL_S:
+            return
+        self._plotted = now
         from volumefusion.viz import save_curves
 
         def series(key: str) -> list[tuple[float, float]]:
