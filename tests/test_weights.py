@@ -208,6 +208,15 @@ def test_convert_reproduces_a_misfm_model_with_windows_per_level(tmp_path):
         assert (a - b).abs().max().item() <= 1e-4
 
 
+@needs_conformance
+def test_convert_set_corrects_what_the_weights_cannot_show(tmp_path):
+    out = tmp_path / "ours.pt"
+    args = ["convert", str(CONFORMANCE / "pctnet_small_misfm.pt"), "--out", str(out)]
+    assert main([*args, "--set", "model.shifted_windows=[true,false,false]"]) == 0
+    assert load_checkpoint(out)["config"]["model"]["shifted_windows"] == [True, False, False]
+    assert main([*args, "--set", "optim.lr=1"]) == 2  # only model fields
+
+
 def test_convert_rejects_a_non_misfm_checkpoint(tmp_path):
     path = tmp_path / "ours.pt"
     save_checkpoint(path, {"model": tiny().state_dict()})

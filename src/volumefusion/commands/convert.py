@@ -22,6 +22,9 @@ def register(sub) -> None:
     p.add_argument("--resolution-mode", type=int, choices=(0, 1, 2), default=None,
                    help="resolution mode the weights were trained with, when it cannot be read from them "
                         "(default: inferred; the paper's 1 if unknown)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.FIELD=VALUE",
+                   help="correct an inferred model field the weights cannot show, e.g. --set "
+                        "model.shifted_windows=[true,true,false] (repeatable)")
     p.set_defaults(func=run)
 
 
@@ -42,7 +45,9 @@ def run(args) -> int:
     model_cfg = model_config_from_misfm(state)
     if args.resolution_mode is not None:
         model_cfg["resolution_mode"] = args.resolution_mode
-    cfg = config.load(base={"model": model_cfg})
+    if any(not o.startswith("model.") for o in args.overrides):
+        raise VolumeFusionError("convert --set changes model fields only (model.FIELD=VALUE)")
+    cfg = config.load(overrides=args.overrides, base={"model": model_cfg})
     num_classes = misfm_num_classes(state)
     model = build_model(cfg.model, num_classes)
     report = load_pretrained(model, ckpt)
