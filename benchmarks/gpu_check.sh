@@ -9,6 +9,7 @@
 # failed or timed-out step never stops the later ones. Writes into OUT_DIR:
 #   nvidia-smi.txt   nvidia-smi output
 #   gpu_tests.log    pytest -m gpu tests/gpu   (+ gpu_tests.xml, JUnit)
+#   profile.log      python -m benchmarks.profile_step: the PCT-Net step's kernels ranked (+ profile.json)
 #   bench.log        python -m benchmarks --device cuda (progress and the JSON document)
 #   gpu.json         the benchmark JSON (written after every module, so a timeout keeps what finished)
 #   BENCHMARKS.md    the report rendered from gpu.json alone, for a first look
@@ -17,8 +18,8 @@
 # anywhere). --only: run these benchmarks, in this order. The default order puts the GPU figures
 # first (fusion, network, predict, engine), then the CPU-bound loader and store, so that a run cut
 # short by its time limit loses the least relevant ones.
-# Environment: PYTHON (default: python, else python3), TESTS_TIMEOUT (140 s), BENCH_TIMEOUT (280 s),
-# VF_COMMIT (the commit to record where the copy has no git metadata).
+# Environment: PYTHON (default: python, else python3), TESTS_TIMEOUT (120 s), PROFILE_TIMEOUT (60 s),
+# BENCH_TIMEOUT (270 s), VF_COMMIT (the commit to record where the copy has no git metadata).
 # Exit status: 0 when every step succeeded (nvidia-smi is not required with --tiny), else 1.
 
 set -u -o pipefail
@@ -87,9 +88,11 @@ fi
 
 echo "== python: $PYTHON; out: $OUT_DIR; tiny: $TINY; device: $DEVICE"
 step nvidia-smi 15 "$OUT_DIR/nvidia-smi.txt" $((1 - TINY)) nvidia-smi
-step gpu_tests "${TESTS_TIMEOUT:-140}" "$OUT_DIR/gpu_tests.log" 1 \
+step gpu_tests "${TESTS_TIMEOUT:-120}" "$OUT_DIR/gpu_tests.log" 1 \
     "$PYTHON" -m pytest -m gpu tests/gpu -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml"
-step benchmarks "${BENCH_TIMEOUT:-280}" "$OUT_DIR/bench.log" 1 \
+step profile "${PROFILE_TIMEOUT:-60}" "$OUT_DIR/profile.log" 1 \
+    "$PYTHON" -m benchmarks.profile_step --device "$DEVICE" "${TINY_FLAG[@]}" --out "$OUT_DIR/profile.json"
+step benchmarks "${BENCH_TIMEOUT:-270}" "$OUT_DIR/bench.log" 1 \
     "$PYTHON" -m benchmarks --device "$DEVICE" "${TINY_FLAG[@]}" "${ONLY[@]}" --out "$OUT_DIR/gpu.json"
 step report 20 /dev/null 1 \
     "$PYTHON" -m benchmarks.report "$OUT_DIR/gpu.json" --include-tiny --out "$OUT_DIR/BENCHMARKS.md"

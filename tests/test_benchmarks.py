@@ -243,7 +243,8 @@ def test_gpu_check_tiny_writes_json_status_and_report(tmp_path):
     done = subprocess.run(["bash", str(script), str(tmp_path), "--tiny", "--only", module],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     status = {line.split()[0]: line.split()[1] for line in (tmp_path / "status.txt").read_text().splitlines()}
-    assert list(status) == ["nvidia-smi", "gpu_tests", "benchmarks", "report", "overall"], status
+    assert list(status) == ["nvidia-smi", "gpu_tests", "profile", "benchmarks", "report", "overall"], status
+    assert status["profile"] == "0" and json.loads((tmp_path / "profile.json").read_text())["top"]
     assert status["benchmarks"] == "0" and status["report"] == "0", done.stdout[-3000:]
     assert status["overall"] == "0" and done.returncode == 0
     document = json.loads((tmp_path / "gpu.json").read_text())
