@@ -11,7 +11,7 @@ import pytest
 
 from volumefusion import VolumeFusionError
 from volumefusion.config import PRESETS
-from volumefusion.demo import ARMS, RunResult, _dice_tables, load_settings
+from volumefusion.demo import ARMS, RunResult, _dice_tables, load_settings, sign_test_p
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,9 +130,16 @@ def test_dice_tables_average_cases_then_organs_then_seeds_and_count_wins():
     assert numbers["mean_dice"]["pretrained"] == pytest.approx(0.4)
     assert numbers["organ_dice"]["pretrained"]["liver"] == pytest.approx(0.5)
     assert numbers["wins"] == 1
+    assert numbers["sign_test_p"] == pytest.approx(0.75)  # >= 1 win of 2 by chance: 3 of 4 outcomes
     assert "| liver | 0.400 | 0.500 | +0.100 |" in organ_table
     assert "| 1 | 0.500 | 0.400 | -0.100 | no |" in seed_table
     assert "1 of 2" in seed_table
+
+
+def test_sign_test_counts_the_chance_of_as_many_wins_by_luck():
+    assert sign_test_p(3, 3) == 1 / 8
+    assert sign_test_p(0, 5) == 1.0
+    assert sign_test_p(5, 8) == pytest.approx((56 + 28 + 8 + 1) / 256)
 
 
 def test_user_guide_lists_every_config_field_as_the_code_describes_it():

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import platform
 import shutil
@@ -358,8 +359,17 @@ def _dice_tables(runs: list[RunResult], seeds: list[int]) -> tuple[str, str, dic
         seed_lines.append(f"| mean ± sd | {_fmt(means['scratch'])} ± {sd['scratch']:.3f} | "
                           f"{_fmt(means['pretrained'])} ± {sd['pretrained']:.3f} | "
                           f"{means['pretrained'] - means['scratch']:+.3f} | {wins} of {len(seeds)} |")
-    numbers = {"organ_dice": organ_means, "mean_dice": means, "wins": wins, "seeds": seeds}
+    diffs = [per[s, "pretrained"].mean_dice - per[s, "scratch"].mean_dice for s in seeds]
+    numbers = {"organ_dice": organ_means, "mean_dice": means, "wins": wins, "seeds": seeds,
+               "difference_sd": float(np.std(diffs, ddof=1)) if multi else None,
+               "sign_test_p": sign_test_p(wins, len(seeds))}
     return organ_table, "\n".join(seed_lines), numbers
+
+
+def sign_test_p(wins: int, n: int) -> float:
+    """One-sided sign test: the chance of at least ``wins`` wins in ``n`` paired runs if pretraining
+    made no difference (each run a fair coin)."""
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
 
 
 def _copy_figure(source: Path, target: Path) -> str | None:
@@ -396,6 +406,11 @@ def write_report(out: Path, settings: dict, data: DemoData, pretrain_result, run
     verdict = (f"Over {len(seeds)} seed(s), fine-tuning from the Volume Fusion weights gave a mean Dice of "
                f"{numbers['mean_dice']['pretrained']:.3f} against {numbers['mean_dice']['scratch']:.3f} from "
                f"scratch ({diff:+.3f}); pretrained was better on {numbers['wins']} of {len(seeds)} seed(s).")
+    if len(seeds) > 1:
+        verdict += (f" The paired difference varies by {numbers['difference_sd']:.3f} (sd) from seed to seed; "
+                    f"{numbers['wins']} or more wins in {len(seeds)} happen with probability "
+                    f"{numbers['sign_test_p']:.2f} when the starting weights make no difference (sign test), "
+                    "so more seeds are needed before a small gain is a finding.")
     spacing = settings["prepare"].get("spacing_zyx")
     spacing = f" --spacing {' '.join(map(str, spacing))}" if spacing else ""
     stage_rows = "\n".join(f"| {k} | {v:.0f} |" for k, v in clock.seconds.items())
