@@ -1,10 +1,15 @@
-"""PCT-Net training step: throughput, peak memory per sample and achieved TFLOP/s.
+"""PCT-Net training step: throughput, peak memory per sample and achieved TFLOP/s; activation memory.
 
 Paper configuration (44.2 M parameters) at [64, 128, 128], 5 classes, Dice + CE with deep
 supervision, Adam; random inputs and labels on the device (no data loading). Modes: fp32; bf16
-(autocast, channels_last_3d, cuDNN benchmark); bf16 + torch.compile (CUDA only). The baselines are
-the reference MIS-FM implementation as measured on an H200 (issue 9), for calibration only: they
-come from another card whenever this one is not an H200.
+(autocast, channels_last_3d, cuDNN benchmark); bf16 + activation checkpointing and bf16 +
+torch.compile (CUDA only). The baselines are the reference MIS-FM implementation as measured on an
+H200 (issue 9), for calibration only: they come from another card whenever this one is not an H200.
+
+On the CPU it also counts the activations a training step keeps for its backward pass, per sample,
+in fp32 and bf16, without and with activation checkpointing (:func:`saved_activations`). The count
+runs on fake tensors (shapes only, no arithmetic), so it takes seconds at full size and describes
+any device; it is the part of peak memory that grows with the batch, not the peak itself.
 """
 
 from __future__ import annotations
@@ -13,21 +18,32 @@ import argparse
 import contextlib
 import json
 import time
+from collections.abc import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
 
 from volumefusion.nets import PCTNet
+from volumefusion.nets.pctnet import SwinLayer
 from volumefusion.train.losses import DeepSupervisionLoss
 
 # reference PCT-Net, H200: (samples/s, GB per sample) per mode, and FLOPs of forward + backward
 REFERENCE_H200 = {
     "fp32": (14.1, 8.5, "reference PCT-Net, fp32, batch 4 (measured on H200)"),
     "bf16": (18.4, 5.0, "reference PCT-Net, bf16 autocast + cuDNN benchmark, batch 8 (measured on H200)"),
+    # the reference has no activation checkpointing: its bf16 step is what this mode replaces
+    "bf16+checkpointing": (18.4, 5.0, "reference PCT-Net, bf16 autocast + cuDNN benchmark, batch 8 "
+                                      "(measured on H200)"),
     "bf16+compile": (38.6, 4.3, "reference PCT-Net, bf16 + channels_last_3d + torch.compile, batch 8 "
                                 "(measured on H200)"),
 }
 REFERENCE_TFLOP_PER_SAMPLE = 2.13
 NUM_CLASSES = 5
+# what activation checkpointing recomputes: nothing, the transformer blocks only, or (the model's
+# activation_checkpointing) also the full- and 1/2-resolution convolutions
+CHECKPOINTING = ("none", "transformer", "full")
 
 
 def _model(tiny: bool) -> PCTNet:
@@ -35,6 +51,114 @@ def _model(tiny: bool) -> PCTNet:
     if tiny:
         return PCTNet(feature_channels=(4, 8, 16, 32, 64), num_heads=(2, 2, 4), window_size=2)
     return PCTNet()
+
+
+def saved_tensor_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes that autograd keeps for the backward pass while ``fn()`` runs: each distinct storage of a
+    saved tensor counted once (whole storage), the storages of ``exclude`` (parameters, buffers) not.
+
+    Works on real and fake tensors. ``fn``'s result is dropped, so the graph is freed afterwards.
+    """
+    excluded = {t.untyped_storage()._cdata for t in exclude}
+    storages = {}  # held until the end, so no storage is freed and its address reused meanwhile
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in excluded:
+            storages[storage._cdata] = storage
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(s.nbytes() for s in storages.values())
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Scaled dot-product attention (with the arguments PCT-Net uses) that keeps for backward what the
+    GPU's fused kernels (memory-efficient / cuDNN) keep: q, k, v, the additive mask, the output and a
+    float32 log-sum-exp per query. For counting only: it has no backward pass. The CPU's math kernel, which it replaces,
+    would also keep the (windows, heads, T, T) attention probabilities when dropout is on."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask=None, dropout_p=0.0):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, attn_mask, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("_FusedAttention only counts saved tensors; it has no backward pass")
+
+
+class _AttentionAsOnGPU(TorchFunctionMode):
+    """Routes :func:`~torch.nn.functional.scaled_dot_product_attention` through :class:`_FusedAttention`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return _FusedAttention.apply(*args, kwargs.get("attn_mask"), kwargs.get("dropout_p", 0.0))
+        return func(*args, **kwargs)
+
+
+def set_checkpointing(model: PCTNet, checkpointing: str) -> None:
+    """Recompute nothing (``none``), the transformer blocks only, or everything the model's
+    ``activation_checkpointing`` covers (``full``) in the backward pass; see :data:`CHECKPOINTING`."""
+    model.activation_checkpointing = checkpointing == "full"
+    for layer in model.modules():
+        if isinstance(layer, SwinLayer):
+            layer.checkpointing = checkpointing != "none"
+
+
+def saved_activations(model: PCTNet, size, batch: int, bf16: bool, mode: FakeTensorMode) -> int:
+    """Bytes kept for backward by one forward of the training loss (Dice + CE, deep supervision) of
+    ``model`` in training mode on a (batch, 1, *size) input, on fake tensors of ``mode`` (one mode per
+    model: the model caches shift masks): parameters and buffers excluded; under CPU bf16 autocast
+    when ``bf16``; attention counted as the GPU's fused kernels keep it (:class:`_FusedAttention`)."""
+    state = {k: mode.from_tensor(v) for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    model.train()
+    with mode:
+        x = torch.randn(batch, 1, *size)
+        labels = torch.randint(0, NUM_CLASSES, (batch, *size))
+
+        def loss():
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+            with autocast, _AttentionAsOnGPU():
+                outputs = torch.func.functional_call(model, state, (x,))
+            return DeepSupervisionLoss(NUM_CLASSES)(outputs, labels)
+
+        return saved_tensor_bytes(loss, state.values())
+
+
+def _saved_activation_figures(tiny: bool, size, name: str, base: dict) -> list[dict]:
+    """Per-sample saved activations (GB) for fp32 / bf16 x each :data:`CHECKPOINTING`; per sample is
+    the difference between batch 2 and batch 1, which leaves out what the batch shares (bf16 copies
+    of the weights, the relative-position bias and shift masks of the attention)."""
+    model, mode = _model(tiny), FakeTensorMode()
+    results = []
+    for dtype in ("fp32", "bf16"):
+        figures = {}
+        for checkpointing in CHECKPOINTING:
+            set_checkpointing(model, checkpointing)
+            one, two = (saved_activations(model, size, b, dtype == "bf16", mode) for b in (1, 2))
+            figures[checkpointing] = round((two - one) / 1e9, 6), round((2 * one - two) / 1e9, 6)
+        none = figures["none"][0]
+        for checkpointing, (per_sample, shared) in figures.items():
+            compared = checkpointing != "none"
+            results.append({
+                "name": f"{name}_saved_activations_{dtype}_checkpointing_{checkpointing}_per_sample",
+                "value": per_sample, "unit": "GB", "baseline": none if compared else None,
+                "baseline_name": "same network, no activation checkpointing" if compared else None,
+                "ratio": round(none / per_sample, 3) if compared else None, "higher_is_better": False,
+                "device": "cpu",
+                "params": dict(base, batch=[1, 2], dtype=dtype, checkpointing=checkpointing,
+                               shared_by_the_batch_gb=shared,
+                               note="bytes autograd keeps for backward, counted on fake tensors; CPU "
+                                    "autocast rules; attention as the GPU's fused kernels keep it; "
+                                    "not comparable with peak memory, which adds weights, gradients, "
+                                    "optimizer state and workspace"),
+            })
+    return results
 
 
 def _train_step(model, loss_fn, optimizer, x, y, bf16: bool):
@@ -69,6 +193,7 @@ def _measure(mode: str, tiny: bool, size, batch: int, warmup: int, steps: int, d
     x = torch.randn(batch, 1, *size, device=device, generator=gen)
     y = torch.randint(0, NUM_CLASSES, (batch, *size), device=device, generator=gen)
     bf16 = mode.startswith("bf16")
+    model.activation_checkpointing = mode == "bf16+checkpointing"
     if bf16 and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last_3d)
         x = x.to(memory_format=torch.channels_last_3d)
@@ -98,7 +223,7 @@ def run(tiny: bool = False, device: str = "cpu") -> list[dict]:
     size = (16, 32, 32) if tiny else (64, 128, 128)
     batch = 2 if tiny else (8 if cuda else 1)
     warmup, steps = (1, 1) if tiny else ((3, 10) if cuda else (1, 1))
-    modes = ("fp32", "bf16", "bf16+compile") if cuda else ("fp32",)
+    modes = ("fp32", "bf16", "bf16+checkpointing", "bf16+compile") if cuda else ("fp32",)
     flops = _flops_per_sample(tiny, size, dev)
     name = "pctnet_tiny" if tiny else "pctnet_paper"
     base = {"config": "tiny" if tiny else "paper (44.2 M)", "input": list(size), "classes": NUM_CLASSES,
@@ -136,6 +261,8 @@ def run(tiny: bool = False, device: str = "cpu") -> list[dict]:
             "unit": "TFLOP/s", "baseline": None, "baseline_name": None, "ratio": None,
             "higher_is_better": True, "device": dev.type, "params": params,
         })
+    if not cuda:  # device-independent; a GPU run spends its time on the GPU figures
+        results += _saved_activation_figures(tiny, size, name, base)
     return results
 
 

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from benchmarks.network import CHECKPOINTING, saved_tensor_bytes, set_checkpointing
 from tests.conftest import CONFORMANCE
 from volumefusion.config import ModelConfig
 from volumefusion.nets import PCTNet, UNet3D, build_model
@@ -242,3 +243,60 @@ def test_build_model_sets_windows_and_shifts_per_level(windows, shifted):
         assert [b.shift for b in blocks] == [0, windows[level] // 2 if shifted[level] else 0]
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 1, 8, 16, 16))[0].shape == (1, 3, 8, 16, 16)
+
+
+def test_full_checkpointing_changes_no_output_gradient_or_running_statistic():
+    # dropout at every level (the checkpointed stem and head too): the recompute must replay the RNG
+    base = tiny_pctnet(dropout=(0.1, 0.1, 0.2, 0.2, 0.2))
+    x = torch.randn(2, 1, 8, 16, 16)
+    runs = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(base)
+        model.activation_checkpointing = checkpointing
+        assert model.stem.checkpointing is model.head.checkpointing is checkpointing
+        torch.manual_seed(1)
+        outputs = model(x)
+        sum(o.square().mean() for o in outputs).backward()
+        runs.append((outputs, {n: p.grad for n, p in model.named_parameters()}, model.state_dict()))
+    (out0, grads0, state0), (out1, grads1, state1) = runs
+    for a, b in zip(out1, out0):
+        torch.testing.assert_close(a, b)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=1e-4, atol=1e-6)
+    # BatchNorm running statistics and batch counts move once per step, not again in the recompute
+    for name, value in state0.items():
+        torch.testing.assert_close(state1[name], value, rtol=0, atol=0)
+    assert state1["head.up1.fuse.norm.num_batches_tracked"].item() == 1
+
+
+def _saved_bytes(model: PCTNet, x: torch.Tensor) -> int:
+    return saved_tensor_bytes(lambda: model(x), [*model.parameters(), *model.buffers()])
+
+
+def test_saved_tensor_bytes_counts_each_storage_once_and_no_parameters():
+    x = torch.randn(1000, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(1000))
+    assert saved_tensor_bytes(lambda: (x[:500] * x[500:]).sum()) == 4000  # two views of one storage
+    assert saved_tensor_bytes(lambda: (x * w).sum(), [w]) == 4000
+    assert saved_tensor_bytes(lambda: (x.sin() * w).sum(), [w]) == 8000  # x, and sin's output
+
+
+def test_checkpointing_keeps_fewer_activations_the_more_it_recomputes():
+    model = tiny_pctnet()
+    x = torch.randn(2, 1, 8, 16, 32)
+    saved = {}
+    for checkpointing in CHECKPOINTING:
+        set_checkpointing(model, checkpointing)
+        saved[checkpointing] = _saved_bytes(model, x)
+    assert saved["none"] > saved["transformer"] > saved["full"]
+    assert saved["full"] < saved["none"] / 2  # the stem's and head's convolutions hold most of it
+
+
+def test_checkpointing_only_applies_in_training():
+    model = tiny_pctnet().eval()
+    x = torch.randn(2, 1, 8, 16, 16)
+    plain = _saved_bytes(model, x)
+    model.activation_checkpointing = True
+    assert _saved_bytes(model, x) == plain > 0
+    with torch.no_grad():
+        assert saved_tensor_bytes(lambda: model(x)) == 0

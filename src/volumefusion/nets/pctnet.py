@@ -23,8 +23,9 @@ the chosen resolution mode are built.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,49 @@ def _kernel(planar: bool) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
 def _scale(planar: bool) -> tuple[int, int, int]:
     """Down/up-sampling factor (z, y, x): in-plane only when ``planar``."""
     return (1, 2, 2) if planar else (2, 2, 2)
+
+
+@contextlib.contextmanager
+def _running_statistics_frozen(module: nn.Module) -> Iterator[None]:
+    """While active, the BatchNorm layers of ``module`` still normalise training batches by batch
+    statistics but leave their running statistics as they are (momentum 0, batch count restored).
+
+    Running with the statistics off instead would save fewer tensors than the forward pass did, which
+    a checkpoint's recompute must not.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm3d) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
+def _recompute_contexts(module: nn.Module):
+    # (forward, recompute) contexts of torch.utils.checkpoint: the recompute must not count the batch
+    # in the running statistics a second time.
+    return contextlib.nullcontext(), _running_statistics_frozen(module)
+
+
+def run_module(module: nn.Module, *args: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
+    """``module(*args)``; with ``checkpoint``, in training with autograd on, the module keeps only
+    ``args`` for the backward pass and recomputes its activations there (non-reentrant
+    :func:`torch.utils.checkpoint.checkpoint`, same random numbers).
+
+    BatchNorm running statistics are updated once per step: the eager recompute leaves them alone;
+    under ``torch.compile`` AOTAutograd functionalises the update, so the recompute repeats no
+    mutation (and a custom checkpoint context would not compile).
+    """
+    if not (checkpoint and module.training and torch.is_grad_enabled()):
+        return module(*args)
+    if torch.compiler.is_compiling():
+        return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False,
+                                             context_fn=functools.partial(_recompute_contexts, module))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,8 +363,7 @@ class SwinLayer(nn.Module):
     """Swin blocks alternating plain and shifted windows (shift = window // 2 on odd blocks when
     ``shifted``), on (N, C, D, H, W) features; input dropout as in the reference.
 
-    ``checkpointing`` recomputes each block's activations in the backward pass (the blocks hold no
-    BatchNorm, so running statistics are still updated once per step).
+    ``checkpointing`` recomputes each block's activations in the backward pass (:func:`run_module`).
     """
 
     def __init__(self, dim: int, depth: int, num_heads: int, window: int, shifted: bool = True,
@@ -337,10 +380,7 @@ class SwinLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.drop(x.permute(0, 2, 3, 4, 1))  # (N, D, H, W, C): free under channels_last_3d
         for block in self.blocks:
-            if self.checkpointing and torch.is_grad_enabled():
-                t = torch.utils.checkpoint.checkpoint(block, t, use_reentrant=False)
-            else:
-                t = block(t)
+            t = run_module(block, t, checkpoint=self.checkpointing)
         return t.permute(0, 4, 1, 2, 3)
 
 
@@ -362,7 +402,11 @@ class PCTBlock(nn.Module):
 
 
 class Stem(nn.Module):
-    """Input -> (x0 full, x1 1/2, x2 1/4 resolution); level i is in-plane when ``planar[i]``."""
+    """Input -> (x0 full, x1 1/2, x2 1/4 resolution); level i is in-plane when ``planar[i]``.
+
+    ``checkpointing`` recomputes the activations of each block after the input projection in the
+    backward pass (:func:`run_module`).
+    """
 
     def __init__(self, in_channels: int, channels: Sequence[int], planar: Sequence[bool],
                  dropout: Sequence[float]):
@@ -374,11 +418,13 @@ class Stem(nn.Module):
         self.down1 = DownSample(f0, f1, pool_planar=planar[0], conv_planar=planar[1])
         self.conv1 = ConvBlock(f1, f1, planar[1], dropout[1])
         self.down2 = DownSample(f1, f2, pool_planar=planar[1], conv_planar=False)
+        self.checkpointing = False
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x0 = self.conv0(self.proj(x))
-        x1 = self.conv1(self.down1(x0))
-        return x0, x1, self.down2(x1)
+        run = functools.partial(run_module, checkpoint=self.checkpointing)
+        x0 = run(self.conv0, self.proj(x))
+        x1 = run(self.conv1, run(self.down1, x0))
+        return x0, x1, run(self.down2, x1)
 
 
 class Pyramid(nn.Module):
@@ -416,7 +462,11 @@ class Pyramid(nn.Module):
 
 
 class Head(nn.Module):
-    """(x0, x1, d2) -> decoder features at full and 1/2 resolution, and their output convolutions."""
+    """(x0, x1, d2) -> decoder features at full and 1/2 resolution, and their output convolutions.
+
+    ``checkpointing`` recomputes the activations of each block, output convolutions included, in the
+    backward pass (:func:`run_module`).
+    """
 
     def __init__(self, channels: Sequence[int], planar: Sequence[bool], dropout: Sequence[float],
                  num_classes: int):
@@ -428,11 +478,17 @@ class Head(nn.Module):
         self.conv0 = ConvBlock(f0, f0, planar[0], dropout[0])
         self.out_conv0 = PreActConv(f0, num_classes)
         self.out_conv1 = PreActConv(f1, num_classes)
+        self.checkpointing = False
 
     def forward(self, x0: torch.Tensor, x1: torch.Tensor,
                 d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d1 = self.conv1(self.up2(x1, d2))
-        return self.conv0(self.up1(x0, d1)), d1
+        run = functools.partial(run_module, checkpoint=self.checkpointing)
+        d1 = run(self.conv1, run(self.up2, x1, d2))
+        return run(self.conv0, run(self.up1, x0, d1)), d1
+
+    def logits(self, d: torch.Tensor, level: int) -> torch.Tensor:
+        """Output convolution of the decoder features ``d`` at full (``level`` 0) or 1/2 (1) resolution."""
+        return run_module((self.out_conv0, self.out_conv1)[level], d, checkpoint=self.checkpointing)
 
 
 def _per_level(value, n: int, name: str) -> tuple:
@@ -473,7 +529,9 @@ class PCTNet(nn.Module):
     (1/4, 1/8, 1/16);
     :func:`reference_windows` gives the values that reproduce a MIS-FM model trained at a small input
     size. ``rel_pos_index``: ``exact`` (collision-free, for new models) or ``reference`` (MIS-FM weights).
-    ``activation_checkpointing`` recomputes the transformer blocks in the backward pass.
+    ``activation_checkpointing`` (an attribute too) recomputes in the backward pass of training,
+    instead of keeping, the activations of the transformer blocks and of the full- and 1/2-resolution
+    convolutions of the stem and head, where most of the memory of a training step sits.
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 5,
@@ -513,15 +571,17 @@ class PCTNet(nn.Module):
         self.encoder_prefixes: tuple[str, ...] = ("stem.", "pyramid.e2.", "pyramid.down3.", "pyramid.e3.",
                                                   "pyramid.down4.", "pyramid.e4.")
 
+    def _checkpointed(self) -> list[nn.Module]:
+        return [self.stem, self.head] + [m for m in self.modules() if isinstance(m, SwinLayer)]
+
     @property
     def activation_checkpointing(self) -> bool:
-        return all(m.checkpointing for m in self.modules() if isinstance(m, SwinLayer))
+        return all(m.checkpointing for m in self._checkpointed())
 
     @activation_checkpointing.setter
     def activation_checkpointing(self, value: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, SwinLayer):
-                m.checkpointing = bool(value)
+        for m in self._checkpointed():
+            m.checkpointing = bool(value)
 
     @property
     def rel_pos_index(self) -> str:
@@ -537,7 +597,7 @@ class PCTNet(nn.Module):
         x0, x1, x2 = self.stem(x)
         d2, d3 = self.pyramid(x2)
         d0, d1 = self.head(x0, x1, d2)
-        out = self.head.out_conv0(d0)
+        out = self.head.logits(d0, 0)
         if not self.deep_supervision:
             return out
-        return [out, self.head.out_conv1(d1), self.pyramid.out_conv2(d2), self.pyramid.out_conv3(d3)]
+        return [out, self.head.logits(d1, 1), self.pyramid.out_conv2(d2), self.pyramid.out_conv3(d3)]
