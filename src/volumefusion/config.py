@@ -86,7 +86,9 @@ class ModelConfig:
         choices=("exact", "reference"),
     )
     deep_supervision: bool = _f(True, "return outputs at full, 1/2, 1/4, 1/8 resolution")
-    activation_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    activation_checkpointing: bool = _f(
+        False, "recompute the transformer blocks and the stem/head convolutions in backward: ~4.7x less "
+        "activation memory (paper net, bf16: 3.45 -> 0.73 GB/sample) for ~10% more FLOPs")
 
 
 @dataclass
