@@ -409,8 +409,9 @@ def write_report(out: Path, settings: dict, data: DemoData, pretrain_result, run
     if len(seeds) > 1:
         verdict += (f" The paired difference varies by {numbers['difference_sd']:.3f} (sd) from seed to seed; "
                     f"{numbers['wins']} or more wins in {len(seeds)} happen with probability "
-                    f"{numbers['sign_test_p']:.2f} when the starting weights make no difference (sign test), "
-                    "so more seeds are needed before a small gain is a finding.")
+                    f"{numbers['sign_test_p']:.2f} when the starting weights make no difference (sign test)")
+        verdict += (", so more seeds are needed before this is a finding." if numbers["sign_test_p"] > 0.05
+                    else ".")
     spacing = settings["prepare"].get("spacing_zyx")
     spacing = f" --spacing {' '.join(map(str, spacing))}" if spacing else ""
     stage_rows = "\n".join(f"| {k} | {v:.0f} |" for k, v in clock.seconds.items())
