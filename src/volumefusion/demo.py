@@ -7,7 +7,8 @@ Every stage runs the code of the matching command, on data the demo generates it
    dataset of a few training phantoms and one validation phantom; held-out labelled test phantoms.
 2. **pretrain**: Volume Fusion on the pool (:func:`volumefusion.train.runs.pretrain`).
 3. **finetune**: for each seed, one run from the pretrained weights and one from scratch, with the
-   same config, seed, split and number of steps (:func:`volumefusion.train.runs.finetune`).
+   same config, seed, split and number of steps (:func:`volumefusion.train.runs.finetune`). On a
+   multi-core CPU the runs from scratch go beside pretraining, in a worker process.
 4. **predict** / **evaluate**: every run's ``best.pt`` (chosen on the validation phantom) segments
    the held-out phantoms (``volumefusion predict``), scored by ``volumefusion evaluate``.
 5. **report**: ``DIR/report.md`` with the Dice table and the pictures in ``DIR/figures/``.
@@ -381,7 +382,7 @@ def _copy_figure(source: Path, target: Path) -> str | None:
 
 
 def write_report(out: Path, settings: dict, data: DemoData, pretrain_result, runs: list[RunResult],
-                 clock: _Clock, device: str, quick: bool, parallel: tuple[int, int | None]) -> Path:
+                 clock: _Clock, device: str, quick: bool, schedule: str) -> Path:
     """``out/report.md``, ``out/results.json`` and the pictures under ``out/figures/``."""
     figures = out / "figures"
     seeds = sorted({r.seed for r in runs})
@@ -415,8 +416,6 @@ def write_report(out: Path, settings: dict, data: DemoData, pretrain_result, run
     spacing = settings["prepare"].get("spacing_zyx")
     spacing = f" --spacing {' '.join(map(str, spacing))}" if spacing else ""
     stage_rows = "\n".join(f"| {k} | {v:.0f} |" for k, v in clock.seconds.items())
-    threads = torch.get_num_threads()
-    workers, run_threads = parallel
     pool_text = f"{p['pool']} phantoms" + (" + the slicerio chest CT" if data.chest_ct else "")
     lines = [
         f"# volumefusion demo report{' (--quick)' if quick else ''}",
@@ -441,9 +440,8 @@ def write_report(out: Path, settings: dict, data: DemoData, pretrain_result, run
         f"- Fine-tuning: {ft['run']['max_steps']} steps per run, lr {ft['optim']['lr']}, seeds {seeds}; "
         "the two arms share config, seed, data order and augmentation, and differ only in the starting "
         "weights.",
-        f"- Machine: {platform.machine()}, {_cpu_count()} CPU core(s), device {device}; pretraining with "
-        f"{threads} torch thread(s), fine-tuning runs {workers} at a time with {run_threads or threads} "
-        f"thread(s) each; total {clock.elapsed():.0f} s.",
+        f"- Machine: {platform.machine()}, {_cpu_count()} CPU core(s), device {device}; schedule: {schedule}; "
+        f"total {clock.elapsed():.0f} s.",
         "",
         "## Dice on the held-out phantoms",
         "",
@@ -503,7 +501,7 @@ def write_report(out: Path, settings: dict, data: DemoData, pretrain_result, run
     report = out / "report.md"
     atomic_write_text(report, "\n".join(lines))
     results = {
-        "quick": quick, "device": device, "torch_threads": threads, "parallel_runs": workers, "seconds": clock.seconds,
+        "quick": quick, "device": device, "schedule": schedule, "seconds": clock.seconds,
         "total_seconds": clock.elapsed(), **numbers,
         "runs": [{"seed": r.seed, "arm": r.arm, "mean_dice": r.mean_dice, "organ_dice": r.organ_dice,
                   "val_best": r.best_score, "seconds": r.seconds} for r in runs],
@@ -587,19 +585,49 @@ def _parallel_runs(device: str, jobs: int) -> tuple[int, int | None]:
     return 2, max(1, cpus // 2)
 
 
-def _run_jobs(jobs: list[FinetuneJob], workers: int, threads: int | None) -> list[RunResult]:
-    """The jobs' results in order, ``workers`` at a time in worker processes (in this one if 1)."""
-    if workers == 1:
-        return [run_job(job) for job in jobs]
+def _run_in_order(jobs: list[FinetuneJob], threads: int | None, verbosity: int | None) -> list[RunResult]:
+    """The jobs one after another (in a worker process: ``threads`` and ``verbosity`` as in :func:`run_job`)."""
+    return [run_job(job, threads, verbosity) for job in jobs]
+
+
+def _worker_verbosity() -> int:
+    """This process's log level as a :func:`volumefusion.log.setup` verbosity, for worker processes."""
     import logging
+
+    level = get_logger("volumefusion").getEffectiveLevel()
+    return 1 if level <= logging.DEBUG else -1 if level >= logging.WARNING else 0
+
+
+def _pretrain_beside_scratch(cfg, data: DemoData, out: Path, jobs: dict[str, list[FinetuneJob]],
+                             threads: int | None, clock: _Clock):
+    """Pretrain in this process while a worker fine-tunes the from-scratch arm (it needs no pretrained
+    weights), then fine-tune from the pretrained weights on two workers. Returns ``(pretraining
+    result, runs)``. Every process keeps ``threads`` torch threads, so each run computes exactly what
+    it would alone."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    level = get_logger("volumefusion").getEffectiveLevel()
-    verbosity = 1 if level <= logging.DEBUG else -1 if level >= logging.WARNING else 0
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_job, job, threads, verbosity) for job in jobs]
-        return [f.result() for f in futures]
+    from volumefusion.train.runs import pretrain
+
+    verbosity = _worker_verbosity()
+    pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        scratch = pool.submit(_run_in_order, jobs["scratch"], threads, verbosity)
+        with clock.stage("pretrain + scratch fine-tuning",
+                         f"Volume Fusion, {cfg.run.max_steps} steps, beside {len(jobs['scratch'])} runs from scratch"):
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads or previous)
+            try:
+                result = pretrain(cfg, data.pool_store, out / "runs" / "pretrain")
+            finally:
+                torch.set_num_threads(previous)
+        with clock.stage("pretrained fine-tuning + predict + evaluate",
+                         f"{len(jobs['pretrained'])} runs from the pretrained weights"):
+            futures = [pool.submit(run_job, job, threads, verbosity) for job in jobs["pretrained"]]
+            runs = [f.result() for f in futures] + scratch.result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+    return result, runs
 
 
 def run_demo(out: str | Path = "vf-demo", *, quick: bool = False, seeds: list[int] | None = None,
@@ -629,22 +657,28 @@ def run_demo(out: str | Path = "vf-demo", *, quick: bool = False, seeds: list[in
                   "-c", str(pretrain_yaml), "--samples", "4"])
 
     cfg = vf_config.load([pretrain_yaml], device_override)
-    with clock.stage("pretrain", f"Volume Fusion, {cfg.run.max_steps} steps"):
-        pretrain_result = pretrain(cfg, data.pool_store, out / "runs" / "pretrain")
     pretrained = out / "runs" / "pretrain" / "checkpoints" / "latest.pt"
-
-    jobs = [FinetuneJob(seed, arm, out / "runs" / f"seed{seed}" / arm, finetune_yaml,
-                        (*device_override, f"run.seed={seed}", f"finetune.split_file={data.split}"),
-                        data.dataset, pretrained if arm == "pretrained" else None, data.test_images,
-                        data.test_labels, device, clock.wall_start)
-            for seed in settings["seeds"] for arm in ARMS]
-    workers, threads = _parallel_runs(device, len(jobs))
-    with clock.stage("finetune + predict + evaluate",
-                     f"{len(jobs)} runs, {workers} at a time ({threads or torch.get_num_threads()} thread(s) each)"):
-        runs = _run_jobs(jobs, workers, threads)
+    jobs = {arm: [FinetuneJob(seed, arm, out / "runs" / f"seed{seed}" / arm, finetune_yaml,
+                              (*device_override, f"run.seed={seed}", f"finetune.split_file={data.split}"),
+                              data.dataset, pretrained if arm == "pretrained" else None, data.test_images,
+                              data.test_labels, device, clock.wall_start)
+                  for seed in settings["seeds"]]
+            for arm in ARMS}
+    workers, threads = _parallel_runs(device, 2 * len(settings["seeds"]))
+    if workers == 1:
+        schedule = "one stage after the other"
+        with clock.stage("pretrain", f"Volume Fusion, {cfg.run.max_steps} steps"):
+            pretrain_result = pretrain(cfg, data.pool_store, out / "runs" / "pretrain")
+        with clock.stage("finetune + predict + evaluate", f"{2 * len(settings['seeds'])} runs, one at a time"):
+            runs = [run_job(job) for arm in ARMS for job in jobs[arm]]
+    else:
+        schedule = (f"the runs from scratch (which need no pretrained weights) one after another beside "
+                    f"pretraining, then the runs from the pretrained weights {workers} at a time; every process "
+                    f"with {threads} torch thread(s)")
+        pretrain_result, runs = _pretrain_beside_scratch(cfg, data, out, jobs, threads, clock)
+    runs = sorted(runs, key=lambda r: (r.seed, ARMS.index(r.arm)))
 
     with clock.stage("report", "tables and figures"):
-        report = write_report(out, settings, data, pretrain_result, runs, clock, device, quick,
-                              (workers, threads))
+        report = write_report(out, settings, data, pretrain_result, runs, clock, device, quick, schedule)
     log.info("[demo %6.1f s] report: %s", clock.elapsed(), report)
     return DemoResult(out, report, runs, clock.seconds, clock.elapsed())
