@@ -6,7 +6,7 @@ import argparse
 
 EXAMPLES = """\
 examples:
-  volumefusion demo                        # full demo into ./vf-demo (about 9.5 minutes on 2 CPU cores)
+  volumefusion demo                        # full demo into ./vf-demo (about 9 minutes on 2 CPU cores)
   volumefusion demo --quick --out /tmp/d   # a smoke run of every stage (about 1 minute)
   volumefusion demo --seeds 0 1 2 3 4 --device cuda
 
