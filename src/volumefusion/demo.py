@@ -203,10 +203,11 @@ def merge_paired_organs(dataset: Path, label_dirs: list[Path]) -> None:
     network; with a few hundred steps that ambiguity, not the starting weights, would decide which
     lung gets which label. Merging the pairs keeps the comparison about the weights.
     """
+    from volumefusion.data.prepare import read_dataset_description
     from volumefusion.io import read_image, write_image
 
-    meta = json.loads((dataset / "dataset.json").read_text())
-    names, table = paired_organs_merged({int(k): v for k, v in meta["labels"].items()})
+    meta, labels = read_dataset_description(dataset / "dataset.json")
+    names, table = paired_organs_merged(labels)
     for folder in label_dirs:
         for path in sorted(folder.glob("*.nii.gz")):
             label, geometry = read_image(path)
@@ -384,13 +385,14 @@ def _copy_figure(source: Path, target: Path) -> str | None:
 def write_report(out: Path, settings: dict, data: DemoData, pretrain_result, runs: list[RunResult],
                  clock: _Clock, device: str, quick: bool, schedule: str) -> Path:
     """``out/report.md``, ``out/results.json`` and the pictures under ``out/figures/``."""
+    from volumefusion.data.prepare import read_dataset_description
+
     figures = out / "figures"
     seeds = sorted({r.seed for r in runs})
     organ_table, seed_table, numbers = _dice_tables(runs, seeds)
     diff = numbers["mean_dice"]["pretrained"] - numbers["mean_dice"]["scratch"]
     _curves_figure(runs, figures / "finetune_curves.png")
-    labels = json.loads((data.dataset / "dataset.json").read_text())["labels"]
-    label_names = {int(k): v for k, v in labels.items()}
+    label_names = read_dataset_description(data.dataset / "dataset.json")[1]
     _overlay_figure(runs, data, label_names, figures / "predictions.png")
     pre_progress = _copy_figure(out / "runs" / "pretrain" / "progress.png", figures / "pretrain_progress.png")
     ft_progress = {arm: _copy_figure(out / "runs" / f"seed{seeds[0]}" / arm / "progress.png",

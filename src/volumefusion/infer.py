@@ -362,7 +362,7 @@ class Predictor:
         self.tta = tuple(cfg.finetune.mirror_axes) if tta is True else tta
         self.precision = precision or cfg.run.precision
         _check_patch(self.model, self.patch_size)
-        flip_sets(tta)
+        flip_sets(self.tta)
 
     @classmethod
     def from_checkpoint(cls, path, device: str | torch.device = "auto", **options) -> Predictor:
