@@ -18,6 +18,7 @@ from volumefusion import VolumeFusionError, config
 from volumefusion.config import OptimConfig
 from volumefusion.train.checkpoint import load_checkpoint
 from volumefusion.train.engine import lr_factor
+from volumefusion.train.logging import RunLogger
 from volumefusion.train.runs import pretrain
 
 
@@ -75,6 +76,8 @@ def test_missing_store_and_bad_crop_fail_early(phantom_store, tmp_path):
         pretrain(_cfg(), tmp_path / "no_store", tmp_path / "run")
     with pytest.raises(VolumeFusionError, match="data.crop_size"):
         pretrain(_cfg("data.crop_size=[12,32,32]"), phantom_store, tmp_path / "run")
+    with pytest.raises(VolumeFusionError, match="model.in_channels"):
+        pretrain(_cfg("model.in_channels=2"), phantom_store, tmp_path / "run")
 
 
 def test_pretext_task_is_learned(phantom_store, tmp_path):
@@ -102,22 +105,46 @@ def _cli_overrides(*extra):
 
 def test_sigterm_writes_latest_and_resume_continues(phantom_store, tmp_path):
     out = tmp_path / "run"
-    args = ["pretrain", "--data", str(phantom_store), "--out", str(out), *_cli_overrides("run.val_every=1000")]
-    proc = _run_cli([*args, "--max-steps", "100000"])
+    args = ["pretrain", "--data", str(phantom_store), "--out", str(out), "--workers", "1",
+            *_cli_overrides("run.val_every=1000")]
+    proc = _run_cli([*args, "--max-steps", "100000"], start_new_session=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 600
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         assert proc.poll() is None and time.time() < deadline, "training did not start"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    # as SLURM and `timeout` do: the whole process group, loader worker included, gets the signal
+    os.killpg(proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, output
+    assert proc.returncode == 128 + signal.SIGTERM, output  # stopped, not finished
     step = load_checkpoint(out / "checkpoints/latest.pt")["step"]
     assert 3 <= step < 100000
+    last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert last_logged <= step  # the checkpoint is not behind the metrics
     resumed = _run_cli([*args, "--max-steps", str(step + 2), "--resume"])
     output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, output
     assert load_checkpoint(out / "checkpoints/latest.pt")["step"] == step + 2
+
+
+def test_a_run_folder_is_neither_mixed_nor_resumed_with_other_settings(phantom_store, tmp_path):
+    pretrain(_cfg("run.max_steps=2", "run.val_every=100"), phantom_store, tmp_path)
+    with pytest.raises(VolumeFusionError, match="already holds a run.*--resume"):
+        pretrain(_cfg("run.max_steps=2", "run.val_every=100"), phantom_store, tmp_path)
+    with pytest.raises(VolumeFusionError, match=r"optim\.lr: 0\.001 -> 0\.5"):
+        pretrain(_cfg("run.max_steps=3", "run.val_every=100", "optim.lr=0.5"), phantom_store, tmp_path, resume=True)
+    assert config.load(tmp_path / "config.yaml").optim.lr == 0.001  # the refused resume wrote nothing
+    # run length, reporting and workers may change
+    resumed = pretrain(_cfg("run.max_steps=3", "run.val_every=1", "data.workers=0"), phantom_store, tmp_path,
+                       resume=True)
+    assert resumed.step == 3
+
+
+def test_metrics_file_is_strict_json(tmp_path):
+    logger = RunLogger(tmp_path)
+    logger.log({"step": 1, "val_dice_spleen": float("nan"), "loss": 0.5})
+    assert json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=pytest.fail) == \
+        {"step": 1, "val_dice_spleen": None, "loss": 0.5}
 
 
 DDP_SCRIPT = textwrap.dedent("""

@@ -58,6 +58,15 @@ def test_finetune_refuses_a_different_intensity_window(pretrained, phantom_datas
         finetune([], [*FT, "data.hu_window=[-500,500]"], phantom_dataset, tmp_path, pretrained)
 
 
+def test_finetune_refuses_a_config_that_changes_the_pretrained_architecture(pretrained, phantom_dataset,
+                                                                           tmp_path):
+    with pytest.raises(VolumeFusionError, match=r"model\.feature_channels: \[4, 8, 16, 32, 64\] -> \[8, 8"):
+        finetune([], [*FT, "model.feature_channels=[8,8,16,32,64]"], phantom_dataset, tmp_path, pretrained)
+    result = finetune([], [*FT, "model.drop_path=0.0"], phantom_dataset, tmp_path, pretrained)  # regularisation may
+    assert result.step == 3
+    assert json.loads((tmp_path / "load_report.json").read_text())["source"] == str(pretrained)
+
+
 def test_finetune_from_scratch_same_harness(phantom_dataset, tmp_path):
     result = finetune([], FT, phantom_dataset, tmp_path, None)
     assert result.step == 3

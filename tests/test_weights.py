@@ -13,12 +13,13 @@ from volumefusion.cli import main
 from volumefusion.nets import PCTNet, UNet3D, build_model
 from volumefusion.nets.pctnet import reference_windows, relative_position_index
 from volumefusion.nets.weights import (
+    adapt_input_conv,
     load_pretrained,
     misfm_num_classes,
     misfm_shifted_windows,
     model_config_from_misfm,
 )
-from volumefusion.train.checkpoint import load_checkpoint, save_checkpoint
+from volumefusion.train.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 
 needs_conformance = pytest.mark.skipif(not (CONFORMANCE / "pctnet_full_misfm_shapes.json").is_file(),
                                        reason="conformance data not present")
@@ -79,6 +80,22 @@ def test_channel_count_change_adapts_the_first_convolution():
     x = torch.randn(1, 1, 8, 16, 16)
     with torch.no_grad():  # two copies of one channel respond like the single channel did
         torch.testing.assert_close(model(x.repeat(1, 2, 1, 1, 1))[0], source(x)[0])
+
+
+@pytest.mark.parametrize(("before", "after"), [(1, 3), (2, 1), (3, 2), (2, 4)])
+def test_adapted_first_convolution_responds_to_identical_channels_as_before(before, after):
+    weight = torch.randn(6, before, 1, 3, 3)
+    x = torch.randn(1, 1, 4, 8, 8)
+    expected = torch.nn.functional.conv3d(x.repeat(1, before, 1, 1, 1), weight, padding=(0, 1, 1))
+    adapted = adapt_input_conv(weight, after)
+    assert adapted.shape == (6, after, 1, 3, 3)
+    torch.testing.assert_close(torch.nn.functional.conv3d(x.repeat(1, after, 1, 1, 1), adapted, padding=(0, 1, 1)),
+                               expected)
+
+
+def test_only_leading_wrapper_prefixes_are_stripped():
+    state = {"module._orig_mod.a.weight": torch.zeros(1), "encoder.submodule.weight": torch.ones(1)}
+    assert list(clean_state_dict(state)) == ["a.weight", "encoder.submodule.weight"]
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])

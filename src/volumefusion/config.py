@@ -138,7 +138,9 @@ class FinetuneConfig:
     fold: int = _f(0, "validation fold (0-based)", min=0)
     split_file: str | None = _f(None, "JSON file {train: [ids], val: [ids]} overriding the k-fold split")
     foreground_ratio: float = _f(0.33, "share of crops centred on a foreground voxel", min=0, max=1)
-    freeze_encoder_steps: int = _f(0, "steps with the pretrained encoder frozen", min=0)
+    freeze_encoder_steps: int = _f(
+        0, "steps with the pretrained encoder's weights held still (learning rate 0); its BatchNorm layers "
+        "still normalise by batch statistics and update their running statistics", min=0)
     mirror_axes: tuple[int, ...] = _f(
         (0, 1, 2), "axes (0 z, 1 y, 2 x) that augmentation and `predict --tta` mirror; [0, 1] keeps left and "
         "right apart (left/right organ labels)", min=0, max=2)
@@ -361,6 +363,18 @@ def load(paths: list[str | Path] | str | Path | None = None, overrides: list[str
     for text in overrides or []:
         data = _merge(data, parse_override(text))
     return from_dict(data)
+
+
+def changed_fields(saved: dict[str, Any], cfg: Config, sections: tuple[str, ...] | None = None,
+                   ignore: frozenset[str] = frozenset()) -> list[str]:
+    """``'section.field: saved -> now'`` for each field of ``cfg`` that differs from ``saved`` (a config
+    as a checkpoint stores it; fields it lacks count as their defaults), limited to ``sections`` when
+    given, leaving out the ``section.field`` names in ``ignore``."""
+    before = to_dict(from_dict(_merge(to_dict(Config()), saved)))
+    now = to_dict(cfg)
+    return [f"{section}.{name}: {before[section][name]!r} -> {value!r}"
+            for section in (sections or now) for name, value in now[section].items()
+            if f"{section}.{name}" not in ignore and before[section][name] != value]
 
 
 def save(cfg: Config, path: str | Path) -> None:

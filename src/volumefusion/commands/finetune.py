@@ -22,6 +22,9 @@ RUN_DIR/store with the pretrained model's preparation settings, or a labelled st
 the class-dependent output layers start fresh (the load report says what was loaded). Validation
 runs sliding-window inference on whole validation cases every run.val_every steps; best.pt keeps the
 best mean foreground Dice. Splits: 5-fold by case with a fixed seed (--fold), or --split FILE.
+A config that changes the pretrained architecture is an error (dropout, drop_path and
+deep_supervision may change). SIGTERM or Ctrl-C writes latest.pt and exits with status 143 / 130;
+the same command plus --resume continues.
 """
 
 
@@ -48,5 +51,4 @@ def run(args) -> int:
     if args.split:
         overrides.append(f"finetune.split_file={args.split}")
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
-    finetune(args.config, overrides, args.data, args.out, pretrained, resume=args.resume)
-    return 0
+    return finetune(args.config, overrides, args.data, args.out, pretrained, resume=args.resume).exit_status

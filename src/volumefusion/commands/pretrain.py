@@ -21,7 +21,9 @@ examples:
 
 The run folder gets config.yaml (the resolved config), metrics.jsonl, progress.png, images/,
 tensorboard/ (when installed) and checkpoints/ (latest.pt, best.pt, step_*.pt). SIGTERM or Ctrl-C
-writes latest.pt and exits; rerun with --resume to continue from that step.
+writes latest.pt and exits with status 143 (130 for Ctrl-C); rerun with --resume to continue from
+that step. A new run refuses a folder that already holds checkpoints, and --resume refuses changed
+settings other than run length, reporting, device and workers.
 """
 
 
@@ -40,5 +42,4 @@ def run(args) -> int:
     from volumefusion.train.runs import pretrain
 
     cfg = config.load(args.config, training_overrides(args))
-    pretrain(cfg, args.data, args.out, resume=args.resume)
-    return 0
+    return pretrain(cfg, args.data, args.out, resume=args.resume).exit_status

@@ -148,11 +148,13 @@ def _read(source: str | Path | dict) -> tuple[dict[str, torch.Tensor], str, str]
 
 
 def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """First-convolution weights (out, c, ...) for ``in_channels`` inputs: channels are repeated
-    cyclically and scaled by c / in_channels, so identical input channels give the same response."""
+    """First-convolution weights (out, c, ...) for ``in_channels`` inputs, exact for identical input
+    channels: old channel i feeds the new channels j with i = j (mod min(c, in_channels)), shared equally
+    among them (so 1 -> 3 repeats it divided by 3; 2 -> 1 sums the two)."""
     c = weight.shape[1]
-    index = torch.arange(in_channels, device=weight.device) % c
-    return weight[:, index] * (c / in_channels)
+    m = min(c, in_channels)
+    linked = (torch.arange(c)[:, None] % m == torch.arange(in_channels)[None] % m).to(weight)
+    return torch.einsum("oi...,ij->oj...", weight, linked / linked.sum(1, keepdim=True))
 
 
 def load_pretrained(model: nn.Module, source: str | Path | dict, strict_encoder: bool = False) -> LoadReport:

@@ -27,11 +27,11 @@ from volumefusion.io import atomic_write_bytes
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes."""
+    """Strip the leading ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes, in any order."""
     out = {}
     for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.replace(prefix, "")
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
         out[key] = value
     return out
 
@@ -53,6 +53,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or foreign files
         raise VolumeFusionError(
-            f"{path}: not a loadable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"{path}: not a loadable checkpoint ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}); "
             "it may be truncated, or contain pickled objects that are not allowed for safety"
         ) from None

@@ -27,13 +27,21 @@ import torch.distributed as dist
 from torch import nn
 
 from volumefusion import VolumeFusionError
-from volumefusion.config import Config, OptimConfig, RunConfig
+from volumefusion.config import Config, OptimConfig, RunConfig, changed_fields
 from volumefusion.log import get_logger, progress
 from volumefusion.train.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from volumefusion.train.logging import RunLogger
 from volumefusion.train.losses import DeepSupervisionLoss
 
 log = get_logger(__name__)
+
+# Settings that may change when a run resumes: how long it runs and how it reports, where and how
+# fast it computes; everything else defines the run and must stay as the checkpoint has it.
+RESUMABLE_CHANGES = frozenset({
+    "run.max_steps", "run.device", "run.compile", "run.channels_last", "run.log_every", "run.val_every",
+    "run.val_samples", "run.checkpoint_every", "run.keep_last", "run.image_every", "data.workers",
+    "data.prefetch", "model.activation_checkpointing", "finetune.window_batch",
+})
 
 
 class Task(Protocol):
@@ -127,11 +135,19 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 
 class _Signals:
-    """First SIGINT/SIGTERM asks the loop to stop after the current step; a second one exits at once."""
+    """First SIGINT/SIGTERM asks the loop to stop after the current step; a second one exits at once.
 
-    def __init__(self):
+    ``loader``: the data iterator. SLURM, ``timeout`` and ``kill -- -PGID`` signal the whole process
+    group, so loader workers die with the first SIGTERM; torch would then raise "DataLoader worker
+    killed" at any point of the step (from its SIGCHLD handler) and lose the checkpoint. On a stop
+    request the iterator's workers are taken off that watch: the step in progress already holds its
+    batch. (Python runs pending handlers in signal-number order, SIGTERM 15 before SIGCHLD 17.)
+    """
+
+    def __init__(self, loader: Iterator | None = None):
         self.requested: str | None = None
         self._previous: dict[int, Any] = {}
+        self._loader = loader
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -145,6 +161,11 @@ class _Signals:
         if self.requested:
             os._exit(128 + signum)
         self.requested = signal.Signals(signum).name
+        if getattr(self._loader, "_worker_pids_set", False):
+            from torch.utils.data._utils.signal_handling import _remove_worker_pids
+
+            _remove_worker_pids(id(self._loader))
+            self._loader._worker_pids_set = False
         log.warning("%s received: finishing the current step and writing a checkpoint "
                     "(send it again to exit at once)", self.requested)
 
@@ -159,6 +180,16 @@ class FitResult:
     interrupted: str | None = None
     best_score: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def exit_status(self) -> int:
+        """0 for a finished run; 128 + the signal's number (130 SIGINT, 143 SIGTERM) for a run stopped
+        by a signal, as a shell reports a process ended by it, so ``pretrain && finetune`` or a SLURM
+        ``afterok`` dependency does not go on with an unfinished model."""
+        if not self.interrupted:
+            return 0
+        name = self.interrupted if self.interrupted in signal.Signals.__members__ else "SIGTERM"
+        return 128 + signal.Signals[name].value
 
 
 class Trainer:
@@ -255,7 +286,16 @@ class Trainer:
                 return
             raise VolumeFusionError(f"--resume {path}: checkpoint not found")
         ckpt = load_checkpoint(path)
-        self.model.load_state_dict(ckpt["model"])
+        if "config" not in ckpt or "optimizer" not in ckpt:
+            raise VolumeFusionError(f"--resume {path}: not a checkpoint of a volumefusion run (no config or "
+                                    "optimizer state); to start from its weights use finetune --pretrained")
+        changes = changed_fields(ckpt["config"], self.cfg, ignore=RESUMABLE_CHANGES)
+        if changes:
+            raise VolumeFusionError(
+                f"--resume {path}: the settings differ from the run's ({'; '.join(changes)}); resume with "
+                f"the run's own config ({self.out_dir / 'config.yaml'}), or start a new run in another folder. "
+                f"Only these may change on resume: {', '.join(sorted(RESUMABLE_CHANGES))}")
+        self.model.load_state_dict(clean_state_dict(ckpt["model"]))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step = int(ckpt["step"])
@@ -325,7 +365,7 @@ class Trainer:
         running, count, t_log = torch.zeros((), device=self.device), 0, time.perf_counter()
         samples_since = 0
         first = self.step
-        with _Signals() as signals:
+        with _Signals(data) as signals:
             while self.step < run.max_steps:
                 want_images = self.dist.is_main and ((self.step + 1) % run.image_every == 0 or self.step == 0)
                 try:

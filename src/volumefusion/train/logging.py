@@ -58,7 +58,9 @@ class RunLogger:
             return
         self.records.append(record)
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            # NaN (e.g. the Dice of a class absent from validation) as null: strict JSON for jq and browsers
+            f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                for k, v in record.items()}) + "\n")
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):

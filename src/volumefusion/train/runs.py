@@ -7,17 +7,29 @@ from pathlib import Path
 import torch
 
 from volumefusion import VolumeFusionError
-from volumefusion.config import Config, save
+from volumefusion.config import Config, changed_fields, save
 from volumefusion.log import get_logger
 from volumefusion.train.engine import DistInfo, FitResult, Trainer
 
 log = get_logger(__name__)
+
+# Model fields fine-tuning may set differently from the pretrained checkpoint: regularisation and
+# run-time switches, the input channels (the first convolution is adapted) and the relative-position
+# index (the weights carry it).
+ADJUSTABLE_MODEL_FIELDS = frozenset({
+    "model.dropout", "model.drop_path", "model.deep_supervision", "model.activation_checkpointing",
+    "model.in_channels", "model.rel_pos_index",
+})
 
 
 def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
     """The configured network, initialised from ``run.seed``; checks the crop fits its down-sampling."""
     from volumefusion.nets import build_model as build
 
+    if cfg.model.in_channels != 1:
+        raise VolumeFusionError(f"model.in_channels: {cfg.model.in_channels}, but prepared stores hold "
+                                "single-channel CT; set it to 1 (pretrained weights with other input channels "
+                                "are adapted when fine-tuning)")
     torch.manual_seed(cfg.run.seed)
     model = build(cfg.model, num_classes)
     bad = [c for c, d in zip(cfg.data.crop_size, model.size_divisor) if c % d]
@@ -30,7 +42,17 @@ def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
     return model
 
 
+def check_run_folder(out_dir: str | Path, resume: bool | str) -> None:
+    """A new run (no ``resume``) must not start in a folder that holds another run's checkpoints:
+    the two runs' files would mix and ``keep_last`` would delete the wrong ones."""
+    found = sorted((Path(out_dir) / "checkpoints").glob("*.pt"))
+    if found and not resume:
+        raise VolumeFusionError(f"{out_dir} already holds a run ({len(found)} checkpoint(s), e.g. {found[0].name}); "
+                                "continue it with --resume, or choose another --out folder")
+
+
 def write_config(cfg: Config, out_dir: str | Path) -> None:
+    """``out_dir/config.yaml``, written once the run (and any resume) is set up."""
     if DistInfo.from_env().is_main:
         save(cfg, Path(out_dir) / "config.yaml")
 
@@ -40,13 +62,15 @@ def pretrain(cfg: Config, data: str | Path, out_dir: str | Path, resume: bool | 
     from volumefusion.data.store import Store
     from volumefusion.train.tasks import PretrainTask
 
+    check_run_folder(out_dir, resume)
     task = PretrainTask(cfg, Store.open(data))
     model = build_model(cfg, task.num_classes)
-    write_config(cfg, out_dir)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("pretraining %s (%.2f M parameters) on %d cases, %s", cfg.model.name, n_params / 1e6,
              len(task.store), f"fusion {cfg.fusion.mode}, K={cfg.fusion.num_classes - 1}")
-    return Trainer(cfg, model, task, out_dir, resume=resume).fit()
+    trainer = Trainer(cfg, model, task, out_dir, resume=resume)
+    write_config(cfg, out_dir)
+    return trainer.fit()
 
 
 def _pretrained_base(pretrained: str | Path | None) -> tuple[dict | None, dict]:
@@ -109,11 +133,24 @@ def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_d
     from volumefusion.train.tasks import SegmentationTask, split_cases
 
     out_dir = Path(out_dir)
+    check_run_folder(out_dir, resume)
     ckpt, base = _pretrained_base(pretrained)
     cfg = load(cfg_paths, overrides, base=base)
+    if "model" in base:
+        changes = changed_fields(base, cfg, ("model",), ignore=ADJUSTABLE_MODEL_FIELDS)
+        if changes:
+            raise VolumeFusionError(
+                f"{pretrained}: the config changes the pretrained architecture ({'; '.join(changes)}), so most "
+                "weights could not be used; the architecture comes from the checkpoint: leave these fields out "
+                "of the config, or fine-tune from scratch with --pretrained none")
     if "data" in base and list(cfg.data.hu_window) != list(base["data"]["hu_window"]):
         raise VolumeFusionError(f"data.hu_window: {list(cfg.data.hu_window)} differs from the pretrained model's "
                                 f"{list(base['data']['hu_window'])}; fine-tuning must use the same intensities")
+    if ckpt is not None and cfg.model.in_channels != 1 and \
+            cfg.model.in_channels == load([], [], base=base).model.in_channels:
+        log.info("the pretrained model takes %d input channels: its first convolution is adapted to the one "
+                 "CT channel", cfg.model.in_channels)
+        cfg.model.in_channels = 1
     preprocessing = (ckpt or {}).get("task", {}).get("preprocessing") or None
     store = _segmentation_store(data, out_dir, preprocessing, cfg.data.workers)
     f = cfg.finetune
@@ -122,16 +159,18 @@ def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_d
     model = build_model(cfg, task.num_classes)
     if ckpt is not None:
         report = load_pretrained(model, ckpt)
+        report.source = str(pretrained)  # the file, not "the given state dict"
         # the index travels in the weights; the saved config must say which one they use
         if report.rel_pos_index:
             cfg.model.rel_pos_index = report.rel_pos_index
         if DistInfo.from_env().is_main:
             print(report.format())
             atomic_write_text(out_dir / "load_report.json", json.dumps(report.to_dict(), indent=1))
-    write_config(cfg, out_dir)
     log.info("fine-tuning %s on %d training / %d validation cases, %d classes (%s)", cfg.model.name,
              len(train_ids), len(val_ids), task.num_classes, "pretrained" if ckpt is not None else "from scratch")
     # Freezing protects pretrained features; a randomly initialised encoder is never held still.
     freeze = (tuple(model.encoder_prefixes), f.freeze_encoder_steps) \
         if f.freeze_encoder_steps and ckpt is not None else None
-    return Trainer(cfg, model, task, out_dir, resume=resume, freeze=freeze).fit()
+    trainer = Trainer(cfg, model, task, out_dir, resume=resume, freeze=freeze)
+    write_config(cfg, out_dir)
+    return trainer.fit()
