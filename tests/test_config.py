@@ -125,3 +125,14 @@ def test_cli_config_command_prints_error(capsys):
 
     assert main(["config", "--set", "optim.name=lion"]) == 2
     assert "optim.name: 'lion' is not allowed" in capsys.readouterr().err
+
+
+def test_device_is_checked_with_the_config():
+    with pytest.raises(ConfigError, match="run.device: 'gpu'"):
+        config.load(overrides=["run.device=gpu"])
+    assert config.load(overrides=["run.device=cuda:1"]).run.device == "cuda:1"
+
+
+def test_demo_preset_is_not_a_run_config():
+    with pytest.raises(ConfigError, match="volumefusion demo"):
+        config.load("demo")

@@ -15,6 +15,7 @@ from volumefusion.cli import main
 from volumefusion.io import read_image
 from volumefusion.train.checkpoint import load_checkpoint
 from volumefusion.train.runs import finetune, pretrain
+from volumefusion.train.tasks import split_cases
 
 FT = [*TINY_MODEL, "run.max_steps=3", "run.val_every=3", "run.checkpoint_every=3"]
 
@@ -115,3 +116,30 @@ def test_chest_ct_finetune_predict_evaluate_keeps_geometry(tmp_path):
     values = [r.split(",") for r in rows[1:]]
     assert values and all(float(v[dice]) == 1.0 and float(v[hd95]) == 0.0 for v in values)
     assert summary is None or summary
+
+
+def test_split_errors_name_the_problem(tmp_path):
+    ids = [f"case{i}" for i in range(3)]
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["case0", "case1"], "val": ["case1"]}))
+    with pytest.raises(VolumeFusionError, match="both lists: case1"):
+        split_cases(ids, 5, 0, str(split))
+    with pytest.raises(VolumeFusionError, match="only 3 folds"):
+        split_cases(ids, 5, 4)
+    train, val = split_cases(ids, 5, 2)
+    assert sorted(train + val) == ids and not set(train) & set(val)
+
+
+def test_wrong_settings_fail_before_the_dataset_is_prepared(phantom_dataset, tmp_path):
+    with pytest.raises(VolumeFusionError, match="data.crop_size"):
+        finetune([], [*FT, "data.crop_size=[16,32,33]"], phantom_dataset, tmp_path, None)
+    with pytest.raises(VolumeFusionError, match="--split"):
+        finetune([], [*FT, f"finetune.split_file={tmp_path / 'none.json'}"], phantom_dataset, tmp_path, None)
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_run_folder_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best.pt").write_bytes(b"")
+    with pytest.raises(VolumeFusionError, match="is a folder.*checkpoints/best.pt"):
+        load_checkpoint(tmp_path)

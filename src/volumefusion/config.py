@@ -16,6 +16,7 @@ reads as ``[6]``, so files and checkpoints written before a field took a list st
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -273,6 +274,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"fusion.num_boxes: {list(fu.num_boxes)} must be [min, max] with min <= max")
     if cfg.data.hu_window[0] >= cfg.data.hu_window[1]:
         raise ConfigError(f"data.hu_window: {list(cfg.data.hu_window)} must be [low, high] with low < high")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.run.device):
+        raise ConfigError(f"run.device: {cfg.run.device!r} is not a device; use auto, cpu, cuda or cuda:N")
     if ft.fold >= ft.num_folds:
         raise ConfigError(f"finetune.fold: {ft.fold} must be < finetune.num_folds ({ft.num_folds})")
     if len(set(ft.mirror_axes)) != len(ft.mirror_axes):
@@ -326,6 +329,8 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 PRESETS = Path(__file__).parent / "configs"
 """The presets shipped with the package: pretrain_paper, finetune, demo."""
+DEMO_PRESET = PRESETS / "demo.yaml"
+"""Not a run config: the settings of ``volumefusion demo``, which holds a run config per stage."""
 
 
 def presets() -> list[str]:
@@ -355,6 +360,9 @@ def load(paths: list[str | Path] | str | Path | None = None, overrides: list[str
         paths = [paths]
     for path in paths or []:
         path = resolve_path(path)
+        if path == DEMO_PRESET:
+            raise ConfigError(f"{path.name} holds the settings of `volumefusion demo` (phantoms, seeds, stages), "
+                              "not of a run; use it with `volumefusion demo -c`, or give -c pretrain_paper / finetune")
         try:
             content = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:

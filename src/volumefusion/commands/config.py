@@ -32,7 +32,9 @@ def run(args) -> int:
         return 0
     if args.presets:
         for name in config.presets():
-            print(f"{name:16s} {config.PRESETS / (name + '.yaml')}")
+            path = config.PRESETS / (name + ".yaml")
+            note = "  (for `volumefusion demo -c`)" if path == config.DEMO_PRESET else ""
+            print(f"{name:16s} {path}{note}")
         return 0
     cfg = config.load(args.config, args.overrides)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")

@@ -166,12 +166,12 @@ class UpCat(nn.Module):
 def _relative_position_index(window: int, kind: str) -> torch.Tensor:
     if kind not in REL_POS_KINDS:
         raise ValueError(f"relative-position index {kind!r}: choose one of {REL_POS_KINDS}")
-    axis = torch.arange(window)
+    axis = torch.arange(window, device="cpu")  # cached: never on a default device set by the caller
     coords = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij")).flatten(1)  # (3, T)
     offsets = coords[:, :, None] - coords[:, None, :] + (window - 1)  # (3, T, T), each in [0, 2w-2]
     side = 2 * window - 1
     strides = (side * side, side, 1) if kind == "exact" else (3 * window - 1, side, 1)
-    return torch.einsum("k,kij->ij", torch.tensor(strides), offsets)
+    return torch.einsum("k,kij->ij", torch.tensor(strides, device="cpu"), offsets)
 
 
 def relative_position_index(window: int, kind: str = "exact") -> torch.Tensor:

@@ -47,8 +47,16 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; errors name the file and the problem."""
     path = Path(path)
+    if path.is_dir():
+        found = next((p for p in (path / "checkpoints" / "best.pt", path / "checkpoints" / "latest.pt",
+                                  path / "best.pt", path / "latest.pt") if p.is_file()), None)
+        hint = f", e.g. {found}" if found else ""
+        raise VolumeFusionError(f"{path}: is a folder; give a checkpoint file{hint}")
     if not path.is_file():
         raise VolumeFusionError(f"{path}: checkpoint file not found")
+    if path.suffix == ".safetensors":
+        raise VolumeFusionError(f"{path}: a weights-only export for other tools; volumefusion commands read .pt "
+                                "checkpoints (`volumefusion convert` writes one with --out)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or foreign files

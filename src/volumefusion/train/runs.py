@@ -9,7 +9,7 @@ import torch
 from volumefusion import VolumeFusionError
 from volumefusion.config import Config, changed_fields, save
 from volumefusion.log import get_logger
-from volumefusion.train.engine import DistInfo, FitResult, Trainer
+from volumefusion.train.engine import DistInfo, FitResult, Trainer, resolve_device
 
 log = get_logger(__name__)
 
@@ -22,21 +22,30 @@ ADJUSTABLE_MODEL_FIELDS = frozenset({
 })
 
 
-def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
-    """The configured network, initialised from ``run.seed``; checks the crop fits its down-sampling."""
+def check_model_settings(cfg: Config) -> None:
+    """Errors for settings the data cannot meet: input channels other than CT's one, a crop the
+    network's down-sampling does not divide (checked on the meta device: no memory, no time)."""
     from volumefusion.nets import build_model as build
 
     if cfg.model.in_channels != 1:
         raise VolumeFusionError(f"model.in_channels: {cfg.model.in_channels}, but prepared stores hold "
                                 "single-channel CT; set it to 1 (pretrained weights with other input channels "
                                 "are adapted when fine-tuning)")
-    torch.manual_seed(cfg.run.seed)
-    model = build(cfg.model, num_classes)
-    bad = [c for c, d in zip(cfg.data.crop_size, model.size_divisor) if c % d]
-    if bad:
+    with torch.device("meta"):
+        divisor = build(cfg.model, 2).size_divisor
+    if any(c % d for c, d in zip(cfg.data.crop_size, divisor)):
         raise VolumeFusionError(
             f"data.crop_size: {list(cfg.data.crop_size)} must be divisible by the network's down-sampling "
-            f"{list(model.size_divisor)} on every axis")
+            f"{list(divisor)} on every axis")
+
+
+def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
+    """The configured network, initialised from ``run.seed``, after :func:`check_model_settings`."""
+    from volumefusion.nets import build_model as build
+
+    check_model_settings(cfg)
+    torch.manual_seed(cfg.run.seed)
+    model = build(cfg.model, num_classes)
     # Dropout and drop-path draws differ per rank but are reproducible per rank.
     torch.manual_seed(cfg.run.seed * 1009 + DistInfo.from_env().rank + 1)
     return model
@@ -146,11 +155,15 @@ def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_d
     if "data" in base and list(cfg.data.hu_window) != list(base["data"]["hu_window"]):
         raise VolumeFusionError(f"data.hu_window: {list(cfg.data.hu_window)} differs from the pretrained model's "
                                 f"{list(base['data']['hu_window'])}; fine-tuning must use the same intensities")
-    if ckpt is not None and cfg.model.in_channels != 1 and \
-            cfg.model.in_channels == load([], [], base=base).model.in_channels:
+    if ckpt is not None and cfg.model.in_channels != 1 and cfg.model.in_channels == base["model"].get("in_channels"):
         log.info("the pretrained model takes %d input channels: its first convolution is adapted to the one "
                  "CT channel", cfg.model.in_channels)
         cfg.model.in_channels = 1
+    # what can fail without the data fails before the dataset is prepared (minutes to hours)
+    check_model_settings(cfg)
+    resolve_device(cfg.run.device)
+    if cfg.finetune.split_file and not Path(cfg.finetune.split_file).is_file():
+        raise VolumeFusionError(f"--split {cfg.finetune.split_file}: file not found")
     preprocessing = (ckpt or {}).get("task", {}).get("preprocessing") or None
     store = _segmentation_store(data, out_dir, preprocessing, cfg.data.workers)
     f = cfg.finetune

@@ -116,12 +116,20 @@ def split_cases(case_ids: list[str], num_folds: int, fold: int, split_file: str 
         unknown = sorted(set(train + val) - set(case_ids))
         if unknown:
             raise VolumeFusionError(f"{split_file}: cases not in the dataset: {', '.join(unknown[:5])}")
+        both = sorted(set(train) & set(val))
+        if both or not train or not val:
+            problem = f"cases in both lists: {', '.join(both[:5])}" if both else "an empty list"
+            raise VolumeFusionError(f"{split_file}: {problem}; training and validation cases must be disjoint "
+                                    "and neither list empty")
         return train, val
     if len(case_ids) < 2:
         raise VolumeFusionError(f"fine-tuning needs at least 2 labelled cases for a split, found {len(case_ids)}")
     order = np.random.default_rng(seed).permutation(sorted(case_ids))
     folds = np.array_split(order, min(num_folds, len(order)))
-    val = [str(c) for c in folds[fold % len(folds)]]
+    if fold >= len(folds):
+        raise VolumeFusionError(f"finetune.fold: {fold}, but {len(order)} cases make only {len(folds)} folds "
+                                f"(0 to {len(folds) - 1})")
+    val = [str(c) for c in folds[fold]]
     train = [str(c) for c in order if c not in set(val)]
     return train, val
 
