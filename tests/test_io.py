@@ -130,13 +130,26 @@ def test_missing_file(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["nii.gz", "nii", "nrrd", "mha"])
-def test_truncated_file_is_an_error(tmp_path, fmt):
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_truncated_file_is_an_error(tmp_path, fmt, dtype):
     path = tmp_path / f"vol.{fmt}"
-    write_image(path, _volume(shape=(8, 32, 32)), Geometry((8, 32, 32), (1, 1, 1), (0, 0, 0)))
+    write_image(path, _volume(dtype, shape=(8, 32, 32)), Geometry((8, 32, 32), (1, 1, 1), (0, 0, 0)))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(VolumeFusionError, match=rf"vol\.{fmt}: .*(truncated|corrupt)"):
         read_image(path)
+
+
+def test_truncated_mha_is_reported_as_truncated_without_console_noise(tmp_path, capfd):
+    for compress in (True, False):
+        path = tmp_path / f"vol{int(compress)}.mha"
+        write_image(path, _volume(shape=(8, 32, 32)), Geometry((8, 32, 32), (1, 1, 1), (0, 0, 0)), compress=compress)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        expected = rf"vol{int(compress)}\.mha: truncated file: {len(data) // 2} bytes"
+        with pytest.raises(VolumeFusionError, match=expected):
+            read_image(path)
+    assert capfd.readouterr() == ("", "")
 
 
 @pytest.mark.parametrize("content", [b"", b"not an image at all" * 10])
@@ -174,13 +187,40 @@ def test_vector_image_needs_a_channel(tmp_path):
     np.testing.assert_array_equal(back, array[..., 2])
 
 
-def test_non_finite_values_are_an_error(tmp_path):
-    array = _volume(np.float32)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_non_finite_values_are_an_error(tmp_path, fmt, dtype):
+    array = _volume(dtype)
     array[2, 3, 4] = np.nan
     array[0, 0, 0] = np.inf
-    write_image(tmp_path / "nan.nrrd", array, AXIS_ALIGNED)
-    with pytest.raises(VolumeFusionError, match=r"nan\.nrrd: 2 voxels are NaN or infinite"):
-        read_image(tmp_path / "nan.nrrd")
+    array[5, 8, 10] = -np.inf
+    write_image(tmp_path / f"nan.{fmt}", array, AXIS_ALIGNED)
+    with pytest.raises(VolumeFusionError, match=rf"nan\.{fmt}: 3 voxels are NaN or infinite"):
+        read_image(tmp_path / f"nan.{fmt}")
+
+
+def test_big_endian_float_nifti_with_nan_is_an_error(tmp_path):
+    array = _volume(np.float32)
+    write_image(tmp_path / "be.nii", array, AXIS_ALIGNED)
+    data = bytearray((tmp_path / "be.nii").read_bytes())
+    # swap the header fields ITK checks for byte order, then the voxels: the same image, big-endian
+    for start, size in [(0, 4), *((40 + 2 * i, 2) for i in range(8)), (70, 2), (72, 2), (108, 4)]:
+        data[start : start + size] = data[start : start + size][::-1]
+    array[1, 1, 1] = np.nan
+    data[352:] = array.astype(">f4").tobytes()
+    (tmp_path / "be.nii").write_bytes(bytes(data))
+    with pytest.raises(VolumeFusionError, match=r"be\.nii: 1 voxels are NaN or infinite"):
+        read_image(tmp_path / "be.nii")
+
+
+def test_dicom_series_with_missing_slices_is_an_error(tmp_path):
+    write_dicom_series(tmp_path / "gappy", _volume(shape=(8, 8, 8)), (2.5, 1.0, 1.0), "1.2.826.0.1.3680043.2.1125.30",
+                       origin=(10.0, -20.0, -50.0))
+    read_image(tmp_path / "gappy")  # complete: fine
+    (tmp_path / "gappy" / "slice004.dcm").unlink()
+    (tmp_path / "gappy" / "slice005.dcm").unlink()
+    with pytest.raises(VolumeFusionError, match=r"gappy: DICOM series with missing .* 2\.5 mm, found 7\.5 mm"):
+        read_image(tmp_path / "gappy")
 
 
 def test_discover_inputs_expands_folders_globs_and_lists(tmp_path):
@@ -200,6 +240,24 @@ def test_discover_inputs_expands_folders_globs_and_lists(tmp_path):
     deduplicated = discover_inputs([tmp_path / "list.csv", tmp_path / "b/three.mha"])
     assert [p.name for p in deduplicated] == ["three.mha"]
     assert len(discover_inputs([str(tmp_path / "**" / "*.nii.gz")])) == 1
+
+
+def test_discover_inputs_takes_only_the_images_of_a_dataset_folder(tmp_path):
+    dataset = tmp_path / "Task01"
+    for rel in ["imagesTr/a_0000.nii.gz", "labelsTr/a.nii.gz"]:
+        write_image(dataset / rel, _volume(), AXIS_ALIGNED)
+    (dataset / "dataset.json").write_text("{}")
+    (dataset / "imagesTs").mkdir()
+    assert [p.relative_to(tmp_path).as_posix() for p in discover_inputs([dataset, tmp_path])] == [
+        "Task01/imagesTr/a_0000.nii.gz"]
+    write_image(dataset / "imagesTs" / "t_0000.nii.gz", _volume(), AXIS_ALIGNED)
+    assert [p.relative_to(tmp_path).as_posix() for p in discover_inputs([tmp_path])] == [
+        "Task01/imagesTs/t_0000.nii.gz"]
+    for rel in ["imagesTr", "imagesTs"]:
+        for f in (dataset / rel).iterdir():
+            f.unlink()
+    with pytest.raises(VolumeFusionError, match=r"Task01: dataset folder \(dataset.json\) with no images"):
+        discover_inputs([dataset])
 
 
 def test_discover_inputs_reports_inputs_that_match_nothing(tmp_path):

@@ -167,37 +167,75 @@ def _dicom_series_files(folder: Path, uid: str | None) -> list[str]:
         return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid or ids[0]))
 
 
-def _nifti_expected_bytes(header: bytes) -> int | None:
-    """Header + voxel bytes a NIfTI-1/2 file must hold, from its header; None if not NIfTI."""
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
+
+
+def _nifti_layout(header: bytes) -> tuple[int, int, np.dtype | None] | None:
+    """Where a NIfTI-1/2 file's voxels start and how many bytes they take, from its header, and
+    their dtype if float (else None); None if ``header`` is not NIfTI."""
     for order in "<>":
         size = struct.unpack(order + "i", header[:4])[0]
         if size == 348 and len(header) >= 112:
             dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(order + "2h", header[70:74])
             offset = int(struct.unpack(order + "f", header[108:112])[0])
         elif size == 540 and len(header) >= 176:
-            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(order + "2h", header[12:16])
             dims = struct.unpack(order + "8q", header[16:80])
             offset = struct.unpack(order + "q", header[168:176])[0]
         else:
             continue
         if not 1 <= dims[0] <= 7:
             return None
-        return max(offset, size) + int(np.prod([max(d, 1) for d in dims[1 : dims[0] + 1]])) * bitpix // 8
+        count = int(np.prod([max(d, 1) for d in dims[1 : dims[0] + 1]]))
+        code = _NIFTI_FLOATS.get(datatype)
+        return max(offset, size), count * bitpix // 8, np.dtype(order + code) if code else None
     return None
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Raise if a NIfTI file is shorter than its header says; ITK would silently read zeros instead."""
+def _scan_nifti(path: Path, compressed: bool, offset: int, nbytes: int, dtype: np.dtype | None) -> tuple[int, int]:
+    """Read the (decompressed) file through: its length in bytes, and with a float ``dtype`` how many
+    of the ``nbytes`` voxel bytes after ``offset`` are NaN or infinite."""
+    length = bad = 0
+    item = dtype.itemsize if dtype is not None else 1
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+            length += len(f.read(offset))
+            while chunk := f.read((1 << 24) // item * item):
+                if dtype is not None:
+                    voxels = chunk[: max(0, offset + nbytes - length)]
+                    voxels = np.frombuffer(voxels[: len(voxels) // item * item], dtype)
+                    bad += int(voxels.size - np.count_nonzero(np.isfinite(voxels)))
+                length += len(chunk)
+    except (OSError, EOFError, zlib.error):
+        raise VolumeFusionError(f"{path}: truncated or corrupt gzip data") from None
+    return length, bad
+
+
+def _non_finite_error(path, count: int) -> VolumeFusionError:
+    return VolumeFusionError(f"{path}: {count} voxels are NaN or infinite")
+
+
+def _truncated_error(path, actual: int, expected: int) -> VolumeFusionError:
+    return VolumeFusionError(f"{path}: truncated file: {actual} bytes, the header needs {expected}")
+
+
+def _check_nifti(path: Path) -> None:
+    """Raise if a NIfTI file is shorter than its header says, or holds NaN or infinite float voxels:
+    ITK would silently read zeros for both."""
     compressed = path.name.lower().endswith(".gz")
     try:
         with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
-            expected = _nifti_expected_bytes(f.read(544))
+            layout = _nifti_layout(f.read(544))
     except (OSError, EOFError):
         return  # not gzip / unreadable: SimpleITK reports it
-    if expected is None:
+    if layout is None:
         return
-    if not compressed:
+    offset, nbytes, dtype = layout
+    expected, bad = offset + nbytes, 0
+    if dtype is not None:
+        actual, bad = _scan_nifti(path, compressed, offset, nbytes, dtype)
+    elif not compressed:
         actual = path.stat().st_size
     else:
         with open(path, "rb") as f:
@@ -205,15 +243,70 @@ def _check_nifti_complete(path: Path) -> None:
             trailer = struct.unpack("<I", f.read(4))[0]  # uncompressed size mod 2**32
         if trailer == expected % 2**32:
             return
-        actual = 0  # several gzip members or a damaged end: count by decompressing
-        try:
-            with gzip.open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    actual += len(chunk)
-        except (OSError, EOFError, zlib.error):
-            raise VolumeFusionError(f"{path}: truncated or corrupt gzip data") from None
+        actual = _scan_nifti(path, compressed, 0, 0, None)[0]  # several gzip members or a damaged end
     if actual < expected:
-        raise VolumeFusionError(f"{path}: truncated file: {actual} bytes, the header needs {expected}")
+        raise _truncated_error(path, actual, expected)
+    if bad:
+        raise _non_finite_error(path, bad)
+
+
+# bytes per MetaIO element type; MET_LONG as 4, the smaller size it may mean, so a complete file always passes
+_METAIO_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+                 "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
+                 "MET_DOUBLE": 8}
+
+
+def _check_mha_complete(path: Path) -> None:
+    """Raise if a MetaImage file with its data inside (``ElementDataFile = LOCAL``) is shorter than its
+    header says: MetaIO would print to the console and ITK blame a missing file."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    fields: dict[str, str] = {}
+    start = 0
+    for line in head.split(b"\n"):
+        start += len(line) + 1
+        key, _, value = line.decode("latin-1").partition("=")
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            break
+    else:
+        return
+    if fields["ElementDataFile"] != "LOCAL":
+        return
+    try:
+        if fields.get("CompressedData", "False").lower() == "true":
+            nbytes = int(fields.get("CompressedDataSize", 0))  # absent: MetaIO reads to the end
+        else:
+            nbytes = (int(np.prod([int(v) for v in fields["DimSize"].split()]))
+                      * int(fields.get("ElementNumberOfChannels", 1)) * _METAIO_BYTES[fields["ElementType"]])
+    except (KeyError, ValueError):
+        return  # a header ITK may still understand (or report)
+    if path.stat().st_size < start + nbytes:
+        raise _truncated_error(path, path.stat().st_size, start + nbytes)
+
+
+def _check_slice_gaps(folder: Path, reader, image) -> None:
+    """Raise if a DICOM series' slices are unevenly spaced (missing or duplicate slices): ITK would
+    spread them over one averaged spacing and misplace every slice after a gap."""
+    names = reader.GetFileNames()
+    key = "0020|0032"  # ImagePositionPatient: x\y\z of the slice's first voxel, mm
+    if len(names) < 3 or not all(reader.HasMetaDataKey(i, key) for i in range(len(names))):
+        return
+    try:
+        points = np.array([[float(v) for v in reader.GetMetaData(i, key).split("\\")] for i in range(len(names))])
+    except ValueError:
+        return
+    normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
+    steps = np.diff(points @ normal)
+    expected = float(np.median(steps))
+    uneven = np.abs(steps - expected) > max(0.01 * abs(expected), 0.01)
+    if uneven.any():
+        found = ", ".join(f"{v:.4g}" for v in sorted({round(float(s), 4) for s in steps[uneven]}))
+        first = Path(names[int(np.flatnonzero(uneven)[0])]).name
+        raise VolumeFusionError(
+            f"{folder}: DICOM series with missing or extra slices: slice gaps should all be {expected:.4g} mm, "
+            f"found {found} mm (first after {first}); export the complete series"
+        )
 
 
 def _read_sitk(path: str | Path):
@@ -226,12 +319,17 @@ def _read_sitk(path: str | Path):
         if folder.is_dir():
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(_dicom_series_files(folder, uid))
+            reader.MetaDataDictionaryArrayUpdateOn()
             with _quiet_itk():
-                return reader.Execute()
+                image = reader.Execute()
+            _check_slice_gaps(folder, reader, image)
+            return image
         if folder.stat().st_size == 0:
             raise VolumeFusionError(f"{folder}: file is empty (0 bytes)")
         if folder.name.lower().endswith((".nii", ".nii.gz")):
-            _check_nifti_complete(folder)
+            _check_nifti(folder)
+        if folder.name.lower().endswith(".mha"):
+            _check_mha_complete(folder)
         with _quiet_itk():
             return sitk.ReadImage(str(folder))
     except RuntimeError as exc:
@@ -298,8 +396,7 @@ def read_image(path: str | Path, *, channel: int | None = None) -> tuple[np.ndar
 
     array = sitk.GetArrayFromImage(image)
     if array.dtype.kind in "fc" and not np.isfinite(array).all():
-        bad = int(array.size - np.isfinite(array).sum())
-        raise VolumeFusionError(f"{path}: {bad} voxels are NaN or infinite")
+        raise _non_finite_error(path, int(array.size - np.isfinite(array).sum()))
     return array, Geometry.from_sitk(image)
 
 
@@ -357,12 +454,23 @@ def _is_dicom_file(path: Path) -> bool:
         return False
 
 
+def _dataset_images(folder: Path) -> str:
+    """The folder of images to segment in an MSD / nnU-Net dataset: ``imagesTs``, else ``imagesTr``."""
+    for name in ("imagesTs", "imagesTr"):
+        if (folder / name).is_dir() and any(not n.startswith(".") for n in os.listdir(folder / name)):
+            return name
+    raise VolumeFusionError(f"{folder}: dataset folder (dataset.json) with no images in imagesTs/ or imagesTr/")
+
+
 def _search_folder(folder: Path) -> list[Path]:
-    """Image files and DICOM series folders under ``folder`` (hidden entries skipped)."""
+    """Image files and DICOM series folders under ``folder`` (hidden entries skipped); of a dataset
+    folder (``dataset.json``), only the images of :func:`_dataset_images`, never its labels."""
     found: list[Path] = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
         root_path = Path(root)
+        if "dataset.json" in files:
+            dirs[:], files = [_dataset_images(root_path)], []
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
         visible = [f for f in files if not f.startswith(".")]
         found.extend(root_path / f for f in visible if is_image_file(f))
         if any(_is_dicom_file(root_path / f) for f in visible if not is_image_file(f)):
@@ -420,6 +528,11 @@ def discover_inputs(inputs: list[str | Path], errors: list[tuple[str, str]] | No
     these (relative paths are relative to the list). An input or list entry that matches nothing
     raises VolumeFusionError, or, when ``errors`` is given, is appended to it as ``(input, reason)``
     and skipped, so one missing file does not stop a batch.
+
+    An MSD / nnU-Net dataset folder (one holding ``dataset.json``), given or found while searching,
+    contributes only the images to segment: ``imagesTs/``, or ``imagesTr/`` when ``imagesTs/`` is
+    missing or empty; never the ``labelsTr/`` label maps. (``prepare`` given a dataset folder itself
+    takes its labelled training cases instead.)
     """
     found: set[Path] = set()
 
