@@ -417,6 +417,7 @@ def write_report(out: Path, settings: dict, data: DemoData, pretrain_result, run
                     else ".")
     spacing = settings["prepare"].get("spacing_zyx")
     spacing = f" --spacing {' '.join(map(str, spacing))}" if spacing else ""
+    run = f"{out}/rerun/seed{seeds[0]}/pretrained"
     stage_rows = "\n".join(f"| {k} | {v:.0f} |" for k, v in clock.seconds.items())
     pool_text = f"{p['pool']} phantoms" + (" + the slicerio chest CT" if data.chest_ct else "")
     lines = [
@@ -485,18 +486,19 @@ def write_report(out: Path, settings: dict, data: DemoData, pretrain_result, run
         "",
         "## Rerun a stage by hand",
         "",
+        "Each command writes a new folder under `rerun/` (a run folder that holds checkpoints is only "
+        "continued, with `--resume`):",
+        "",
         "```bash",
-        f"volumefusion prepare {' '.join(data.pool_inputs)} --out {out}/data/pool_store{spacing}",
-        f"volumefusion pretrain -c {out}/configs/pretrain.yaml --data {out}/data/pool_store "
-        f"--out {out}/runs/pretrain",
+        f"volumefusion prepare {' '.join(data.pool_inputs)} --out {out}/rerun/pool_store{spacing}",
+        f"volumefusion pretrain -c {out}/configs/pretrain.yaml --data {out}/rerun/pool_store "
+        f"--out {out}/rerun/pretrain",
         f"volumefusion finetune -c {out}/configs/finetune.yaml --data {out}/data/Task01_Phantom "
         f"--split {out}/data/split.json --seed {seeds[0]} "
-        f"--pretrained {out}/runs/pretrain/checkpoints/latest.pt --out {out}/runs/seed{seeds[0]}/pretrained",
-        f"volumefusion predict -m {out}/runs/seed{seeds[0]}/pretrained/checkpoints/best.pt "
-        f"-i {out}/data/test/images -o {out}/runs/seed{seeds[0]}/pretrained/predictions",
-        f"volumefusion evaluate --pred {out}/runs/seed{seeds[0]}/pretrained/predictions "
-        f"--gt {out}/data/test/labels --labels {out}/data/Task01_Phantom/dataset.json "
-        f"--out {out}/runs/seed{seeds[0]}/pretrained/metrics.csv",
+        f"--pretrained {out}/rerun/pretrain/checkpoints/latest.pt --out {run}",
+        f"volumefusion predict -m {run}/checkpoints/best.pt -i {out}/data/test/images -o {run}/predictions",
+        f"volumefusion evaluate --pred {run}/predictions --gt {out}/data/test/labels "
+        f"--labels {out}/data/Task01_Phantom/dataset.json --out {run}/metrics.csv",
         "```",
         "",
     ]
