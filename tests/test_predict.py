@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from volumefusion import config
@@ -13,7 +14,7 @@ from volumefusion.cli import main
 from volumefusion.data.prepare import PrepareSettings, preprocess_case, restore_to_original
 from volumefusion.data.samples import chest_ct, chest_ct_label_names
 from volumefusion.infer import Predictor, sliding_window_inference
-from volumefusion.io import read_image, write_image
+from volumefusion.io import Geometry, read_image, write_image
 from volumefusion.nets import build_model
 from volumefusion.preprocess import normalise_hu
 from volumefusion.train.checkpoint import save_checkpoint
@@ -119,7 +120,9 @@ def test_a_corrupt_input_is_reported_and_skipped(tmp_path, capsys):
                     "--overlap", "0") == 1
     assert not (tmp_path / "out" / "broken.nii.gz").exists()
     out = capsys.readouterr().out
-    assert "1 of 2 cases written" in out and "broken.nii.gz" in out
+    broken = inputs / "broken.nii.gz"
+    assert "1 of 2 cases written" in out and f"failed: {broken}: cannot read" in out
+    assert f"{broken}: {broken}" not in out  # the path is named once
     # the good case is written, as NIfTI by default, on the input's grid to the header's float32 precision
     _, geometry = read_image(tmp_path / "out" / "good.nii.gz")
     original = read_image(inputs / "good.nrrd")[1]
@@ -149,3 +152,54 @@ def test_tta_mirrors_the_axes_fine_tuning_mirrored(checkpoint, tmp_path):
     save_checkpoint(tmp_path / "no_x.pt", ckpt)
     assert Predictor.from_checkpoint(tmp_path / "no_x.pt", "cpu", tta=True).tta == (0, 1)
     assert Predictor.from_checkpoint(tmp_path / "no_x.pt", "cpu", tta=(2,)).tta == (2,)
+
+
+SMALL = Geometry((16, 32, 32), (2.0, 1.5, 1.5), (0.0, 0.0, 0.0))
+
+
+@pytest.fixture(scope="module")
+def native_checkpoint(tmp_path_factory):
+    return _checkpoint(tmp_path_factory.mktemp("native") / "native.pt", PrepareSettings().to_dict())
+
+
+def _small_ct(seed: int = 0) -> np.ndarray:
+    """int16 HU ``SMALL.shape_zyx``: a soft-tissue cylinder in air, one training crop in size."""
+    _, y, x = np.indices(SMALL.shape_zyx)
+    body = (y - 16) ** 2 + (x - 16) ** 2 < 12 ** 2
+    noise = np.random.default_rng(seed).normal(0, 20, SMALL.shape_zyx)
+    return (np.where(body, 40, -1000) + noise).astype(np.int16)
+
+
+def test_an_output_that_would_overwrite_an_input_is_refused_before_any_work(tmp_path, capsys):
+    folder = tmp_path / "scans"
+    write_image(folder / "ct.nii.gz", _small_ct(), SMALL)
+    before = (folder / "ct.nii.gz").read_bytes()
+    # the checkpoint does not exist: the refusal comes before it would be loaded
+    assert _predict("-m", tmp_path / "missing.pt", "-i", folder, "-o", folder) == 2
+    assert "would overwrite this input" in capsys.readouterr().err
+    assert (folder / "ct.nii.gz").read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["ct.nii.gz"]
+
+
+def test_channel_picks_one_volume_of_a_4d_image(native_checkpoint, tmp_path, capsys):
+    volumes = np.stack([_small_ct(0), _small_ct(1)])
+    sitk.WriteImage(sitk.GetImageFromArray(volumes, isVector=False), str(tmp_path / "fourd.nii.gz"))
+    assert _predict("-m", native_checkpoint, "-i", tmp_path / "fourd.nii.gz", "-o", tmp_path / "out") == 1
+    assert "--channel" in capsys.readouterr().out
+    assert _predict("-m", native_checkpoint, "-i", tmp_path / "fourd.nii.gz", "-o", tmp_path / "out",
+                    "--channel", "1") == 0
+    labels, geometry = read_image(tmp_path / "out" / "fourd.nii.gz")
+    assert geometry.shape_zyx == SMALL.shape_zyx
+    write_image(tmp_path / "second.nii.gz", _small_ct(1), SMALL)  # the same volume as a 3D file
+    assert _predict("-m", native_checkpoint, "-i", tmp_path / "second.nii.gz", "-o", tmp_path / "out") == 0
+    np.testing.assert_array_equal(labels, read_image(tmp_path / "out" / "second.nii.gz")[0])
+
+
+def test_inputs_sharing_a_name_get_the_folder_prefixed_names_prepare_gives_them(native_checkpoint, tmp_path):
+    from volumefusion.data.prepare import prepare
+
+    for site in ("s1", "s2"):
+        write_image(tmp_path / "dup" / site / "x" / "case.nii.gz", _small_ct(), SMALL)
+    assert _predict("-m", native_checkpoint, "-i", tmp_path / "dup", "-o", tmp_path / "out") == 0
+    summary = prepare([str(tmp_path / "dup")], tmp_path / "store")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{c}.nii.gz" for c in sorted(summary.prepared)]

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gzip
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,14 +50,15 @@ def ct_case(seed: int, shape=SHAPE) -> tuple[np.ndarray, np.ndarray]:
     return image.astype(np.int16), label
 
 
-def write_cases(folder, seeds, fmt="nii.gz", label_folder=None):
+def write_cases(folder, seeds, fmt="nii.gz", label_folder=None, shape=SHAPE):
+    geometry = dataclasses.replace(GEOMETRY, shape_zyx=shape)
     paths = []
     for seed in seeds:
-        image, label = ct_case(seed)
+        image, label = ct_case(seed, shape)
         path = folder / f"case{seed}.{fmt}"
-        write_image(path, image, GEOMETRY)
+        write_image(path, image, geometry)
         if label_folder is not None:
-            write_image(label_folder / f"case{seed}.{fmt}", label, GEOMETRY)
+            write_image(label_folder / f"case{seed}.{fmt}", label, geometry)
         paths.append(path)
     return paths
 
@@ -312,6 +321,84 @@ def test_unwritable_output_folder_is_an_error(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(VolumeFusionError, match="output folder is not writable"):
         prepare([str(tmp_path / "in")], tmp_path / "file" / "store")
+    with pytest.raises(VolumeFusionError, match="is a file"):
+        prepare([str(tmp_path / "in")], tmp_path / "file")
+
+
+def test_a_folder_of_other_files_is_refused_as_output_but_a_store_or_empty_folder_is_not(tmp_path):
+    write_cases(tmp_path / "in", [1])
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "important.txt").write_text("keep me")
+    with pytest.raises(VolumeFusionError, match=r"holds other files \(important\.txt\) and is not a store"):
+        prepare([str(tmp_path / "in")], tmp_path / "docs")
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["important.txt"]
+    with pytest.raises(VolumeFusionError, match="not a store"):  # the raw image folder itself
+        prepare([str(tmp_path / "in")], tmp_path / "in")
+    (tmp_path / "empty" / ".DS_Store").parent.mkdir()
+    (tmp_path / "empty" / ".DS_Store").write_text("")
+    assert prepare([str(tmp_path / "in")], tmp_path / "empty").ok
+    (tmp_path / "empty" / "notes.txt").write_text("a store may hold the user's notes")
+    assert prepare([str(tmp_path / "in")], tmp_path / "empty").skipped == ["case1"]
+
+
+def test_label_maps_without_names_get_their_classes_named_for_finetuning(tmp_path, capsys):
+    write_cases(tmp_path / "images", [1, 2], label_folder=tmp_path / "labels")
+    label = ct_case(3)[1]
+    label[label == 2] = 7  # classes need not be contiguous
+    write_cases(tmp_path / "more", [3])
+    write_image(tmp_path / "more_labels" / "case3.nii.gz", label, GEOMETRY)
+    args = ["prepare", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"),
+            "--out", str(tmp_path / "store")]
+    assert cli_main(args) == 0
+    assert Store.open(tmp_path / "store").label_names == {0: "background", 1: "label_1", 2: "label_2"}
+    assert prepare([str(tmp_path / "more")], tmp_path / "store", label_dir=tmp_path / "more_labels").ok
+    names = {0: "background", 1: "label_1", 2: "label_2", 7: "label_7"}
+    assert Store.open(tmp_path / "store").label_names == names
+    assert prepare([str(tmp_path / "images")], tmp_path / "plain").ok  # no labels, no names
+    assert Store.open(tmp_path / "plain").label_names is None
+
+
+def _live_processes_in_group(group: int) -> list[int]:
+    """Process ids in process group ``group`` that are not zombies (Linux /proc)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # the process ended while we looked
+        if int(pgrp) == group and state != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+@pytest.mark.parametrize("whole_group", [True, False], ids=["group", "parent"])
+def test_sigterm_stops_prepare_and_its_workers_with_status_143(tmp_path, whole_group):
+    write_cases(tmp_path / "in", range(12), shape=(48, 160, 160))
+    store = tmp_path / "store"
+    command = [sys.executable, "-m", "volumefusion", "prepare", str(tmp_path / "in"), "--out", str(store),
+               "--workers", "2", "--no-crop"]
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while not list((store / "cases").glob("*.json")):  # the workers are busy
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        if whole_group:  # what SLURM and `timeout --foreground`-less job runners do
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143, (tmp_path / "stderr.txt").read_text()
+        assert "terminated" in (tmp_path / "stderr.txt").read_text()
+        while _live_processes_in_group(proc.pid):  # workers and resource tracker follow the parent
+            assert time.monotonic() < deadline + 30, "worker processes outlived prepare"
+            time.sleep(0.1)
+        assert len(list((store / "cases").glob("*.json"))) < 12
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_msd_dataset_with_the_real_chest_ct_keeps_labels_and_names(tmp_path):

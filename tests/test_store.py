@@ -16,6 +16,7 @@ from volumefusion.data.store import (
     CHUNKS,
     Store,
     init_store,
+    name_found_labels,
     safe_case_id,
     write_array,
     write_case,
@@ -112,6 +113,44 @@ def test_open_errors_say_to_run_prepare(tmp_path, setup, message):
     with pytest.raises(VolumeFusionError, match=message) as err:
         Store.open(path)
     assert "volumefusion prepare" in str(err.value)
+
+
+def _raw_images(p):
+    p.mkdir()
+    (p / "ct_001.nii.gz").write_bytes(b"")
+
+
+def _dataset(p):
+    p.mkdir()
+    (p / "dataset.json").write_text("{}")
+
+
+@pytest.mark.parametrize("setup, data, hint", [
+    (_raw_images, "raw", "raw holds raw images; prepare them into a new folder with `volumefusion prepare raw "
+                         "--out STORE`"),
+    (_dataset, "raw", "raw is a raw dataset (dataset.json); prepare it into a new folder with "
+                      "`volumefusion prepare raw --out STORE` (finetune --data takes the dataset folder itself)"),
+    (_dataset, "raw/dataset.json", "`volumefusion prepare raw --out STORE`"),
+    (lambda p: p.mkdir(), "raw", "`volumefusion prepare INPUT... --out STORE` (a new folder)"),
+])
+def test_the_hint_for_a_folder_that_is_no_store_never_writes_into_it(tmp_path, monkeypatch, setup, data, hint):
+    monkeypatch.chdir(tmp_path)
+    setup(tmp_path / "raw")
+    with pytest.raises(VolumeFusionError) as err:
+        Store.open(data)
+    assert hint in str(err.value)
+    assert f"--out {data}" not in str(err.value)
+
+
+def test_name_found_labels_names_the_classes_of_labelled_cases(tmp_path):
+    init_store(tmp_path, SETTINGS, None)
+    write_case(tmp_path, _case(shape=(8, 8, 8), labelled=False), case_id="plain", source="/p", settings=SETTINGS)
+    name_found_labels(tmp_path)
+    assert json.loads((tmp_path / "store.json").read_text())["label_names"] is None  # nothing labelled
+    write_case(tmp_path, _case(shape=(8, 8, 8)), case_id="lab", source="/s", label_source="/l", settings=SETTINGS)
+    name_found_labels(tmp_path)
+    assert Store.open(tmp_path).label_names == {0: "background", 1: "label_1", 2: "label_2"}
+    init_store(tmp_path, SETTINGS, None)  # a later run without names keeps them
 
 
 def test_a_case_record_written_last_defines_a_finished_case(store):

@@ -14,8 +14,9 @@ outputs (in OUT_DIR):
   probabilities/CASE_classK.nii.gz with --save-probabilities: one map per class K, uint8, where
                                    probability = value / 255 (linearly resampled if the checkpoint
                                    resamples); 1 byte per voxel and class
-  CASE is the input file name without extension (a DICOM folder's name). With --format same the
-  input's format is kept (DICOM series are written as NIfTI).
+  CASE is the input file name without extension (a DICOM folder's name); inputs sharing a name
+  get their folder path as a prefix, as in prepare. With --format same the input's format is kept
+  (DICOM series are written as NIfTI). An OUT_DIR where an output would replace an input is refused.
 
 memory: windows run slab by slab along z and only labels are kept for the whole volume: a
 512x512x600 CT with the paper PCT-Net and window batch 4 peaks at about 6.5 GB of RAM on CPU
@@ -56,6 +57,9 @@ def register(sub) -> None:
                         "OUT_DIR/probabilities/")
     p.add_argument("--format", default="nii.gz", choices=("nii.gz", "same"),
                    help="output format: nii.gz (default) or same as the input")
+    p.add_argument("--channel", type=int, metavar="K",
+                   help="for 4D / multi-component images: segment channel K (0-based), the one the model "
+                        "was fine-tuned on")
     p.set_defaults(func=run)
 
 
@@ -70,9 +74,21 @@ def output_path(out_dir: Path, source: Path, case: str, fmt: str) -> Path:
     return out_dir / f"{case}{suffix}"
 
 
+def check_outputs_spare_inputs(inputs: list[Path], outputs: list[Path]) -> None:
+    """VolumeFusionError if any output path is one of the input files (``-o`` = ``-i`` folder)."""
+    from volumefusion.io import SERIES_SEPARATOR
+
+    sources = {Path(str(p).split(SERIES_SEPARATOR)[0]).resolve() for p in inputs}
+    clash = [p for p in outputs if p.resolve() in sources]
+    if clash:
+        raise VolumeFusionError(f"{clash[0]}: the output would overwrite this input image "
+                                f"({len(clash)} in all); pass another -o folder")
+
+
 def run(args) -> int:
     import time
 
+    from volumefusion.data.prepare import CaseTask, unique_case_ids
     from volumefusion.infer import Predictor
     from volumefusion.io import case_id_from_path, discover_inputs, read_image, write_image
     from volumefusion.log import get_logger
@@ -82,37 +98,36 @@ def run(args) -> int:
         raise VolumeFusionError(f"--overlap {args.overlap}: must be in [0, 1)")
     if args.window_batch is not None and args.window_batch < 1:
         raise VolumeFusionError(f"--window-batch {args.window_batch}: must be >= 1")
+    failures: list[tuple[str, str]] = []  # (input, reason naming the input)
+    inputs = discover_inputs(args.input, failures)
+    cases = unique_case_ids([CaseTask(case_id_from_path(p), str(p)) for p in inputs], failures)
+    out_dir = Path(args.out)
+    outputs = {c.case_id: output_path(out_dir, Path(c.image), c.case_id, args.format) for c in cases}
+    check_outputs_spare_inputs(inputs, list(outputs.values()))
     predictor = Predictor.from_checkpoint(
         args.model, args.device, patch_size=args.patch_size, overlap=args.overlap,
         window_batch=args.window_batch, tta=args.tta, precision=args.precision,
     )
-    failures: list[tuple[str, str]] = []
-    inputs = discover_inputs(args.input, failures)
-    out_dir = Path(args.out)
     log.info("%d inputs; %s on %s, patch %s, overlap %g, window batch %d%s", len(inputs),
              predictor.cfg.model.name, predictor.device, list(predictor.patch_size), predictor.overlap,
              predictor.window_batch, ", mirror TTA" if args.tta else "")
 
-    used: dict[str, Path] = {}
     written = 0
-    for source in inputs:
-        case = case_id_from_path(source)
-        if case in used:
-            failures.append((str(source), f"case name {case} is already taken by {used[case]}; rename one"))
-            continue
-        used[case] = source
+    for task in cases:
+        source, case = task.image, task.case_id
         started = time.perf_counter()
         try:
-            image, geometry = read_image(source)
+            image, geometry = read_image(source, channel=args.channel)
             labels, probs = predictor.predict(image, geometry, probabilities=args.save_probabilities,
                                               progress=case)
             del image
-            write_image(output_path(out_dir, source, case, args.format), labels, geometry)
+            write_image(outputs[case], labels, geometry)
             for k, channel in enumerate(probs if probs is not None else []):
                 write_image(out_dir / "probabilities" / f"{case}_class{k}.nii.gz", channel, geometry)
         except Exception as exc:  # one bad case must not stop the others; it is reported below
             reason = str(exc) if isinstance(exc, VolumeFusionError) else f"{type(exc).__name__}: {exc}"
-            failures.append((str(source), reason.splitlines()[0] if reason else type(exc).__name__))
+            reason = reason.splitlines()[0] if reason else type(exc).__name__
+            failures.append((source, reason if source in reason else f"{source}: {reason}"))
             log.debug("case %s failed", case, exc_info=True)
             continue
         written += 1
@@ -120,6 +135,6 @@ def run(args) -> int:
                  time.perf_counter() - started)
 
     print(f"{written} of {written + len(failures)} cases written to {out_dir}")
-    for source, reason in failures:
-        print(f"  failed: {source}: {reason}")
+    for _, reason in failures:
+        print(f"  failed: {reason}")
     return 1 if failures else 0

@@ -19,10 +19,12 @@ INPUT may be any mix of:
   datasets           an MSD or nnU-Net raw dataset folder (dataset.json, imagesTr, labelsTr):
                      its training cases are prepared with their labels; label names are kept
 Case ids are file names without suffixes (a DICOM folder's name); files sharing a name get their
-folder path as a prefix.
+folder path as a prefix. Label maps given with --labels (not a dataset) have their classes named
+label_1, label_2, ... (0 is background) in the store.
 
-Safe to interrupt and re-run: finished cases are skipped, every file is written under a temporary
-name and renamed, and a case counts as finished only once its record cases/<id>.json exists.
+Safe to interrupt (Ctrl-C: exit status 130, SIGTERM: 143) and re-run: finished cases are skipped,
+every file is written under a temporary name and renamed, and a case counts as finished only once
+its record cases/<id>.json exists. STORE must be a new or empty folder, or a store.
 Bad inputs (unreadable, 2D, 4D without --channel, NaN, label grid mismatch, undeclared label values,
 duplicate ids) are reported, skipped and listed at the end; the exit status is 1 if any failed.
 
@@ -61,7 +63,8 @@ def register(sub) -> None:
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders, globs, lists or datasets")
-    p.add_argument("--out", "-o", required=True, metavar="STORE", help="store folder (created; may exist)")
+    p.add_argument("--out", "-o", required=True, metavar="STORE",
+                   help="store folder: new, empty, or an existing store to add cases to")
     p.add_argument("--spacing", nargs=3, type=_positive_float, metavar=("Z", "Y", "X"),
                    help="resample to this voxel spacing in mm (default: keep each image's spacing)")
     p.add_argument("--no-crop", action="store_true", help="store the whole volume, not just the body box")
@@ -80,6 +83,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    import signal
+    import sys
+
     from volumefusion.data.prepare import PrepareSettings, prepare
 
     settings = PrepareSettings(
@@ -87,7 +93,24 @@ def run(args) -> int:
         crop_to_body=not args.no_crop,
         body_threshold=args.body_threshold,
     )
-    summary = prepare(args.inputs, args.out, settings, workers=max(1, args.workers), shard=args.shard,
-                      channel=args.channel, label_dir=args.labels)
+    terminated = []
+
+    def on_sigterm(signum, frame):
+        # Job runners, `timeout` and SLURM stop with SIGTERM: stop as for Ctrl-C, so the worker pool
+        # is shut down instead of left running without its parent.
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        summary = prepare(args.inputs, args.out, settings, workers=max(1, args.workers), shard=args.shard,
+                          channel=args.channel, label_dir=args.labels)
+    except KeyboardInterrupt:
+        if not terminated:
+            raise
+        print("volumefusion prepare: terminated; re-run to continue", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(summary.format())
     return 0 if summary.ok else 1

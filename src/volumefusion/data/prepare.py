@@ -31,7 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from volumefusion import VolumeFusionError
-from volumefusion.data.store import init_store, read_record, safe_case_id, write_case
+from volumefusion.data.store import (
+    STORE_ENTRIES,
+    init_store,
+    name_found_labels,
+    read_record,
+    safe_case_id,
+    write_case,
+)
 from volumefusion.io import (
     SERIES_SEPARATOR,
     Geometry,
@@ -455,9 +462,10 @@ def _label_index(label_dir: Path) -> dict[str, Path]:
     return {safe_case_id(case_id_from_path(p)): p for p in discover_inputs([label_dir])}
 
 
-def _unique_ids(tasks: list[CaseTask], failures: list[tuple[str, str]]) -> list[CaseTask]:
-    """Make case ids unique: names shared by several files get their folder path as a prefix;
-    files that still collide (``a.nii`` next to ``a.nii.gz``) are reported and dropped."""
+def unique_case_ids(tasks: list[CaseTask], failures: list[tuple[str, str]]) -> list[CaseTask]:
+    """Make case ids unique (``prepare`` and ``predict`` name cases alike): ids become safe file names,
+    names shared by several files get their folder path as a prefix; files that still collide
+    (``a.nii`` next to ``a.nii.gz``) are reported in ``failures`` and dropped."""
     groups: dict[str, list[CaseTask]] = {}
     for task in tasks:
         task.case_id = safe_case_id(task.case_id)
@@ -524,7 +532,7 @@ def collect_cases(
                 continue
             task.label = str(match)
         tasks.append(task)
-    return _unique_ids(tasks, failures), label_names, failures
+    return unique_case_ids(tasks, failures), label_names, failures
 
 
 def _grid_difference(image: Geometry, label: Geometry) -> str | None:
@@ -624,10 +632,21 @@ def _execute(tasks: list[CaseTask], store: str, settings: PrepareSettings, worke
 
 
 def check_writable(out: Path) -> None:
-    """VolumeFusionError unless files can be created in ``out`` (created if missing)."""
+    """VolumeFusionError unless ``out`` is a store, an empty or missing folder (then created), or a
+    folder that only a starting shard has written to, and files can be created in it."""
+    if out.exists() and not out.is_dir():
+        raise VolumeFusionError(f"{out}: is a file; --out takes a store folder")
+    if out.is_dir() and not (out / "store.json").exists():
+        # a store's own entries, or hidden ones (.DS_Store, another shard's probe), are no reason to stop
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in STORE_ENTRIES and not p.name.startswith("."))
+        if foreign:
+            raise VolumeFusionError(
+                f"{out}: folder holds other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) "
+                "and is not a store; give --out a new or empty folder"
+            )
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
+        probe = out / f".write_test.{os.getpid()}"
         atomic_write_text(probe, "ok")
         probe.unlink()
     except OSError as exc:
@@ -650,7 +669,8 @@ def prepare(
     Bad inputs are reported in the summary and skipped; finished cases are skipped; ``shard=(i, n)``
     prepares only the cases whose id hashes to ``i`` (see :func:`shard_of`), so ``n`` runs with
     ``i = 0..n-1`` fill one store with disjoint cases. ``label_names`` names the classes of label
-    maps given through ``label_dir`` (datasets bring their own from ``dataset.json``).
+    maps given through ``label_dir`` (datasets bring their own from ``dataset.json``); without it
+    the classes found are named ``label_K`` (see :func:`~volumefusion.data.store.name_found_labels`).
     """
     settings = settings or PrepareSettings()
     index, count = shard
@@ -699,5 +719,7 @@ def prepare(
         _execute(todo, str(out), settings, workers, on_done)
     finally:
         bar.close()
+    if label_dir is not None and not (dataset_names or label_names):
+        name_found_labels(out)
     summary.seconds = time.perf_counter() - start
     return summary

@@ -28,13 +28,15 @@ from pathlib import Path
 import numpy as np
 
 from volumefusion import VolumeFusionError
-from volumefusion.io import atomic_path, atomic_write_text
+from volumefusion.io import atomic_path, atomic_write_text, is_image_file
 
 FORMAT = "volumefusion-store"
 VERSION = 1
 CHUNKS = (32, 128, 128)
 BLOCKS = (8, 32, 32)
 _CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+STORE_ENTRIES = ("store.json", "cases", "arrays")
+"""what a store folder holds (besides hidden temporary files)."""
 
 
 def safe_case_id(name: str) -> str:
@@ -174,6 +176,43 @@ def init_store(path: str | Path, settings: dict, label_names: dict[int, str] | N
     atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
 
 
+def name_found_labels(path: str | Path) -> None:
+    """Name in ``store.json`` every class found in the store's label maps that it does not name yet:
+    ``{"0": "background", "K": "label_K"}``, the form a dataset.json's labels take, so a store of
+    label maps given without names (``prepare --labels``) can be fine-tuned. No labelled case: no change.
+
+    Reads every record, so a run (or shard) finishing last names the classes of all cases.
+    """
+    path = Path(path)
+    meta = _read_meta(path)
+    found: set[int] = set()
+    labelled = False
+    for f in (path / "cases").glob("*.json"):
+        if not f.name.startswith("."):  # skip temporary files of running writers
+            record = json.loads(f.read_text())
+            labelled = labelled or record.get("label_source") is not None
+            found.update(record.get("label_classes", []))
+    names = dict(meta.get("label_names") or {"0": "background"})
+    for k in found:
+        names.setdefault(str(k), f"label_{k}")
+    names = dict(sorted(names.items(), key=lambda item: int(item[0])))
+    if labelled and names != meta.get("label_names"):
+        atomic_write_text(_store_json(path), json.dumps({**meta, "label_names": names}, indent=1) + "\n")
+
+
+def _prepare_hint(path: Path) -> str:
+    """How to make a store from ``path``, never by writing into it (it may hold the raw images)."""
+    folder = path.parent if path.name == "dataset.json" else path
+    if (folder / "dataset.json").is_file():
+        return (f"{folder} is a raw dataset (dataset.json); prepare it into a new folder with "
+                f"`volumefusion prepare {folder} --out STORE` (finetune --data takes the dataset folder itself)")
+    files = [path] if path.is_file() else [p for p in path.iterdir() if p.is_file()] if path.is_dir() else []
+    if any(is_image_file(p) or p.suffix.lower() == ".dcm" for p in files):
+        return (f"{path} holds raw images; prepare them into a new folder with "
+                f"`volumefusion prepare {path} --out STORE`")
+    return "prepare one with `volumefusion prepare INPUT... --out STORE` (a new folder)"
+
+
 def _read_meta(path: Path) -> dict:
     meta_path = _store_json(path)
     try:
@@ -257,11 +296,10 @@ class Store:
     def open(cls, path: str | Path) -> Store:
         """Open the store at ``path``; VolumeFusionError if it is missing, not a store, or empty."""
         path = Path(path)
-        hint = f"prepare one with `volumefusion prepare INPUT... --out {path}`"
-        if not path.is_dir():
-            raise VolumeFusionError(f"{path}: no such store folder; {hint}")
+        if not path.exists():
+            raise VolumeFusionError(f"{path}: no such store folder; {_prepare_hint(path)}")
         if not _store_json(path).exists():
-            raise VolumeFusionError(f"{path}: not a volumefusion store (no store.json); {hint}")
+            raise VolumeFusionError(f"{path}: not a volumefusion store (no store.json); {_prepare_hint(path)}")
         meta = _read_meta(path)
         cases = []
         for f in sorted((path / "cases").glob("*.json")):
@@ -274,7 +312,8 @@ class Store:
                     f"{f}: unreadable case record ({exc}); delete it and re-run prepare"
                 ) from None
         if not cases:
-            raise VolumeFusionError(f"{path}: store holds no prepared cases; {hint}")
+            raise VolumeFusionError(f"{path}: store holds no prepared cases; prepare cases into it with "
+                                    f"`volumefusion prepare INPUT... --out {path}`")
         cases.sort(key=lambda c: c.id)
         return cls(path, meta, cases)
 
