@@ -283,3 +283,11 @@ def test_a_prediction_on_another_grid_is_an_error_naming_the_case(folders, capsy
     assert _evaluate("--pred", folders / "pred", "--gt", folders / "gt") == 2
     err = capsys.readouterr().err
     assert "case case2" in err and change in err
+
+
+def test_evaluate_matches_a_ground_truth_name_to_predicts_safe_output_name(folders):
+    (folders / "gt" / "case0.nii.gz").rename(folders / "gt" / "case 0.nii.gz")  # predict writes case_0
+    (folders / "pred" / "case0.nii.gz").rename(folders / "pred" / "case_0.nii.gz")
+    out = folders / "metrics.csv"
+    assert _evaluate("--pred", folders / "pred", "--gt", folders / "gt", "--out", out) == 0
+    assert {r["case"] for r in _read_csv(out)} == {"case_0", "case1", "case2"}

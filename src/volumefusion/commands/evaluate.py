@@ -84,7 +84,9 @@ def read_label_names(path: Path) -> dict[int, str]:
 
 def list_cases(folder: Path, role: str) -> dict[str, Path]:
     """``{case id: path}`` of the image files directly inside ``folder`` (sub-folders are not searched,
-    so e.g. ``predict``'s ``probabilities/`` stay out)."""
+    so e.g. ``predict``'s ``probabilities/`` stay out). Ids are made file-name safe as ``predict`` names
+    its outputs, so ``a b.nii.gz`` matches a prediction ``a_b.nii.gz``."""
+    from volumefusion.data.store import safe_case_id
     from volumefusion.io import case_id_from_path, is_image_file
 
     if not folder.is_dir():
@@ -93,7 +95,7 @@ def list_cases(folder: Path, role: str) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_file() or not is_image_file(path):
             continue
-        case = case_id_from_path(path)
+        case = safe_case_id(case_id_from_path(path))
         if case in cases:
             raise VolumeFusionError(
                 f"--{role}: case {case} has two files, {cases[case].name} and {path.name}; keep one"
