@@ -118,12 +118,15 @@ def test_chest_ct_finetune_predict_evaluate_keeps_geometry(tmp_path):
     assert summary is None or summary
 
 
-def test_split_errors_name_the_problem(tmp_path):
+def test_split_errors_name_the_problem(tmp_path, caplog):
     ids = [f"case{i}" for i in range(3)]
     split = tmp_path / "split.json"
-    split.write_text(json.dumps({"train": ["case0", "case1"], "val": ["case1"]}))
-    with pytest.raises(VolumeFusionError, match="both lists: case1"):
+    split.write_text(json.dumps({"train": ["case0", "case1"], "val": []}))
+    with pytest.raises(VolumeFusionError, match="must both name cases"):
         split_cases(ids, 5, 0, str(split))
+    split.write_text(json.dumps({"train": ["case0", "case1"], "val": ["case1"]}))
+    assert split_cases(ids, 5, 0, str(split)) == (["case0", "case1"], ["case1"])
+    assert "case1" in caplog.text and "not held-out" in caplog.text
     with pytest.raises(VolumeFusionError, match="only 3 folds"):
         split_cases(ids, 5, 4)
     train, val = split_cases(ids, 5, 2)
