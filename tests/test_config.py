@@ -136,3 +136,21 @@ def test_device_is_checked_with_the_config():
 def test_demo_preset_is_not_a_run_config():
     with pytest.raises(ConfigError, match="volumefusion demo"):
         config.load("demo")
+
+
+def test_quiet_goes_before_or_after_the_command_and_hides_progress_bars(monkeypatch):
+    import volumefusion.log as vf_log
+    from volumefusion.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["config", "-q"]).quiet and parser.parse_args(["-q", "config"]).quiet
+    assert parser.parse_args(["config", "-vv"]).verbose == 2
+    monkeypatch.setenv("VF_PROGRESS", "1")
+    monkeypatch.setattr(vf_log, "_quiet", False)
+    # setup() reconfigures the library logger (the handler list in place): give it copies to change
+    monkeypatch.setattr(vf_log.logger, "handlers", list(vf_log.logger.handlers))
+    monkeypatch.setattr(vf_log.logger, "level", vf_log.logger.level)
+    monkeypatch.setattr(vf_log.logger, "propagate", vf_log.logger.propagate)
+    assert not vf_log.progress(range(2)).disable
+    vf_log.setup(-1)
+    assert vf_log.progress(range(2), disable=None).disable

@@ -4,6 +4,7 @@ harness, and on the real chest CT a fine-tuned model predicts on the input's exa
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -118,7 +119,8 @@ def test_chest_ct_finetune_predict_evaluate_keeps_geometry(tmp_path):
     assert summary is None or summary
 
 
-def test_split_errors_name_the_problem(tmp_path, caplog):
+def test_split_errors_name_the_problem(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("volumefusion"), "propagate", True)  # the CLI's setup() turns it off
     ids = [f"case{i}" for i in range(3)]
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": ["case0", "case1"], "val": []}))

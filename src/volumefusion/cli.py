@@ -8,6 +8,7 @@ so ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 
@@ -30,14 +31,25 @@ Typical pipeline:
 """
 
 
+def _add_verbosity(parser: argparse.ArgumentParser, top_level: bool) -> None:
+    # a sub-command's copy sets nothing unless given, so it never resets what came before the command
+    unset = {} if top_level else {"default": argparse.SUPPRESS}
+    parser.add_argument("-v", "--verbose", action="count", help="more log output (-vv: debug)", **unset)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars",
+                        **unset)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="volumefusion", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"volumefusion {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    _add_verbosity(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # -v / -q also after the command name (`volumefusion prepare ... -q`)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_verbosity(common, top_level=False)
+    sub.add_parser = functools.partial(sub.add_parser, parents=[common])
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"volumefusion.commands.{name}")
@@ -55,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    setup(-1 if args.quiet else args.verbose)
+    setup(-1 if args.quiet else args.verbose or 0)
     try:
         return int(args.func(args) or 0)
     except VolumeFusionError as exc:

@@ -14,6 +14,7 @@ import sys
 from tqdm.auto import tqdm
 
 logger = logging.getLogger("volumefusion")
+_quiet = False  # set by setup(-1): the CLI's -q also hides progress bars
 
 
 def get_logger(name: str) -> logging.Logger:
@@ -22,7 +23,9 @@ def get_logger(name: str) -> logging.Logger:
 
 
 def setup(verbosity: int = 0) -> None:
-    """Configure console logging for the CLI: 0 = INFO, 1+ = DEBUG, -1 = WARNING."""
+    """Configure console logging for the CLI: 0 = INFO, 1+ = DEBUG, -1 = WARNING and no progress bars."""
+    global _quiet
+    _quiet = verbosity < 0
     level = logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
@@ -32,8 +35,11 @@ def setup(verbosity: int = 0) -> None:
 
 
 def progress(iterable=None, **kwargs) -> tqdm:
-    """A tqdm progress bar; hidden when stderr is not a terminal (set VF_PROGRESS=1 to force it)."""
-    if "disable" not in kwargs:
+    """A tqdm progress bar; hidden when stderr is not a terminal (set VF_PROGRESS=1 to force it) and
+    after ``setup(-1)`` (the CLI's ``-q``)."""
+    if _quiet:
+        kwargs["disable"] = True
+    elif "disable" not in kwargs:
         kwargs["disable"] = not (sys.stderr.isatty() or os.environ.get("VF_PROGRESS") == "1")
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)
