@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import gzip
 import json
+import logging
 import os
 import re
 import signal
@@ -27,6 +28,7 @@ from volumefusion.data.prepare import (
     prepared_geometry,
     preprocess_case,
     restore_to_original,
+    source_version,
 )
 from volumefusion.data.samples import chest_ct, chest_ct_label_names
 from volumefusion.data.store import Store
@@ -306,6 +308,67 @@ def test_adding_labels_later_redoes_only_those_cases(tmp_path):
     assert record.label_classes == [1, 2]
     np.testing.assert_array_equal(restore_to_original(Store.open(tmp_path / "store").label("case1").read(),
                                                       record.restore), ct_case(1)[1])
+
+
+def test_a_source_replaced_in_place_is_prepared_again(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("volumefusion"), "propagate", True)  # the CLI's setup() turns it off
+    write_cases(tmp_path / "in", [1, 2])
+    store = tmp_path / "store"
+    assert prepare([str(tmp_path / "in")], store).ok
+    # another scan under the same name: other size, other orientation
+    image = ct_case(3, shape=(10, 40, 48))[0]
+    geometry = Geometry((10, 40, 48), (2.5, 0.8, 0.8), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    write_image(tmp_path / "in" / "case1.nii.gz", image, geometry)
+    with caplog.at_level(logging.INFO, logger="volumefusion"):
+        second = prepare([str(tmp_path / "in")], store)
+    assert second.ok and second.prepared == ["case1"] and second.skipped == ["case2"]
+    assert "case1: source changed since it was prepared: re-preparing" in caplog.text
+    expected = preprocess_case(*read_image(tmp_path / "in" / "case1.nii.gz"), PrepareSettings())
+    stored = Store.open(store)
+    np.testing.assert_array_equal(stored.image("case1").read(), expected.image)
+    assert {k: v for k, v in stored.case("case1").restore.items() if k != "source_version"} == expected.restore
+    assert all(stored.verify(c.id) for c in stored.cases)
+    third = prepare([str(tmp_path / "in")], store)
+    assert third.prepared == [] and sorted(third.skipped) == ["case1", "case2"]
+
+
+def test_a_label_replaced_in_place_is_prepared_again(tmp_path):
+    write_cases(tmp_path / "in", [1], label_folder=tmp_path / "labels")
+    store = tmp_path / "store"
+    assert prepare([str(tmp_path / "in")], store, label_dir=tmp_path / "labels").ok
+    label = np.zeros(SHAPE, np.uint8)
+    label[5:7, 10:20, 20:30] = 3
+    write_image(tmp_path / "labels" / "case1.nii.gz", label, GEOMETRY)
+    summary = prepare([str(tmp_path / "in")], store, label_dir=tmp_path / "labels")
+    assert summary.ok and summary.prepared == ["case1"]
+    assert Store.open(store).case("case1").label_classes == [3]
+
+
+def test_records_without_a_source_version_still_count_as_done(tmp_path):
+    write_cases(tmp_path / "in", [1])
+    store = tmp_path / "store"
+    assert prepare([str(tmp_path / "in")], store).ok
+    record_file = store / "cases" / "case1.json"
+    record = json.loads(record_file.read_text())
+    del record["restore"]["source_version"]  # a store written before versions were recorded
+    record_file.write_text(json.dumps(record))
+    source = tmp_path / "in" / "case1.nii.gz"
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    summary = prepare([str(tmp_path / "in")], store)
+    assert summary.ok and summary.prepared == [] and summary.skipped == ["case1"]
+
+
+def test_a_dicom_folder_version_follows_its_files(tmp_path):
+    folder = tmp_path / "series"
+    folder.mkdir()
+    (folder / "1.dcm").write_bytes(b"a" * 10)
+    first = source_version(str(folder))
+    assert first["files"] == 1 and first["size"] == 10
+    assert source_version(f"{folder}::1.2.3") == first  # a picked series: the folder's files
+    (folder / ".DS_Store").write_bytes(b"x")  # hidden files are not slices
+    assert source_version(str(folder)) == first
+    (folder / "2.dcm").write_bytes(b"b" * 5)
+    assert source_version(str(folder))["files"] == 2 and source_version(str(folder))["size"] == 15
 
 
 def test_a_case_id_already_stored_from_another_file_is_a_duplicate(tmp_path):

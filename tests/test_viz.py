@@ -95,6 +95,16 @@ def test_show_fusion_reads_a_prepared_store(tmp_path, phantom_store):
     read_png(out)
 
 
+def test_show_fusion_reads_a_folder_of_images(tmp_path):
+    from volumefusion.data.phantoms import write_phantoms
+
+    write_phantoms(tmp_path / "raw", seeds=[1, 2], shape=(16, 32, 32), with_labels=False)
+    out = tmp_path / "folder.png"
+    assert main(["show", "fusion", "--out", str(out), "-i", str(tmp_path / "raw" / "images"), "--samples", "2",
+                 "--set", "data.crop_size=[8,16,16]"]) == 0
+    read_png(out)
+
+
 def test_show_fusion_names_a_missing_input(tmp_path, capsys):
     missing = str(tmp_path / "none.nii.gz")
     assert main(["show", "fusion", "--out", str(tmp_path / "x.png"), "-i", missing]) == 2

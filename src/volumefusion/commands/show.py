@@ -13,7 +13,7 @@ FUSION_EXAMPLE = """\
 examples:
   volumefusion show fusion --out fusion.png                      # the sample chest CT (slicerio)
   volumefusion show fusion --out grid.png --mode grid --samples 6
-  volumefusion show fusion --out mine.png -i ct1.nii.gz ct2.nrrd  # your images, or a prepared store
+  volumefusion show fusion --out mine.png -i ct/ scan.nrrd       # images, folders of them, or a store
 """
 
 
@@ -33,7 +33,8 @@ def register(sub) -> None:
     )
     f.add_argument("--out", "-o", required=True, metavar="PNG", help="picture to write")
     f.add_argument("--input", "-i", nargs="+", default=[], metavar="IMAGE|STORE",
-                   help="CT images (NIfTI, NRRD, MHA, DICOM folder) or a prepared store; "
+                   help="CT images (NIfTI, NRRD, MHA, DICOM folder), folders or globs of them, "
+                        ".txt/.csv lists, or a prepared store; "
                         "default: the sample chest CT of the slicerio package")
     f.add_argument("--mode", choices=("boxes", "grid"),
                    help="fusion mode (default: fusion.mode of the config)")
@@ -45,28 +46,31 @@ def register(sub) -> None:
 
 def _volumes(inputs: list[str]):
     """``[(name, array-like (z, y, x) HU, body box ((z0, z1), (y0, y1), (x0, x1)))]``; store cases are
-    read lazily, crop by crop."""
+    read lazily, crop by crop. Inputs that are not stores name images as every other command takes
+    them (files, folders, globs, lists: :func:`volumefusion.io.discover_inputs`)."""
     from pathlib import Path
 
     import numpy as np
 
     from volumefusion.data.samples import chest_ct
     from volumefusion.data.store import Store
-    from volumefusion.io import read_image
+    from volumefusion.io import case_id_from_path, discover_inputs, read_image
 
-    volumes = []
+    volumes, images = [], []
     for item in inputs or [str(chest_ct()[0])]:
         if (Path(item) / "store.json").is_file():
             store = Store.open(item)
             volumes += [(c.id, store.image(c.id), c.body_box) for c in store.cases]
-            continue
-        array, _ = read_image(item)
+        else:
+            images.append(item)
+    for path in discover_inputs(images) if images else []:
+        array, _ = read_image(path)
         body = array > -600  # same threshold as prepare's body crop
         box = []
         for axis in range(3):
             hit = np.nonzero(body.any(tuple(a for a in range(3) if a != axis)))[0]
             box.append((int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, array.shape[axis]))
-        volumes.append((Path(item).name, array, tuple(box)))
+        volumes.append((case_id_from_path(path), array, tuple(box)))
     return volumes
 
 

@@ -553,8 +553,48 @@ def _grid_difference(image: Geometry, label: Geometry) -> str | None:
     return None
 
 
+def source_version(path: str) -> dict:
+    """What identifies the version of a source on disk, to notice a file replaced in place.
+
+    For an image file ``{"size": bytes, "mtime_ns": int}``; for a DICOM series folder (``path`` may
+    carry a ``::UID``) ``{"files": count, "size": total bytes, "mtime_ns": newest}`` of its visible
+    files. (The data file beside a ``.mhd``/``.nhdr`` header is not covered.)
+    Raises OSError if the source is missing.
+    """
+    location = Path(path.rsplit(SERIES_SEPARATOR, 1)[0] if SERIES_SEPARATOR in path else path)
+    if not location.is_dir():
+        stat = location.stat()
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    stats = [e.stat() for e in os.scandir(location) if e.is_file() and not e.name.startswith(".")]
+    return {"files": len(stats), "size": sum(s.st_size for s in stats),
+            "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
+
+
+def _task_version(task: CaseTask) -> dict:
+    """``{"image": version, "label": version or None}`` of a task's sources (see :func:`source_version`)."""
+    return {"image": source_version(task.image),
+            "label": None if task.label is None else source_version(task.label)}
+
+
+def _source_changed(record_restore: dict, task: CaseTask) -> bool:
+    """Whether a stored case's sources differ from the version it was prepared from. Records written
+    before versions were recorded have none and count as unchanged."""
+    recorded = record_restore.get("source_version")
+    if recorded is None:
+        return False
+    try:
+        return _task_version(task) != recorded
+    except OSError:
+        return True  # gone since discovery: preparing it again reports the problem
+
+
 def prepare_case(task: CaseTask, store: str | Path, settings: PrepareSettings) -> None:
     """Read, preprocess and store one case; VolumeFusionError (naming the file) if the input is bad."""
+    # Taken before reading: a file replaced while it is read then differs on the next run.
+    try:
+        version = _task_version(task)
+    except OSError as exc:
+        raise VolumeFusionError(f"{exc.filename}: cannot read ({exc.strerror})") from None
     image, geometry = read_image(task.image, channel=task.channel)
     label = None
     if task.label is not None:
@@ -574,6 +614,9 @@ def prepare_case(task: CaseTask, store: str | Path, settings: PrepareSettings) -
         prepared = preprocess_case(image, geometry, settings, label)
     except VolumeFusionError as exc:
         raise VolumeFusionError(f"{task.label or task.image}: {exc}") from None
+    # Kept in the record's restore recipe, beside the original grid it describes; the record is
+    # written last, so a recorded version always belongs to the arrays beside it.
+    prepared.restore["source_version"] = version
     label_source = None if task.label is None else _absolute(task.label)
     write_case(store, prepared, case_id=task.case_id, source=_absolute(task.image), label_source=label_source,
                settings=settings.to_dict())
@@ -666,7 +709,8 @@ def prepare(
 ) -> PrepareSummary:
     """Prepare every case named by ``inputs`` into the store ``out``; see ``volumefusion prepare --help``.
 
-    Bad inputs are reported in the summary and skipped; finished cases are skipped; ``shard=(i, n)``
+    Bad inputs are reported in the summary and skipped; finished cases are skipped unless their image
+    or label file changed since (size or modification time, see :func:`source_version`); ``shard=(i, n)``
     prepares only the cases whose id hashes to ``i`` (see :func:`shard_of`), so ``n`` runs with
     ``i = 0..n-1`` fill one store with disjoint cases. ``label_names`` names the classes of label
     maps given through ``label_dir`` (datasets bring their own from ``dataset.json``); without it
@@ -695,7 +739,11 @@ def prepare(
         if record is None:
             todo.append(task)
         elif record.source == _absolute(task.image) and record.label_source == label_source:
-            summary.skipped.append(task.case_id)
+            if _source_changed(record.restore, task):
+                log.info("%s: source changed since it was prepared: re-preparing", task.case_id)
+                todo.append(task)
+            else:
+                summary.skipped.append(task.case_id)
         elif record.source == _absolute(task.image):
             todo.append(task)  # same image, but its label was added or changed since
         else:
