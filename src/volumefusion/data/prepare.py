@@ -33,6 +33,7 @@ import numpy as np
 from volumefusion import VolumeFusionError
 from volumefusion.data.store import (
     STORE_ENTRIES,
+    CaseRecord,
     init_store,
     name_found_labels,
     read_record,
@@ -576,11 +577,11 @@ def _task_version(task: CaseTask) -> dict:
             "label": None if task.label is None else source_version(task.label)}
 
 
-def _source_changed(record_restore: dict, task: CaseTask) -> bool:
+def _source_changed(record: CaseRecord, task: CaseTask) -> bool:
     """Whether a stored case's sources differ from the version it was prepared from. Records written
     before versions were recorded have none and count as unchanged."""
-    recorded = record_restore.get("source_version")
-    if recorded is None:
+    recorded = record.source_version
+    if not recorded:
         return False
     try:
         return _task_version(task) != recorded
@@ -614,12 +615,10 @@ def prepare_case(task: CaseTask, store: str | Path, settings: PrepareSettings) -
         prepared = preprocess_case(image, geometry, settings, label)
     except VolumeFusionError as exc:
         raise VolumeFusionError(f"{task.label or task.image}: {exc}") from None
-    # Kept in the record's restore recipe, beside the original grid it describes; the record is
-    # written last, so a recorded version always belongs to the arrays beside it.
-    prepared.restore["source_version"] = version
+    # the record is written last, so a recorded version always belongs to the arrays beside it
     label_source = None if task.label is None else _absolute(task.label)
     write_case(store, prepared, case_id=task.case_id, source=_absolute(task.image), label_source=label_source,
-               settings=settings.to_dict())
+               settings=settings.to_dict(), source_version=version)
 
 
 def _run_task(task: CaseTask, store: str, settings: PrepareSettings) -> str | None:
@@ -739,7 +738,7 @@ def prepare(
         if record is None:
             todo.append(task)
         elif record.source == _absolute(task.image) and record.label_source == label_source:
-            if _source_changed(record.restore, task):
+            if _source_changed(record, task):
                 log.info("%s: source changed since it was prepared: re-preparing", task.case_id)
                 todo.append(task)
             else:

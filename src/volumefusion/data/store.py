@@ -53,7 +53,9 @@ class CaseRecord:
     ``((z0, z1), (y0, y1), (x0, x1))``, half-open, in stored-array voxels; ``label_classes`` the
     non-zero label values present; ``checksum`` a sha256 of the stored arrays' bytes; ``restore`` what
     :func:`volumefusion.data.prepare.restore_to_original` needs to map results back onto the source
-    grid; ``settings`` the :class:`~volumefusion.data.prepare.PrepareSettings` used.
+    grid; ``settings`` the :class:`~volumefusion.data.prepare.PrepareSettings` used;
+    ``source_version`` what identified the source files' version when they were read
+    (:func:`volumefusion.data.prepare.source_version`; empty in records written before it existed).
     """
 
     id: str
@@ -66,6 +68,7 @@ class CaseRecord:
     checksum: str = ""
     restore: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+    source_version: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,6 +80,7 @@ class CaseRecord:
             shape=tuple(d["shape"]), spacing_zyx=tuple(d["spacing_zyx"]),
             body_box=tuple(tuple(b) for b in d["body_box"]), label_classes=list(d.get("label_classes", [])),
             checksum=d.get("checksum", ""), restore=d.get("restore", {}), settings=d.get("settings", {}),
+            source_version=d.get("source_version", {}),
         )
 
 
@@ -253,6 +257,7 @@ def write_case(
     source: str,
     label_source: str | None = None,
     settings: dict,
+    source_version: dict | None = None,
 ) -> CaseRecord:
     """Write a :class:`~volumefusion.data.prepare.PreparedCase` into the store and return its record.
 
@@ -278,6 +283,7 @@ def write_case(
         spacing_zyx=tuple(float(s) for s in prepared.spacing_zyx),
         body_box=tuple(tuple(int(v) for v in b) for b in prepared.body_box), label_classes=classes,
         checksum=array_checksum(prepared.image, prepared.label), restore=prepared.restore, settings=settings,
+        source_version=source_version or {},
     )
     atomic_write_text(record_file, json.dumps(record.to_dict(), indent=1) + "\n")
     return record
