@@ -125,6 +125,8 @@ def test_cli_config_command_prints_error(capsys):
 
     assert main(["config", "--set", "optim.name=lion"]) == 2
     assert "optim.name: 'lion' is not allowed" in capsys.readouterr().err
+    assert main(["config", "--set", "data.crop_size=[64,128,120]"]) == 2  # training would refuse it
+    assert "data.crop_size" in capsys.readouterr().err
 
 
 def test_device_is_checked_with_the_config():

@@ -37,5 +37,8 @@ def run(args) -> int:
             print(f"{name:16s} {path}{note}")
         return 0
     cfg = config.load(args.config, args.overrides)
+    from volumefusion.train.runs import check_model_settings  # imports torch: not for --fields / --presets
+
+    check_model_settings(cfg)  # what training would refuse (crop vs down-sampling), refused here too
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return 0
