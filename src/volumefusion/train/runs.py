@@ -84,12 +84,12 @@ def pretrain(cfg: Config, data: str | Path, out_dir: str | Path, resume: bool | 
 
 def _pretrained_base(pretrained: str | Path | None) -> tuple[dict | None, dict]:
     """The checkpoint (or None) and the config it imposes on fine-tuning (model and intensity)."""
-    from volumefusion.nets.weights import model_config_from_misfm
+    from volumefusion.nets.weights import model_config_from_misfm, resolve_weights
     from volumefusion.train.checkpoint import load_checkpoint
 
     if pretrained is None:
         return None, {}
-    ckpt = load_checkpoint(pretrained)
+    ckpt = load_checkpoint(resolve_weights(pretrained))
     if "model_state_dict" in ckpt:  # an official MIS-FM / PyMIC checkpoint
         return ckpt, {"model": model_config_from_misfm(ckpt["model_state_dict"])}
     if "model" not in ckpt or "config" not in ckpt:
