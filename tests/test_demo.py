@@ -89,8 +89,8 @@ def test_quick_demo_writes_every_picture_it_links(quick_demo):
 
 
 def test_demo_refuses_to_overwrite_an_earlier_demo(tmp_path):
-    from volumefusion.demo import run_demo
     from volumefusion import VolumeFusionError
+    from volumefusion.demo import run_demo
 
     (tmp_path / "report.md").write_text("earlier")
     with pytest.raises(VolumeFusionError, match="earlier demo"):

@@ -208,8 +208,8 @@ def write_report(out: Path, settings: DemoSettings, data: DemoData, pretraining:
         "## Setup",
         "",
         f"- Phantoms: {list(p.shape)} voxels (z, y, x) at {list(p.spacing_zyx)} mm, a whole torso per crop; "
-        f"classes: {', '.join(list(data.label_names.values())[1:])} (left and right organs are one class each: "
-        "augmentation mirrors every axis). Seeds: training 2000+, validation 2500+, test 3000+.",
+        f"classes: {', '.join(list(data.label_names.values())[1:])} (left and right lungs and kidneys are one "
+        "class each). Seeds: training 2000+, validation 2500+, test 3000+.",
         f"- Network: PCT-Net, feature channels {list(ft.model.feature_channels)}, crop {list(ft.data.crop_size)}, "
         f"HU window {list(ft.data.hu_window)}, batch {ft.run.batch_size}.",
         f"- Built-in weights: `{proto.builtin}` ({card.get('steps', card.get('step'))} steps of Volume Fusion on "

@@ -17,7 +17,15 @@ from typing import Any
 import yaml
 
 from volumefusion.config import (
-    Config, ConfigError, build_dataclass, from_dict, load, merge, resolve_path, setting, to_dict,
+    Config,
+    ConfigError,
+    build_dataclass,
+    from_dict,
+    load,
+    merge,
+    resolve_path,
+    setting,
+    to_dict,
 )
 
 DEFAULT_SETTINGS = "demo"
