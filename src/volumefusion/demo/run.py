@@ -8,6 +8,7 @@ core (each with its own torch threads), the live pretraining among them; on a GP
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -25,7 +26,7 @@ from volumefusion.data.store import Store
 from volumefusion.demo.data import DemoData, make_data
 from volumefusion.demo.settings import ARMS, DemoSettings, load_settings
 from volumefusion.infer import Predictor, resolve_device
-from volumefusion.io import read_image, write_image
+from volumefusion.io import atomic_write_text, read_image, write_image
 from volumefusion.log import get_logger, setup
 from volumefusion.metrics import evaluate_case
 from volumefusion.nets.weights import resolve_weights
@@ -33,6 +34,8 @@ from volumefusion.train.logging import read_metrics
 from volumefusion.train.runs import finetune, pretrain
 
 log = get_logger(__name__)
+
+RUN_OVERHEAD_STEPS = 20
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,10 @@ def run_job(job: FinetuneJob, threads: int | None = None, verbosity: int | None 
                                job.run_dir / "predictions" if job.save_predictions else None)
     curve = [(int(r["step"]), float(r["val_score"])) for r in read_metrics(job.run_dir / "metrics.jsonl")
              if "val_score" in r]
-    return RunResult(job.seed, job.arm, job.labelled, seconds, result.best_score, dice, curve)
+    run = RunResult(job.seed, job.arm, job.labelled, seconds, result.best_score, dice, curve)
+    # beside the run's own files, so an interrupted demo still leaves every finished run's scores
+    atomic_write_text(job.run_dir / "result.json", json.dumps(run.to_dict(), indent=1) + "\n")
+    return run
 
 
 def run_pretraining(config: Path, overrides: tuple[str, ...], store: Path, run_dir: Path,
@@ -257,9 +263,10 @@ def run_demo(out: str | Path = "vf-demo", *, quick: bool = False, seeds: list[in
     if threads:
         torch.set_num_threads(threads)
     per_step = step_seconds(finetune_cfg, device)
-    steps = pretrain_cfg.run.max_steps + n_jobs * finetune_cfg.run.max_steps
-    # measured: data, validation, evaluation and process start-up add about a third to the steps
-    expected = 1.35 * per_step * steps / n_workers + 20
+    # Besides its steps, a run spends about RUN_OVERHEAD_STEPS steps' time on preparing its store,
+    # validations, checkpoints and scoring the held-out phantoms (measured on the quick demo).
+    steps = pretrain_cfg.run.max_steps + n_jobs * (finetune_cfg.run.max_steps + RUN_OVERHEAD_STEPS)
+    expected = per_step * steps / n_workers + 30
     log.info("[demo] %d fine-tuning runs (%d regimes x %d seeds x %d arms, %d steps each) and %d steps of "
              "live pretraining on %d process(es): expected about %.0f min (%.2f s per training step here)",
              n_jobs, len(settings.protocol.labelled), len(settings.protocol.seeds), len(ARMS),
