@@ -282,8 +282,8 @@ def run_demo(out: str | Path = "vf-demo", *, quick: bool = False, seeds: list[in
         save(finetune_cfg, finetune_yaml)
         live = out / "runs" / "pretrain" / "checkpoints" / "latest.pt"
         jobs = make_jobs(settings, data, out, finetune_yaml, builtin, live, device)
-        pretraining, runs = _schedule(jobs, pretrain_yaml, (f"run.device={device}",), data.pool_store,
-                                      out / "runs" / "pretrain", n_workers, threads, progress)
+        pretraining, runs = _schedule(jobs, settings.protocol.primary, pretrain_yaml, (f"run.device={device}",),
+                                      data.pool_store, out / "runs" / "pretrain", n_workers, threads, progress)
     finally:
         torch.set_num_threads(previous_threads)
     order = {(n, s, a): i for i, (n, s, a) in enumerate((j.labelled, j.seed, j.arm) for j in jobs)}
@@ -294,27 +294,37 @@ def run_demo(out: str | Path = "vf-demo", *, quick: bool = False, seeds: list[in
     return DemoResult(out, report, runs, pretraining, progress.elapsed())
 
 
-def _schedule(jobs: list[FinetuneJob], pretrain_yaml: Path, overrides: tuple[str, ...], store: Path,
-              pretrain_dir: Path, n_workers: int, threads: int | None, progress: _Progress
+def _schedule(jobs: list[FinetuneJob], primary: int, pretrain_yaml: Path, overrides: tuple[str, ...],
+              store: Path, pretrain_dir: Path, n_workers: int, threads: int | None, progress: _Progress
               ) -> tuple[PretrainResult, list[RunResult]]:
-    """The live pretraining and every job; the ``live`` arm's jobs start once pretraining is done."""
+    """The live pretraining and every job; the ``live`` arm's jobs start once pretraining is done.
+
+    Order: the pre-registered comparison (scratch and builtin in the primary regime) first, then the
+    live pretraining, then the other regimes (scratch first: the floor the comparison rests on), so
+    that an interrupted demo has measured what matters most (every finished run leaves its
+    ``result.json``)."""
     waiting = [j for j in jobs if j.arm == "live"]
-    ready = [j for j in jobs if j.arm != "live"]
+    first = [j for j in jobs if j.arm != "live" and j.labelled == primary]
+    later = sorted((j for j in jobs if j.arm != "live" and j.labelled != primary), key=lambda j: j.arm != "scratch")
     log.info("[demo %5.0f s] live pretraining on %d cases", progress.elapsed(), len(Store.open(store).cases))
     if n_workers == 1:
+        runs = []
+        for job in first:
+            runs.append(run_job(job))
+            progress.run_done(runs[-1])
         pretraining = run_pretraining(pretrain_yaml, overrides, store, pretrain_dir)
         log.info("[demo %5.0f s] live pretraining done in %.0f s", progress.elapsed(), pretraining.seconds)
-        runs = []
-        for job in ready + waiting:
+        for job in later + waiting:
             runs.append(run_job(job))
             progress.run_done(runs[-1])
         return pretraining, runs
     verbosity = _verbosity()
     runs: list[RunResult] = []
     with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending: dict[Future, str] = {pool.submit(run_pretraining, pretrain_yaml, overrides, store, pretrain_dir,
-                                                  threads, verbosity): "pretrain"}
-        pending.update({pool.submit(run_job, j, threads, verbosity): "run" for j in ready})
+        pending: dict[Future, str] = {pool.submit(run_job, j, threads, verbosity): "run" for j in first}
+        pending[pool.submit(run_pretraining, pretrain_yaml, overrides, store, pretrain_dir, threads,
+                            verbosity)] = "pretrain"
+        pending.update({pool.submit(run_job, j, threads, verbosity): "run" for j in later})
         pretraining = None
         try:
             while pending:
