@@ -154,7 +154,8 @@ def _phantom_seeds(phantoms: dict, role: str) -> list[int]:
 def make_data(settings: dict, root: Path) -> DemoData:
     """Write the phantoms, prepare the unlabelled pool and write the split file."""
     from volumefusion.data.phantoms import write_msd_dataset, write_phantoms
-    from volumefusion.data.prepare import PrepareSettings, prepare
+    from volumefusion.data.prepare import prepare
+from volumefusion.preprocess import PrepareSettings
     from volumefusion.data.samples import chest_ct
 
     p = settings["phantoms"]
@@ -203,7 +204,7 @@ def merge_paired_organs(dataset: Path, label_dirs: list[Path]) -> None:
     network; with a few hundred steps that ambiguity, not the starting weights, would decide which
     lung gets which label. Merging the pairs keeps the comparison about the weights.
     """
-    from volumefusion.data.prepare import read_dataset_description
+    from volumefusion.data.datasets import read_dataset_description
     from volumefusion.io import read_image, write_image
 
     meta, labels = read_dataset_description(dataset / "dataset.json")
@@ -385,7 +386,7 @@ def _copy_figure(source: Path, target: Path) -> str | None:
 def write_report(out: Path, settings: dict, data: DemoData, pretrain_result, runs: list[RunResult],
                  clock: _Clock, device: str, quick: bool, schedule: str) -> Path:
     """``out/report.md``, ``out/results.json`` and the pictures under ``out/figures/``."""
-    from volumefusion.data.prepare import read_dataset_description
+    from volumefusion.data.datasets import read_dataset_description
 
     figures = out / "figures"
     seeds = sorted({r.seed for r in runs})

@@ -341,7 +341,7 @@ class Predictor:
                  patch_size: Sequence[int] | None = None, overlap: float | None = None,
                  window_batch: int | None = None, tta: bool | Sequence[int] = False,
                  precision: str | None = None):
-        from volumefusion.data.prepare import PrepareSettings
+        from volumefusion.preprocess import PrepareSettings
 
         # channels_last_3d is the layout cuDNN's fast bf16 3D convolutions want; CPU keeps the default.
         self.channels_last = device.type == "cuda"
@@ -367,9 +367,9 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path, device: str | torch.device = "auto", **options) -> Predictor:
         """Load a volumefusion checkpoint (model, config, task); ``options`` as in the constructor."""
+        from volumefusion.checkpoint import clean_state_dict, load_checkpoint
         from volumefusion.config import from_dict
         from volumefusion.nets import build_model
-        from volumefusion.train.checkpoint import clean_state_dict, load_checkpoint
 
         ckpt = load_checkpoint(path)
         missing = [k for k in ("model", "config", "task") if k not in ckpt]
@@ -399,15 +399,14 @@ class Predictor:
 
         ``image``: (z, y, x) HU, any numeric dtype; ``geometry``: its
         :class:`~volumefusion.io.Geometry`. The image goes through the checkpoint's
-        :func:`~volumefusion.data.prepare.preprocess_case` and ``normalise_hu``, is segmented in
+        :func:`~volumefusion.preprocess.preprocess_case` and ``normalise_hu``, is segmented in
         prepared space and mapped back with ``restore_to_original``. Returns ``(labels, probs)`` as
         numpy arrays on the original grid: ``labels`` (z, y, x) uint8 class indices; ``probs``
         (num_classes, z, y, x) uint8 with probability = value / 255 when ``probabilities``, else None.
         """
         import numpy as np
 
-        from volumefusion.data.prepare import preprocess_case, restore_to_original
-        from volumefusion.preprocess import normalise_hu
+        from volumefusion.preprocess import normalise_hu, preprocess_case, restore_to_original
 
         prepared = preprocess_case(image, geometry, self.settings)
         restore = prepared.restore

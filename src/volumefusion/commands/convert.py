@@ -32,10 +32,10 @@ def run(args) -> int:
     import json
 
     from volumefusion import VolumeFusionError, config
+    from volumefusion.checkpoint import load_checkpoint, save_checkpoint
     from volumefusion.io import atomic_path
     from volumefusion.nets import build_model
     from volumefusion.nets.weights import load_pretrained, misfm_num_classes, model_config_from_misfm
-    from volumefusion.train.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
     state = ckpt.get("model_state_dict") if isinstance(ckpt, dict) else None

@@ -77,7 +77,7 @@ def run(args) -> int:
 
 def read_label_names(path: Path) -> dict[int, str]:
     """Foreground ``{value: name}`` of a ``dataset.json`` (MSD or nnU-Net v2); background left out."""
-    from volumefusion.data.prepare import read_dataset_description
+    from volumefusion.data.datasets import read_dataset_description
 
     return {v: n for v, n in read_dataset_description(path)[1].items() if v != 0}
 

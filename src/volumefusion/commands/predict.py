@@ -88,7 +88,7 @@ def check_outputs_spare_inputs(inputs: list[Path], outputs: list[Path]) -> None:
 def run(args) -> int:
     import time
 
-    from volumefusion.data.prepare import CaseTask, unique_case_ids
+    from volumefusion.data.datasets import CaseTask, unique_case_ids
     from volumefusion.infer import Predictor
     from volumefusion.io import case_id_from_path, discover_inputs, read_image, write_image
     from volumefusion.log import get_logger

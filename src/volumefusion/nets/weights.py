@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from volumefusion import VolumeFusionError
+from volumefusion.checkpoint import clean_state_dict, load_checkpoint
 from volumefusion.log import get_logger
 from volumefusion.nets.pctnet import REL_POS_KINDS, WindowAttention, relative_position_index
-from volumefusion.train.checkpoint import clean_state_dict, load_checkpoint
 
 log = get_logger(__name__)
 

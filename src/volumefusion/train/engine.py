@@ -27,9 +27,9 @@ import torch.distributed as dist
 from torch import nn
 
 from volumefusion import VolumeFusionError
+from volumefusion.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from volumefusion.config import Config, OptimConfig, RunConfig, changed_fields
 from volumefusion.log import get_logger, progress
-from volumefusion.train.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from volumefusion.train.logging import RunLogger
 from volumefusion.train.losses import DeepSupervisionLoss
 

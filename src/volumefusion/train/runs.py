@@ -85,7 +85,7 @@ def pretrain(cfg: Config, data: str | Path, out_dir: str | Path, resume: bool | 
 def _pretrained_base(pretrained: str | Path | None) -> tuple[dict | None, dict]:
     """The checkpoint (or None) and the config it imposes on fine-tuning (model and intensity)."""
     from volumefusion.nets.weights import model_config_from_misfm
-    from volumefusion.train.checkpoint import load_checkpoint
+    from volumefusion.checkpoint import load_checkpoint
 
     if pretrained is None:
         return None, {}
@@ -103,7 +103,8 @@ def _segmentation_store(data: str | Path, out_dir: Path, preprocessing: dict | N
 
     ``preprocessing``: the pretrained checkpoint's preparation settings, which the store must match.
     """
-    from volumefusion.data.prepare import PrepareSettings, prepare
+    from volumefusion.data.prepare import prepare
+from volumefusion.preprocess import PrepareSettings
     from volumefusion.data.store import Store
 
     data = Path(data)
