@@ -155,8 +155,8 @@ def make_data(settings: dict, root: Path) -> DemoData:
     """Write the phantoms, prepare the unlabelled pool and write the split file."""
     from volumefusion.data.phantoms import write_msd_dataset, write_phantoms
     from volumefusion.data.prepare import prepare
-from volumefusion.preprocess import PrepareSettings
     from volumefusion.data.samples import chest_ct
+    from volumefusion.preprocess import PrepareSettings
 
     p = settings["phantoms"]
     geometry = {"shape": tuple(p["shape"]), "spacing_zyx": tuple(p["spacing_zyx"])}

@@ -88,7 +88,7 @@ def run(args) -> int:
     import sys
 
     from volumefusion.data.prepare import prepare
-from volumefusion.preprocess import PrepareSettings
+    from volumefusion.preprocess import PrepareSettings
 
     settings = PrepareSettings(
         spacing_zyx=tuple(args.spacing) if args.spacing else None,

@@ -84,8 +84,8 @@ def pretrain(cfg: Config, data: str | Path, out_dir: str | Path, resume: bool | 
 
 def _pretrained_base(pretrained: str | Path | None) -> tuple[dict | None, dict]:
     """The checkpoint (or None) and the config it imposes on fine-tuning (model and intensity)."""
-    from volumefusion.nets.weights import model_config_from_misfm
     from volumefusion.checkpoint import load_checkpoint
+    from volumefusion.nets.weights import model_config_from_misfm
 
     if pretrained is None:
         return None, {}
@@ -104,8 +104,8 @@ def _segmentation_store(data: str | Path, out_dir: Path, preprocessing: dict | N
     ``preprocessing``: the pretrained checkpoint's preparation settings, which the store must match.
     """
     from volumefusion.data.prepare import prepare
-from volumefusion.preprocess import PrepareSettings
     from volumefusion.data.store import Store
+    from volumefusion.preprocess import PrepareSettings
 
     data = Path(data)
     if (data / "dataset.json").is_file():
