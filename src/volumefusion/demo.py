@@ -582,7 +582,7 @@ def _parallel_runs(device: str, jobs: int) -> tuple[int, int | None]:
     little from a second intra-op thread (about 1.2x on 2 cores), and OpenMP threads stall when
     another process takes a core. On a GPU the runs go one after the other.
     """
-    from volumefusion.infer import resolve_device
+    from volumefusion.device import resolve_device
 
     cpus = _cpu_count()
     if resolve_device(device).type != "cpu" or cpus < 2 or jobs < 2:

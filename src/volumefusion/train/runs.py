@@ -8,8 +8,9 @@ import torch
 
 from volumefusion import VolumeFusionError
 from volumefusion.config import Config, changed_fields, save
+from volumefusion.device import resolve_device
 from volumefusion.log import get_logger
-from volumefusion.train.engine import DistInfo, FitResult, Trainer, resolve_device
+from volumefusion.train.engine import DistInfo, FitResult, Trainer
 
 log = get_logger(__name__)
 
@@ -162,7 +163,7 @@ def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_d
         cfg.model.in_channels = 1
     # what can fail without the data fails before the dataset is prepared (minutes to hours)
     check_model_settings(cfg)
-    resolve_device(cfg.run.device)
+    resolve_device(cfg.run.device, setting="run.device")
     if cfg.finetune.split_file and not Path(cfg.finetune.split_file).is_file():
         raise VolumeFusionError(f"--split {cfg.finetune.split_file}: file not found")
     preprocessing = (ckpt or {}).get("task", {}).get("preprocessing") or None

@@ -18,14 +18,11 @@ from volumefusion.data.sampling import PretrainLoader, SegmentationLoader
 from volumefusion.data.store import Store
 from volumefusion.fusion import make_fused_batch, source_shape
 from volumefusion.log import get_logger
+from volumefusion.nets import main_output
 from volumefusion.preprocess import normalise_hu
 from volumefusion.train.losses import DeepSupervisionLoss, dice_per_class
 
 log = get_logger(__name__)
-
-
-def _first(outputs):
-    return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
 
 
 def save_prediction_montage(path: Path, inputs: torch.Tensor, labels: torch.Tensor,
@@ -84,7 +81,7 @@ class PretrainTask:
         losses, preds, refs = [], [], []
         for x, y in self._validation_set():
             with autocast():
-                out = _first(model(x.to(device)))
+                out = main_output(model(x.to(device)))
             y = y.to(device)
             losses.append(loss_fn(out, y).item())
             preds.append(out.argmax(1).cpu())
