@@ -112,11 +112,16 @@ def evaluate_pair(case: str, pred_path: Path, ref_path: Path, names: dict[int, s
     return [{"case": case, "label": name, "value": value, **results[name]} for value, name in names.items()]
 
 
-def evaluate_folders(pred_dir: Path, gt_dir: Path, out: Path, names: dict[int, str] | None,
+def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out: str | Path, names: dict[int, str] | None,
                      tolerance_mm: float, workers: int = 1) -> dict:
     """Evaluate every reference case; write the CSV ``out``, the summary ``out.json`` and box plots
     ``out_<metric>.png``. Every reference case needs a prediction; predictions without a reference
-    are ignored with a warning. Returns the JSON summary."""
+    are ignored with a warning. Returns the JSON summary: ``cases``, ``per_class`` (``{name: {metric:
+    {mean, std, median, min, max}}}``), ``mean_over_classes`` (``{metric: mean}``), ``conventions``.
+
+    Example: ``evaluate_folders("preds", "labelsTs", "results/metrics.csv", {1: "spleen"}, 2.0)``.
+    """
+    pred_dir, gt_dir, out = Path(pred_dir), Path(gt_dir), Path(out)
     preds, refs = list_cases(pred_dir, "pred"), list_cases(gt_dir, "gt")
     missing = sorted(set(refs) - set(preds))
     if missing:
