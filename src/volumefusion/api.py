@@ -39,7 +39,7 @@ from volumefusion.infer import Predictor, PredictSummary, predict_files
 from volumefusion.io import Geometry
 from volumefusion.metrics import evaluate_case
 from volumefusion.nets import build_model
-from volumefusion.nets.weights import load_pretrained, misfm_num_classes, model_config_from_misfm
+from volumefusion.nets.weights import model_from_misfm
 from volumefusion.preprocess import PrepareSettings
 from volumefusion.train import runs
 from volumefusion.train.engine import FitResult
@@ -138,11 +138,7 @@ def load_model(path: str | Path) -> LoadedModel:
     else:
         ckpt = load_checkpoint(path)
         if "model_state_dict" in ckpt:  # MIS-FM / PyMIC
-            state = ckpt["model_state_dict"]
-            cfg = config.load(base={"model": model_config_from_misfm(state)})
-            num_classes = misfm_num_classes(state)
-            model = build_model(cfg.model, num_classes)
-            cfg.model.rel_pos_index = load_pretrained(model, ckpt, strict_encoder=True).rel_pos_index
+            model, cfg, num_classes, _ = model_from_misfm(ckpt)
             return LoadedModel(model.eval(), cfg, num_classes)
         if not {"model", "config", "task"} <= set(ckpt):
             raise VolumeFusionError(f"{path}: neither a volumefusion nor a MIS-FM checkpoint "
