@@ -41,7 +41,7 @@ def _module_name(path: Path) -> str:
 def _imports(path: Path) -> set[str]:
     """Every volumefusion module ``path`` imports (``from volumefusion import nets`` -> ``volumefusion.nets``)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "volumefusion"}
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "volumefusion":

@@ -11,7 +11,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
 
 
 def test_python_api_examples_run(tmp_path, monkeypatch):
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S)
     assert len(blocks) >= 4
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
