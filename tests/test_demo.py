@@ -163,9 +163,9 @@ def test_builtin_weights_load_with_every_encoder_tensor_matched():
     demo's fine-tuning network (only the class-dependent outputs start fresh)."""
     import torch
 
+    from volumefusion.checkpoint import load_checkpoint
     from volumefusion.nets import build_model
     from volumefusion.nets.weights import load_pretrained, resolve_weights
-    from volumefusion.train.checkpoint import load_checkpoint
 
     path = resolve_weights("builtin:demo")
     assert path.stat().st_size <= 10 * 2**20

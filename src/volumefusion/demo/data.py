@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from volumefusion import VolumeFusionError
+from volumefusion.data.datasets import read_dataset_description
 from volumefusion.data.phantoms import write_msd_dataset, write_phantoms
-from volumefusion.data.prepare import PrepareSettings, prepare, read_dataset_description
+from volumefusion.data.prepare import prepare
 from volumefusion.data.samples import chest_ct
 from volumefusion.demo.settings import SEED_BASE, DemoSettings
 from volumefusion.io import atomic_write_text, read_image, write_image
 from volumefusion.log import get_logger
+from volumefusion.preprocess import PrepareSettings
 
 log = get_logger(__name__)
 

@@ -1,13 +1,14 @@
 """Running the demo: the live pretraining and the fine-tuning runs, scheduled over processes.
 
 Each fine-tuning run (:class:`FinetuneJob`) fine-tunes with :func:`volumefusion.train.runs.finetune`,
-then segments the held-out phantoms with its ``best.pt`` (:class:`volumefusion.infer.Predictor`) and
-scores them (:func:`volumefusion.metrics.evaluate_case`). On a CPU the runs go to one process per
+then segments the held-out phantoms with its ``best.pt`` (:func:`volumefusion.infer.predict_files`)
+and scores them (:func:`volumefusion.evaluate.evaluate_folders`). On a CPU the runs go to one process per
 core (each with its own torch threads), the live pretraining among them; on a GPU one after another.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import multiprocessing
@@ -25,10 +26,12 @@ from volumefusion.config import load, save
 from volumefusion.data.store import Store
 from volumefusion.demo.data import DemoData, make_data
 from volumefusion.demo.settings import ARMS, DemoSettings, load_settings
-from volumefusion.infer import Predictor, resolve_device
-from volumefusion.io import atomic_write_text, read_image, write_image
+from volumefusion.device import resolve_device
+from volumefusion.evaluate import evaluate_folders
+from volumefusion.infer import predict_files
+from volumefusion.io import atomic_write_text
 from volumefusion.log import get_logger, setup
-from volumefusion.metrics import evaluate_case
+from volumefusion.nets import build_model, main_output
 from volumefusion.nets.weights import resolve_weights
 from volumefusion.train.logging import read_metrics
 from volumefusion.train.runs import finetune, pretrain
@@ -55,8 +58,6 @@ class FinetuneJob:
     test_labels: Path
     label_names: dict[int, str]
     device: str
-    save_predictions: bool
-    """write the held-out predictions to ``run_dir/predictions/`` (for the report's pictures)"""
 
 
 @dataclass
@@ -106,21 +107,19 @@ class DemoResult:
 
 
 def evaluate_checkpoint(checkpoint: Path, images: Path, labels: Path, label_names: dict[int, str],
-                        device: str, save_dir: Path | None = None) -> dict[str, dict[str, float]]:
-    """``{organ: {case: Dice}}`` of ``checkpoint``'s predictions for every ``images/*.nii.gz`` against
-    ``labels/`` (same file names); the label maps go to ``save_dir`` when given."""
-    predictor = Predictor.from_checkpoint(checkpoint, device)
+                        device: str, run_dir: Path) -> dict[str, dict[str, float]]:
+    """``{organ: {case: Dice}}`` of ``checkpoint`` on the held-out phantoms: their label maps go to
+    ``run_dir/predictions/`` (:func:`volumefusion.infer.predict_files`), every metric to
+    ``run_dir/metrics.csv`` (:func:`volumefusion.evaluate.evaluate_folders`)."""
+    predicted = predict_files(checkpoint, [images], run_dir / "predictions", device=device)
+    if predicted.failed:
+        raise VolumeFusionError(f"{checkpoint}: prediction failed: {predicted.format()}")
     organs = {v: n for v, n in label_names.items() if v}
+    evaluate_folders(run_dir / "predictions", labels, run_dir / "metrics.csv", organs, tolerance_mm=1.0)
     dice: dict[str, dict[str, float]] = {name: {} for name in organs.values()}
-    for path in sorted(images.glob("*.nii.gz")):
-        case = path.name.removesuffix(".nii.gz")
-        image, geometry = read_image(path)
-        reference, _ = read_image(labels / path.name)
-        prediction, _ = predictor.predict(image, geometry)
-        if save_dir is not None:
-            write_image(save_dir / path.name, prediction, geometry)
-        for name, metrics in evaluate_case(prediction, reference, geometry.spacing_zyx, organs).items():
-            dice[name][case] = float(metrics["dice"])
+    with open(run_dir / "metrics.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            dice[row["label"]][row["case"]] = float(row["dice"])
     return dice
 
 
@@ -139,8 +138,7 @@ def run_job(job: FinetuneJob, threads: int | None = None, verbosity: int | None 
     result = finetune([str(job.config)], list(job.overrides), job.dataset, job.run_dir, job.pretrained)
     seconds = time.perf_counter() - t0
     dice = evaluate_checkpoint(job.run_dir / "checkpoints" / "best.pt", job.test_images, job.test_labels,
-                               job.label_names, job.device,
-                               job.run_dir / "predictions" if job.save_predictions else None)
+                               job.label_names, job.device, job.run_dir)
     curve = [(int(r["step"]), float(r["val_score"])) for r in read_metrics(job.run_dir / "metrics.jsonl")
              if "val_score" in r]
     run = RunResult(job.seed, job.arm, job.labelled, seconds, result.best_score, dice, curve)
@@ -181,8 +179,6 @@ def plan_workers(device: str, workers: int | None, jobs: int) -> tuple[int, int 
 def step_seconds(cfg, device: str, repeats: int = 3) -> float:
     """Measured seconds per training step of the demo network at its crop and batch (for the time
     estimate stated up front), with this process's torch threads."""
-    from volumefusion.nets import build_model
-
     dev = resolve_device(device)
     model = build_model(cfg.model, 8).to(dev)
     optim = torch.optim.Adam(model.parameters(), 1e-4)
@@ -191,7 +187,7 @@ def step_seconds(cfg, device: str, repeats: int = 3) -> float:
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
         out = model(x)
-        (out[0] if isinstance(out, (list, tuple)) else out).float().mean().backward()
+        main_output(out).float().mean().backward()
         optim.step()
         optim.zero_grad()
         if dev.type == "cuda":
@@ -210,7 +206,6 @@ def make_jobs(settings: DemoSettings, data: DemoData, out: Path, finetune_yaml: 
     """Every fine-tuning run: regime x seed x arm, the arms of one seed and regime identical but for
     the starting weights."""
     jobs = []
-    first_seed = settings.protocol.seeds[0]
     for n in settings.protocol.labelled:
         for seed in settings.protocol.seeds:
             for arm in ARMS:
@@ -218,8 +213,7 @@ def make_jobs(settings: DemoSettings, data: DemoData, out: Path, finetune_yaml: 
                 jobs.append(FinetuneJob(seed, arm, n, out / "runs" / f"{n}labelled" / f"seed{seed}" / arm,
                                         finetune_yaml, overrides, data.dataset,
                                         {"scratch": None, "builtin": builtin, "live": live}[arm],
-                                        data.test_images, data.test_labels, data.label_names, device,
-                                        save_predictions=seed == first_seed))
+                                        data.test_images, data.test_labels, data.label_names, device))
     return jobs
 
 
