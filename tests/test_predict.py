@@ -139,6 +139,17 @@ def test_a_checkpoint_without_task_is_refused_with_a_clear_message(tmp_path, cap
     assert "not a volumefusion checkpoint" in capsys.readouterr().err
 
 
+def test_a_checkpoint_whose_weights_do_not_fit_names_the_tensor_and_shapes(checkpoint, tmp_path, capsys):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["model"]["stem.proj.weight"] = torch.zeros(4, 1, 1, 1, 1)
+    path = tmp_path / "wrong.pt"
+    save_checkpoint(path, ckpt)
+    assert _predict("-m", path, "-i", chest_ct()[0], "-o", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"{path}: the weights do not fit the network its config describes (1 tensors): stem.proj.weight: " \
+           "[4, 1, 1, 1, 1] in the checkpoint vs [4, 1, 1, 3, 3] in the network" in err
+
+
 def test_a_patch_size_the_network_cannot_take_is_refused(checkpoint, tmp_path, capsys):
     args = ("-m", checkpoint, "-i", chest_ct()[0], "-o", tmp_path, "--patch-size", "16", "32", "30")
     assert _predict(*args) == 2

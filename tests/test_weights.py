@@ -144,12 +144,87 @@ def test_foreign_checkpoints_are_clear_errors(tmp_path):
         load_pretrained(tiny(), torch.nn.Linear(3, 4).state_dict())
 
 
-def test_strict_encoder_rejects_a_mismatched_encoder():
+def test_an_encoder_tensor_that_does_not_load_is_an_error_naming_it():
     source = tiny(seed=1)
     model = PCTNet(feature_channels=(4, 8, 16, 32, 128), num_heads=(2, 2, 4), window_size=2)
-    assert load_pretrained(model, source.state_dict()).shape_skipped
-    with pytest.raises(VolumeFusionError, match="encoder"):
-        load_pretrained(model, source.state_dict(), strict_encoder=True)
+    with pytest.raises(VolumeFusionError) as error:
+        load_pretrained(model, source.state_dict(), name="pre.pt")
+    message = str(error.value)
+    assert message.startswith("pre.pt: 43 pretrained tensor(s)")
+    assert "pyramid.down4.conv.weight: [64, 32, 3, 3, 3] in the checkpoint vs [128, 32, 3, 3, 3] in the model" \
+        in message
+    assert message.endswith("--partial-load pyramid.down4 pyramid.e4 pyramid.up4 (finetune.partial_load)")
+
+
+def test_partial_loading_by_name_accepts_exactly_the_named_tensors():
+    source = tiny(seed=1)
+    source_state = source.state_dict()
+    source_state["stem.proj.weight"] = torch.zeros(4, 1, 1, 1, 1)  # the wrong kernel size
+    model = tiny(seed=2)
+    fresh = model.state_dict()["stem.proj.weight"].clone()
+    with pytest.raises(VolumeFusionError, match=r"stem\.proj\.weight: \[4, 1, 1, 1, 1\] in the checkpoint"):
+        load_pretrained(model, source_state)
+    report = load_pretrained(model, source_state, partial=["stem.proj"])
+    assert [k for k, _, _ in report.shape_skipped] == ["stem.proj.weight"]
+    assert "stem.proj.weight [4, 1, 1, 1, 1] vs model [4, 1, 1, 3, 3]" in report.format()
+    assert torch.equal(model.state_dict()["stem.proj.weight"], fresh)
+    with pytest.raises(VolumeFusionError, match="stem.projection names no tensor"):
+        load_pretrained(tiny(), source_state, partial=["stem.projection"])
+
+
+def _bad_checkpoints(folder):
+    """``{name: (path, phrase the error must contain)}`` for files that are not checkpoints."""
+    import pickle
+    import zipfile
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from volumefusion.io import Geometry, write_image
+
+    folder.mkdir(exist_ok=True)
+    files = {}
+    files["random"] = (folder / "random.pt", "binary data of no format")
+    files["random"][0].write_bytes(bytes(range(7, 256)) * 8)
+    files["nifti"] = (folder / "ct.nii.gz", "image file (NIfTI)")
+    write_image(folder / "ct.nii.gz", np.zeros((4, 4, 4), np.int16), Geometry((4, 4, 4), (1, 1, 1), (0, 0, 0)))
+    files["zip"] = (folder / "archive.pt", "zip archive of 1 file(s) (notes.txt), not a torch checkpoint")
+    with zipfile.ZipFile(files["zip"][0], "w") as archive:
+        archive.writestr("notes.txt", "hello")
+    files["safetensors"] = (folder / "weights.safetensors", "safetensors weights file")
+    save_file({"w": torch.zeros(2)}, str(files["safetensors"][0]))
+    files["pickle"] = (folder / "raw.pt", "Python pickle")
+    files["pickle"][0].write_bytes(pickle.dumps({"w": torch.zeros(2)}, protocol=4))
+    files["numpy"] = (folder / "numpy.pt", "numpy")
+    torch.save({"model": {"w": np.zeros(2)}}, files["numpy"][0])
+    files["truncated"] = (folder / "cut.pt", "truncated or damaged")
+    save_checkpoint(files["truncated"][0], {"model": tiny().state_dict()})
+    files["truncated"][0].write_bytes(files["truncated"][0].read_bytes()[:1000])
+    return files
+
+
+def test_checkpoint_errors_say_what_the_file_is_and_never_suggest_an_unsafe_load(tmp_path):
+    import warnings
+
+    for path, phrase in _bad_checkpoints(tmp_path).values():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch's pickle-protocol warning stays silent
+            with pytest.raises(VolumeFusionError) as error:
+                load_checkpoint(path, expected="a test checkpoint")
+        message = str(error.value)
+        assert message.startswith(f"{path}: ") and phrase in message, message
+        assert message.endswith("expected a test checkpoint") and "weights_only" not in message
+
+
+def test_predict_and_convert_say_what_they_expect_of_a_wrong_file(tmp_path, capsys):
+    image = tmp_path / "files" / "ct.nii.gz"
+    _bad_checkpoints(tmp_path / "files")
+    assert main(["predict", "-m", str(image), "-i", str(image), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"volumefusion predict: error: {image}: a gzip-compressed image file (NIfTI); expected a "
+                   "checkpoint written by `volumefusion finetune`")
+    assert main(["convert", str(image), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "expected a MIS-FM / PyMIC PCT-Net checkpoint" in capsys.readouterr().err
 
 
 @needs_conformance
@@ -234,8 +309,12 @@ def test_convert_set_corrects_what_the_weights_cannot_show(tmp_path):
     assert main([*args, "--set", "optim.lr=1"]) == 2  # only model fields
 
 
-def test_convert_rejects_a_non_misfm_checkpoint(tmp_path):
+def test_convert_rejects_a_non_misfm_checkpoint(tmp_path, capsys):
     path = tmp_path / "ours.pt"
     save_checkpoint(path, {"model": tiny().state_dict()})
     assert main(["convert", str(path), "--out", str(tmp_path / "x.pt")]) == 2
     assert not (tmp_path / "x.pt").exists()
+    unet = tmp_path / "pymic_unet.pt"  # a PyMIC checkpoint of another network
+    torch.save({"model_state_dict": UNet3D(1, 2, (4, 8, 8, 16, 16)).state_dict()}, unet)
+    assert main(["convert", str(unet), "--out", str(tmp_path / "x.pt")]) == 2
+    assert f"error: {unet}: not a MIS-FM PCT-Net state dict" in capsys.readouterr().err

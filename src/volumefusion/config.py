@@ -147,6 +147,9 @@ class FinetuneConfig:
         "right apart (left/right organ labels)", min=0, max=2)
     overlap: float = _f(0.5, "sliding-window overlap for validation and prediction", min=0, max=0.95)
     window_batch: int = _f(4, "windows per forward pass in sliding-window inference", min=1)
+    partial_load: tuple[str, ...] = _f(
+        (), "pretrained tensors (names or module paths, e.g. stem.proj) allowed to start untrained when the "
+        "checkpoint's do not fit; any other tensor outside the output layers that does not load is an error")
 
 
 @dataclass

@@ -369,9 +369,10 @@ class Predictor:
         """Load a volumefusion checkpoint (model, config, task); ``options`` as in the constructor."""
         from volumefusion.config import from_dict
         from volumefusion.nets import build_model
+        from volumefusion.nets.weights import state_dict_differences
         from volumefusion.train.checkpoint import clean_state_dict, load_checkpoint
 
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, expected="a checkpoint written by `volumefusion finetune`")
         missing = [k for k in ("model", "config", "task") if k not in ckpt]
         if missing:
             raise VolumeFusionError(
@@ -387,11 +388,13 @@ class Predictor:
             raise VolumeFusionError(f"{path}: the model takes {cfg.model.in_channels} input channels; "
                                     "predict handles single-channel CT")
         model = build_model(cfg.model, int(task["num_classes"]))
-        try:
-            model.load_state_dict(clean_state_dict(ckpt["model"]))
-        except RuntimeError as exc:
-            raise VolumeFusionError(f"{path}: weights do not fit the network in its config: "
-                                    f"{str(exc).splitlines()[0][:300]}") from None
+        state = clean_state_dict(ckpt["model"])
+        differences = state_dict_differences(model.state_dict(), state)
+        if differences:
+            more = f"; ... {len(differences) - 3} more" if len(differences) > 3 else ""
+            raise VolumeFusionError(f"{path}: the weights do not fit the network its config describes "
+                                    f"({len(differences)} tensors): {'; '.join(differences[:3])}{more}")
+        model.load_state_dict(state)
         return cls(model, cfg, task, resolve_device(device), **options)
 
     def predict(self, image, geometry, *, probabilities: bool = False, progress: bool | str = False):

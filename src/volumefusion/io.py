@@ -438,6 +438,21 @@ def _write_detached(path: Path, image, compress: bool) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def sniff_image_format(head: bytes) -> str | None:
+    """The image format a file's first bytes (at least 544, gzip already undone) show: ``"NIfTI"``,
+    ``"NRRD"``, ``"MetaImage"`` or ``"DICOM"``; None for anything else. For messages about files given
+    in the wrong place, e.g. a CT passed as a checkpoint."""
+    if len(head) >= 4 and _nifti_layout(head[:544]) is not None:
+        return "NIfTI"
+    if head.startswith(b"NRRD"):
+        return "NRRD"
+    if head.lstrip().startswith((b"ObjectType", b"NDims")):
+        return "MetaImage"
+    if head[128:132] == b"DICM":
+        return "DICOM"
+    return None
+
+
 def is_image_file(path: str | Path) -> bool:
     return Path(path).name.lower().endswith(IMAGE_SUFFIXES)
 

@@ -37,20 +37,25 @@ def run(args) -> int:
     from volumefusion.nets.weights import load_pretrained, misfm_num_classes, model_config_from_misfm
     from volumefusion.train.checkpoint import load_checkpoint, save_checkpoint
 
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(args.checkpoint, expected="a MIS-FM / PyMIC PCT-Net checkpoint (.pt)")
     state = ckpt.get("model_state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
+        ours = isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt
         raise VolumeFusionError(f"{args.checkpoint}: not a MIS-FM/PyMIC checkpoint (no 'model_state_dict'); "
-                                "volumefusion checkpoints need no conversion")
-    model_cfg = model_config_from_misfm(state)
+                                + ("it is a volumefusion checkpoint, which needs no conversion" if ours else
+                                   "convert reads MIS-FM / PyMIC PCT-Net checkpoints"))
+    try:
+        model_cfg = model_config_from_misfm(state)
+        num_classes = misfm_num_classes(state)
+    except VolumeFusionError as exc:
+        raise VolumeFusionError(f"{args.checkpoint}: {exc}") from None
     if args.resolution_mode is not None:
         model_cfg["resolution_mode"] = args.resolution_mode
     if any(not o.startswith("model.") for o in args.overrides):
         raise VolumeFusionError("convert --set changes model fields only (model.FIELD=VALUE)")
     cfg = config.load(overrides=args.overrides, base={"model": model_cfg})
-    num_classes = misfm_num_classes(state)
     model = build_model(cfg.model, num_classes)
-    report = load_pretrained(model, ckpt)
+    report = load_pretrained(model, ckpt, partial=None, name=args.checkpoint)  # checked below
     print(report.format())
     if report.missing or report.shape_skipped or report.adapted:
         bad = len(report.missing) + len(report.shape_skipped)

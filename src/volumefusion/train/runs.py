@@ -90,8 +90,13 @@ def _pretrained_base(pretrained: str | Path | None) -> tuple[dict | None, dict]:
     if pretrained is None:
         return None, {}
     ckpt = load_checkpoint(pretrained)
-    if "model_state_dict" in ckpt:  # an official MIS-FM / PyMIC checkpoint
-        return ckpt, {"model": model_config_from_misfm(ckpt["model_state_dict"])}
+    if not isinstance(ckpt, dict):
+        raise VolumeFusionError(f"{pretrained}: holds a {type(ckpt).__name__}, not a checkpoint dict")
+    if isinstance(ckpt.get("model_state_dict"), dict):  # an official MIS-FM / PyMIC checkpoint
+        try:
+            return ckpt, {"model": model_config_from_misfm(ckpt["model_state_dict"])}
+        except VolumeFusionError as exc:
+            raise VolumeFusionError(f"{pretrained}: {exc}") from None
     if "model" not in ckpt or "config" not in ckpt:
         raise VolumeFusionError(f"{pretrained}: neither a volumefusion nor a MIS-FM checkpoint "
                                 "(expected keys 'model' and 'config', or 'model_state_dict')")
@@ -161,6 +166,11 @@ def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_d
         cfg.model.in_channels = 1
     # what can fail without the data fails before the dataset is prepared (minutes to hours)
     check_model_settings(cfg)
+    if ckpt is not None:  # shapes only, on the meta device: no memory, no time
+        from volumefusion.nets import build_model as build
+
+        with torch.device("meta"):
+            load_pretrained(build(cfg.model, 2), ckpt, cfg.finetune.partial_load, name=str(pretrained))
     resolve_device(cfg.run.device)
     if cfg.finetune.split_file and not Path(cfg.finetune.split_file).is_file():
         raise VolumeFusionError(f"--split {cfg.finetune.split_file}: file not found")
@@ -171,8 +181,7 @@ def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_d
     task = SegmentationTask(cfg, store, train_ids, val_ids)
     model = build_model(cfg, task.num_classes)
     if ckpt is not None:
-        report = load_pretrained(model, ckpt)
-        report.source = str(pretrained)  # the file, not "the given state dict"
+        report = load_pretrained(model, ckpt, cfg.finetune.partial_load, name=str(pretrained))
         # the index travels in the weights; the saved config must say which one they use
         if report.rel_pos_index:
             cfg.model.rel_pos_index = report.rel_pos_index
