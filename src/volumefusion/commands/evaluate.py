@@ -20,11 +20,13 @@ metrics (per case and class; distances in mm from the image spacing):
   nsd    share of surface voxels of P and R within --tolerance mm of the other surface
   surface = voxels with a face neighbour outside the mask (as MONAI without sub-voxel areas)
 
-empty masks:
-  class absent from both prediction and reference:  dice 1, hd95 0, assd 0, nsd 1
-  class absent from exactly one of them:            dice 0, nsd 0, hd95 = assd = the largest
-      distance in the image (between opposite corner voxels), so a miss counts as the worst
-      boundary error while means and box plots stay finite.
+empty masks (the conventions of MONAI and nnU-Net):
+  class absent from exactly one of prediction and reference:  dice 0, nsd 0; hd95 and assd are
+      undefined (no surface to measure to): NaN in the CSV, left out of the means, and counted
+      as "undefined" in the summary, so a miss shows as dice 0 without a made-up distance.
+  class absent from both (--both-empty):  one (default): dice 1, nsd 1, hd95 0, assd 0, a correct
+      absence counts as perfect;  nan: every metric NaN, the case left out of that class's
+      means (nnU-Net's choice for Dice).
   ref_voxels / pred_voxels in the CSV find these cases.
 
 outputs (beside --out): CSV (one row per case and class), JSON summary (mean, std, median,
@@ -52,6 +54,9 @@ def register(sub) -> None:
     p.add_argument("--out", metavar="CSV",
                    help="per-case CSV; the JSON summary and PNG box plots go beside it "
                         "(default: PRED/metrics.csv)")
+    p.add_argument("--both-empty", choices=("one", "nan"), default="one",
+                   help="metrics of a class absent from both prediction and reference: one = perfect scores "
+                        "(default), nan = undefined, left out of the means (see below)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="cases evaluated in parallel processes (default 1)")
     p.set_defaults(func=run)
@@ -64,14 +69,18 @@ def run(args) -> int:
         raise VolumeFusionError(f"--workers {args.workers}: must be >= 1")
     out = Path(args.out) if args.out else Path(args.pred) / "metrics.csv"
     names = read_label_names(Path(args.labels)) if args.labels else None
-    summary = evaluate_folders(Path(args.pred), Path(args.gt), out, names, args.tolerance, args.workers)
+    summary = evaluate_folders(Path(args.pred), Path(args.gt), out, names, args.tolerance, args.workers,
+                               both_empty=args.both_empty)
     metrics = ("dice", "hd95", "assd", "nsd")
     width = max([5, *(len(name) for name in summary["per_class"])])
     print(f"{summary['cases']} cases, NSD tolerance {args.tolerance:g} mm -> {out}")
     print(f"{'class':<{width}}  " + "  ".join(f"{h + ' mean±std':>15}" for h in metrics))
     for name, stats in summary["per_class"].items():
-        cells = "  ".join(f"{stats[m]['mean']:>8.3f}±{stats[m]['std']:<6.3f}" for m in metrics)
-        print(f"{name:<{width}}  {cells}")
+        cells = "  ".join(f"{'undefined':>15}" if stats[m]["mean"] is None else
+                          f"{stats[m]['mean']:>8.3f}±{stats[m]['std']:<6.3f}" for m in metrics)
+        undefined = [f"{m} in {stats[m]['undefined']}" for m in metrics if stats[m]["undefined"]]
+        note = f"  (undefined: {', '.join(undefined)} of {summary['cases']} cases)" if undefined else ""
+        print(f"{name:<{width}}  {cells}{note}")
     return 0
 
 
@@ -143,7 +152,7 @@ def _read_label_map(case: str, what: str, path: Path):
 
 
 def evaluate_pair(case: str, pred_path: Path, ref_path: Path, names: dict[int, str] | None,
-                  tolerance_mm: float) -> list[dict]:
+                  tolerance_mm: float, both_empty: str = "one") -> list[dict]:
     """CSV rows of one case; without ``names``, every non-zero value present in either map."""
     from scipy import ndimage
 
@@ -155,18 +164,19 @@ def evaluate_pair(case: str, pred_path: Path, ref_path: Path, names: dict[int, s
     if names is None:  # find_objects lists every non-zero value present, without copying the arrays
         present = {v for a in (pred, ref) for v, box in enumerate(ndimage.find_objects(a), start=1) if box}
         names = {v: str(v) for v in sorted(present)}
-    results = evaluate_case(pred, ref, ref_geometry.spacing_zyx, names, tolerance_mm)
+    results = evaluate_case(pred, ref, ref_geometry.spacing_zyx, names, tolerance_mm, both_empty)
     return [{"case": case, "label": name, "value": value, **results[name]} for value, name in names.items()]
 
 
 def evaluate_folders(pred_dir: Path, gt_dir: Path, out: Path, names: dict[int, str] | None,
-                     tolerance_mm: float, workers: int = 1) -> dict:
-    """Evaluate every reference case; write the CSV ``out``, the summary ``out.json`` and box plots
+                     tolerance_mm: float, workers: int = 1, both_empty: str = "one") -> dict:
+    """Evaluate every reference case; write the CSV ``out`` (NaN where a metric is undefined), the
+    summary ``out.json`` (statistics over defined values, null where none is) and box plots
     ``out_<metric>.png``. Every reference case needs a prediction; predictions without a reference
-    are ignored with a warning. Returns the JSON summary."""
+    are ignored with a warning. ``both_empty``: see :mod:`volumefusion.metrics`. Returns the summary."""
     from volumefusion.io import atomic_write_text
     from volumefusion.log import get_logger, progress
-    from volumefusion.metrics import BOTH_EMPTY, METRICS, summarise
+    from volumefusion.metrics import METRICS, both_empty_metrics, summarise
     from volumefusion.viz import save_boxplot
 
     log = get_logger(__name__)
@@ -180,7 +190,7 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, out: Path, names: dict[int, s
         log.warning("%d predictions have no reference in %s and are ignored: %s", len(extra), gt_dir,
                     ", ".join(extra[:5]))
     cases = sorted(refs)
-    jobs = [(c, preds[c], refs[c], names, tolerance_mm) for c in cases]
+    jobs = [(c, preds[c], refs[c], names, tolerance_mm, both_empty) for c in cases]
     if workers > 1 and len(jobs) > 1:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
@@ -188,12 +198,12 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, out: Path, names: dict[int, s
     else:
         per_case = [evaluate_pair(*job) for job in progress(jobs, desc="evaluate")]
 
-    if names is None:  # a class found in any case is scored in every case (perfect where absent from both)
+    if names is None:  # a class found in any case is scored in every case (as absent from both where absent)
         found = sorted({row["value"] for rows in per_case for row in rows})
+        absent = {**both_empty_metrics(both_empty), "ref_voxels": 0.0, "pred_voxels": 0.0}
         for case, rows in zip(cases, per_case):
             have = {row["value"] for row in rows}
-            rows.extend({"case": case, "label": str(v), "value": v, **BOTH_EMPTY, "ref_voxels": 0.0,
-                         "pred_voxels": 0.0} for v in found if v not in have)
+            rows.extend({"case": case, "label": str(v), "value": v, **absent} for v in found if v not in have)
             rows.sort(key=lambda row: row["value"])
     rows = [row for case_rows in per_case for row in case_rows]
     if not rows:
@@ -213,9 +223,9 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, out: Path, names: dict[int, s
         "cases": len(cases),
         "nsd_tolerance_mm": tolerance_mm,
         "per_class": per_class,
-        "mean_over_classes": {
-            m: sum(stats[m]["mean"] for stats in per_class.values()) / len(per_class) for m in METRICS
-        },
+        "both_empty": both_empty,
+        "mean_over_classes": {m: _mean_of_defined([stats[m]["mean"] for stats in per_class.values()])
+                              for m in METRICS},
         "conventions": CONVENTIONS.split("\n\noutputs")[0],
     }
     atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=1) + "\n")
@@ -225,3 +235,9 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, out: Path, names: dict[int, s
         save_boxplot(out.with_name(f"{out.stem}_{metric}.png"), data,
                      f"{metric} per class, {len(cases)} cases", ylabel=f"{metric}{unit}")
     return summary
+
+
+def _mean_of_defined(values: list[float | None]) -> float | None:
+    """Mean of the values that are not None; None if there are none."""
+    defined = [v for v in values if v is not None]
+    return sum(defined) / len(defined) if defined else None
