@@ -173,7 +173,8 @@ def test_summary_gives_mean_std_median_per_class_and_metric():
 
 def test_summary_averages_defined_values_and_counts_the_undefined():
     nan = float("nan")
-    rows = [{"label": "a", "dice": d, "hd95": h, "assd": h, "nsd": 0.0} for d, h in [(0.8, 2.0), (0.0, nan), (0.6, 4.0)]]
+    rows = [{"label": "a", "dice": d, "hd95": h, "assd": h, "nsd": 0.0}
+            for d, h in [(0.8, 2.0), (0.0, nan), (0.6, 4.0)]]
     rows.append({"label": "b", "dice": nan, "hd95": nan, "assd": nan, "nsd": nan})
     s = summarise(rows)
     assert s["a"]["hd95"] == {"mean": 3.0, "std": 1.0, "median": 3.0, "min": 2.0, "max": 4.0, "n": 2,
