@@ -434,32 +434,84 @@ def _live_processes_in_group(group: int) -> list[int]:
     return alive
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
-@pytest.mark.parametrize("whole_group", [True, False], ids=["group", "parent"])
-def test_sigterm_stops_prepare_and_its_workers_with_status_143(tmp_path, whole_group):
-    write_cases(tmp_path / "in", range(12), shape=(48, 160, 160))
+def _blocking_input(folder: Path, pipe_folder: Path) -> Path:
+    """``folder/blocked.mhd``, a MetaImage header whose data file is a named pipe: a worker reading it
+    waits until the pipe is opened for writing (:func:`_release`), so a run is still busy with this
+    case for as long as a test needs, however fast or slow the machine. Returns the pipe."""
+    pipe_folder.mkdir(parents=True)
+    pipe = pipe_folder / "data.raw"
+    os.mkfifo(pipe)
+    (folder / "blocked.mhd").write_text(
+        "ObjectType = Image\nNDims = 3\nDimSize = 48 40 12\nElementType = MET_SHORT\n"
+        f"ElementSpacing = 0.8 0.8 2.5\nElementDataFile = {pipe}\n")
+    return pipe
+
+
+def _release(pipe: Path) -> None:
+    """Let a reader waiting on ``pipe`` go on (it reads end-of-file: a truncated case); no-op without one."""
+    with contextlib.suppress(OSError):  # ENXIO: nobody is reading
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def _start_blocked_prepare(tmp_path, cases: int = 11):
+    """``prepare --workers 2`` in its own process group over ``cases`` cases and one that blocks
+    (sorted first, so one worker holds it); returns ``(process, pipe)`` once every other case is in
+    the store, i.e. with one worker blocked and the run unable to finish."""
+    write_cases(tmp_path / "in", range(cases), shape=(24, 64, 64))
+    pipe = _blocking_input(tmp_path / "in", tmp_path / "pipe")
     store = tmp_path / "store"
     command = [sys.executable, "-m", "volumefusion", "prepare", str(tmp_path / "in"), "--out", str(store),
                "--workers", "2", "--no-crop"]
     with open(tmp_path / "stderr.txt", "w") as stderr:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 600  # a bound for a hung run, not a speed requirement
+    while len(list((store / "cases").glob("*.json"))) < cases:
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr.txt").read_text()
+        time.sleep(0.05)
+    return proc, pipe
+
+
+def _wait_until_gone(group: int, bound_s: float = 60.0) -> None:
+    deadline = time.monotonic() + bound_s
+    while _live_processes_in_group(group):
+        assert time.monotonic() < deadline, f"processes outlived prepare: {_live_processes_in_group(group)}"
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+@pytest.mark.parametrize("whole_group", [True, False], ids=["group", "parent"])
+def test_sigterm_stops_prepare_and_its_workers_with_status_143(tmp_path, whole_group):
+    proc, pipe = _start_blocked_prepare(tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while not list((store / "cases").glob("*.json")):  # the workers are busy
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         if whole_group:  # what SLURM and `timeout --foreground`-less job runners do
             os.killpg(proc.pid, signal.SIGTERM)
         else:
             proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 143, (tmp_path / "stderr.txt").read_text()
+        deadline = time.monotonic() + 120
+        while proc.poll() is None:  # a signalled parent waits for its busy worker's case to end
+            assert time.monotonic() < deadline, "prepare did not stop"
+            _release(pipe)
+            time.sleep(0.05)
+        assert proc.returncode == 143, (tmp_path / "stderr.txt").read_text()
         assert "terminated" in (tmp_path / "stderr.txt").read_text()
-        while _live_processes_in_group(proc.pid):  # workers and resource tracker follow the parent
-            assert time.monotonic() < deadline + 30, "worker processes outlived prepare"
-            time.sleep(0.1)
-        assert len(list((store / "cases").glob("*.json"))) < 12
+        _wait_until_gone(proc.pid)  # workers and resource tracker follow the parent
+        assert len(list((tmp_path / "store" / "cases").glob("*.json"))) == 11  # the blocked case never finished
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads processes from /proc")
+def test_kill_9_of_prepare_takes_its_workers_and_resource_tracker_with_it(tmp_path):
+    proc, pipe = _start_blocked_prepare(tmp_path, cases=3)
+    try:
+        assert len(_live_processes_in_group(proc.pid)) >= 3  # parent, two workers (one blocked), tracker
+        proc.kill()  # SIGKILL: no handler runs, nothing is shut down
+        proc.wait()
+        _wait_until_gone(proc.pid)
+    finally:
+        _release(pipe)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
 

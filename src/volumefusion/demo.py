@@ -608,13 +608,11 @@ def _pretrain_beside_scratch(cfg, data: DemoData, out: Path, jobs: dict[str, lis
     weights), then fine-tune from the pretrained weights on two workers. Returns ``(pretraining
     result, runs)``. Every process keeps ``threads`` torch threads, so each run computes exactly what
     it would alone."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
+    from volumefusion.processes import worker_pool
     from volumefusion.train.runs import pretrain
 
     verbosity = _worker_verbosity()
-    pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+    pool = worker_pool(2)
     try:
         scratch = pool.submit(_run_in_order, jobs["scratch"], threads, verbosity)
         with clock.stage("pretrain + scratch fine-tuning",

@@ -6,8 +6,6 @@ import argparse
 import csv
 import io
 import json
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from volumefusion import VolumeFusionError
@@ -177,6 +175,7 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, out: Path, names: dict[int, s
     from volumefusion.io import atomic_write_text
     from volumefusion.log import get_logger, progress
     from volumefusion.metrics import METRICS, both_empty_metrics, summarise
+    from volumefusion.processes import worker_pool
     from volumefusion.viz import save_boxplot
 
     log = get_logger(__name__)
@@ -192,8 +191,7 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path, out: Path, names: dict[int, s
     cases = sorted(refs)
     jobs = [(c, preds[c], refs[c], names, tolerance_mm, both_empty) for c in cases]
     if workers > 1 and len(jobs) > 1:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        with worker_pool(min(workers, len(jobs))) as pool:
             per_case = list(progress(pool.map(evaluate_pair, *zip(*jobs)), total=len(jobs), desc="evaluate"))
     else:
         per_case = [evaluate_pair(*job) for job in progress(jobs, desc="evaluate")]

@@ -640,22 +640,19 @@ def _execute(tasks: list[CaseTask], store: str, settings: PrepareSettings, worke
         for task in tasks:
             on_done(task, _run_task(task, store, settings))
         return
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    def new_pool():
-        # spawn: no inherited threads or CUDA state in workers
-        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    from volumefusion.processes import worker_pool
 
     pending = list(reversed(tasks))
     running: dict = {}
-    pool, broken = new_pool(), False
+    pool, broken = worker_pool(workers), False
     try:
         while pending or running:
             if broken and not running:
                 pool.shutdown(wait=True)
-                pool, broken = new_pool(), False
+                pool, broken = worker_pool(workers), False
             while pending and not broken and len(running) < workers:
                 task = pending.pop()
                 running[pool.submit(_run_task, task, store, settings)] = task
