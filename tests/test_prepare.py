@@ -595,3 +595,29 @@ def test_cli_help_explains_inputs_resume_and_sharding(capsys):
     text = capsys.readouterr().out
     for phrase in ("dataset.json", "--shard", "SLURM_ARRAY_TASK_ID", "re-run", "::SERIES_UID", "--spacing"):
         assert phrase in text
+
+
+def test_names_without_an_ascii_form_keep_distinct_readable_case_ids(tmp_path):
+    image, _ = ct_case(1)
+    for name in ("肝臓", "脾臓", "Müller_3"):
+        write_image(tmp_path / "in" / f"{name}.nii.gz", image, GEOMETRY)
+    summary = prepare([str(tmp_path / "in")], tmp_path / "store")
+    assert not summary.failed  # no "duplicate case id 'case'"
+    ids = sorted(summary.prepared)
+    assert "Muller_3" in ids and len(ids) == 3
+    assert all(re.fullmatch(r"case_[0-9a-f]{8}", i) for i in ids if i != "Muller_3")
+
+
+def test_an_unknown_flag_after_the_command_shows_that_commands_usage(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["prepare", "in/", "--out", "store", "--workerz", "2"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: volumefusion prepare") and "unrecognized arguments: --workerz 2" in err
+
+
+def test_prepare_logs_a_line_per_case_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    write_cases(tmp_path / "in", [1, 2])
+    assert cli_main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "store"), "--workers", "2"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"INFO case[12]: prepared \(1 of 2\)", err) and re.search(r"case[12]: prepared \(2 of 2\)", err)

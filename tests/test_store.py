@@ -179,6 +179,7 @@ def test_store_json_from_a_newer_version_is_refused(store):
 
 
 @pytest.mark.parametrize("name, safe", [("liver_3", "liver_3"), ("a b/c", "a_b_c"), (".hidden", "hidden"),
-                                         ("ü", "case"), ("", "case")])
+                                         ("ü", "u"), ("Müller", "Muller"), ("", "case"),
+                                         ("肝臓", "case_9816ce92"), ("肝臓_3", "3_bcdd7455")])
 def test_safe_case_id(name, safe):
     assert safe_case_id(name) == safe

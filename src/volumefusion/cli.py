@@ -58,12 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not part of this build
             raise
         module.register(sub)
+    parser.commands = sub.choices  # {name: its parser}, for errors in the command's own usage
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would answer with the top-level usage; the command's is the helpful one
+        command = parser.commands.get(getattr(args, "command", None) or "", parser)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -749,10 +749,14 @@ def prepare(
     for _, reason in summary.failed:
         log.warning("%s", reason)
     bar = progress(total=len(todo), desc="prepare", unit="case")
+    already_failed = len(summary.failed)
 
     def on_done(task: CaseTask, error: str | None) -> None:
         if error is None:
             summary.prepared.append(task.case_id)
+            if bar.disable:  # no bar (a batch job's log file): one line per case shows progress
+                done = len(summary.prepared) + len(summary.failed) - already_failed
+                log.info("%s: prepared (%d of %d)", task.case_id, done, len(todo))
         else:
             summary.failed.append((task.image, error))
             log.warning("%s", error)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import re
 import shutil
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,8 +41,19 @@ STORE_ENTRIES = ("store.json", "cases", "arrays")
 
 
 def safe_case_id(name: str) -> str:
-    """``name`` made usable as a file name: characters other than ``A-Za-z0-9._-`` become ``_``."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-")
+    """``name`` made usable as a file name, readable and without losing what tells names apart.
+
+    Accented letters lose their accents (``Müller`` -> ``Muller``); other characters outside
+    ``A-Za-z0-9._-`` become ``_`` (``a b`` -> ``a_b``). A name with letters that have no ASCII form
+    (``肝臓_3``) keeps what is left and gains 8 hex digits of a hash of the whole name
+    (``3_0c9d5b1e``), so two such names never become the same id.
+    """
+    name = unicodedata.normalize("NFC", name)
+    ascii_form = "".join(c for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c))
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", ascii_form).lstrip("._-")
+    if any(ord(c) > 127 for c in ascii_form):
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        cleaned = f"{cleaned.strip('_')}_{digest}" if cleaned.strip("_") else f"case_{digest}"
     return cleaned or "case"
 
 
