@@ -621,3 +621,43 @@ def test_prepare_logs_a_line_per_case_when_stderr_is_not_a_terminal(tmp_path, ca
     assert cli_main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "store"), "--workers", "2"]) == 0
     err = capsys.readouterr().err
     assert re.search(r"INFO case[12]: prepared \(1 of 2\)", err) and re.search(r"case[12]: prepared \(2 of 2\)", err)
+
+
+def test_suspicious_values_are_warned_naming_file_and_value_and_listed_in_the_summary(tmp_path, capsys):
+    image, _ = ct_case(1)
+    folder = tmp_path / "in"
+    write_cases(folder, [0])  # a plausible CT: no warning
+    huge = image.astype(np.float32)
+    huge[0, 0, :2] = (-1e9, 1e9)
+    write_image(folder / "huge.nii.gz", huge, GEOMETRY)
+    noise = np.random.default_rng(0).integers(-128, 128, SHAPE).astype(np.int8)
+    write_image(folder / "noise.nii.gz", noise, GEOMETRY)
+    write_image(folder / "fine.nii.gz", image, dataclasses.replace(GEOMETRY, spacing_zyx=(0.1, 0.1, 0.1)))
+    write_image(folder / "coarse.nii.gz", image, dataclasses.replace(GEOMETRY, spacing_zyx=(50.0, 0.8, 0.8)))
+    assert cli_main(["prepare", str(folder), "--out", str(tmp_path / "store"), "--workers", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "5 prepared, 0 already done, 0 failed, 4 warning(s)" in out  # kept going: every case is stored
+    expected = {
+        "huge": "values -1e+09..1e+09 HU exceed int16 and are clipped to -32768..32767",
+        "noise": "lowest value -128: no air (about -1000 HU) anywhere; is this CT in Hounsfield units?",
+        "fine": "voxel spacing 0.1 x 0.1 x 0.1 mm (z y x) is outside the usual 0.2..10 mm of CT",
+        "coarse": "voxel spacing 50 x 0.8 x 0.8 mm (z y x)",
+    }
+    for name, phrase in expected.items():
+        line = f"{folder / name}.nii.gz: {phrase}"
+        assert f"  WARNING {line}" in out and line in err  # in the summary, and logged as it happened
+    assert "case0" not in out.split("\n", 1)[1]
+
+
+def test_a_label_map_on_a_grid_of_another_size_fails_naming_the_label(tmp_path):
+    image, label = ct_case(1)
+    write_image(tmp_path / "img" / "a.nii.gz", image, GEOMETRY)
+    write_image(tmp_path / "lab" / "a.nii.gz", label[:, :-2],
+                dataclasses.replace(GEOMETRY, shape_zyx=(SHAPE[0], SHAPE[1] - 2, SHAPE[2])))
+    write_cases(tmp_path / "img", [2], label_folder=tmp_path / "lab")
+    summary = prepare([str(tmp_path / "img")], tmp_path / "store", label_dir=tmp_path / "lab")
+    assert summary.prepared == ["case2"]  # the good case beside it lands
+    [(_, reason)] = summary.failed
+    label_path, image_path = tmp_path / "lab" / "a.nii.gz", tmp_path / "img" / "a.nii.gz"
+    assert reason == (f"{label_path}: label grid does not match image {image_path}: "
+                      "shape_zyx (12, 38, 48) vs the image's (12, 40, 48)")

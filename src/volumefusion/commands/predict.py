@@ -92,6 +92,7 @@ def run(args) -> int:
     from volumefusion.infer import Predictor
     from volumefusion.io import case_id_from_path, discover_inputs, read_image, write_image
     from volumefusion.log import get_logger
+    from volumefusion.preprocess import suspicious_values
 
     log = get_logger(__name__)
     if args.overlap is not None and not 0 <= args.overlap < 1:
@@ -113,11 +114,15 @@ def run(args) -> int:
              predictor.window_batch, ", mirror TTA" if args.tta else "")
 
     written = 0
+    warnings: list[str] = []  # suspicious values of cases segmented anyway, naming the input
     for task in cases:
         source, case = task.image, task.case_id
         started = time.perf_counter()
         try:
             image, geometry = read_image(source, channel=args.channel)
+            for warning in suspicious_values(image, geometry.spacing_zyx):
+                warnings.append(f"{source}: {warning}")
+                log.warning("%s", warnings[-1])
             labels, probs = predictor.predict(image, geometry, probabilities=args.save_probabilities,
                                               progress=case)
             del image
@@ -137,4 +142,6 @@ def run(args) -> int:
     print(f"{written} of {written + len(failures)} cases written to {out_dir}")
     for _, reason in failures:
         print(f"  failed: {reason}")
+    for warning in warnings:
+        print(f"  warning: {warning}")
     return 1 if failures else 0

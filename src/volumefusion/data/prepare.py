@@ -49,6 +49,7 @@ from volumefusion.io import (
     read_image,
 )
 from volumefusion.log import get_logger, progress
+from volumefusion.preprocess import suspicious_values
 
 log = get_logger(__name__)
 
@@ -376,6 +377,8 @@ class PrepareSummary:
     prepared: list[str] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
     failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    """suspicious values in cases that were prepared anyway, each naming the file."""
     seconds: float = 0.0
 
     @property
@@ -386,9 +389,11 @@ class PrepareSummary:
         shard = f" (shard {self.shard[0]}/{self.shard[1]})" if self.shard[1] > 1 else ""
         lines = [
             f"{self.store}{shard}: {self.total} cases: {len(self.prepared)} prepared, "
-            f"{len(self.skipped)} already done, {len(self.failed)} failed ({self.seconds:.1f} s)"
+            f"{len(self.skipped)} already done, {len(self.failed)} failed"
+            + (f", {len(self.warnings)} warning(s)" if self.warnings else "") + f" ({self.seconds:.1f} s)"
         ]
         lines += [f"  FAILED {reason}" for _, reason in self.failed]
+        lines += [f"  WARNING {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
 
@@ -543,7 +548,7 @@ def _grid_difference(image: Geometry, label: Geometry) -> str | None:
 
     tolerance = 1e-2 * min(image.spacing_zyx)  # mm; headers may store float32: demand closeness only
     checks = [
-        ("shape", image.shape_zyx == label.shape_zyx),
+        ("shape_zyx", image.shape_zyx == label.shape_zyx),
         ("spacing_zyx", np.allclose(image.spacing_zyx, label.spacing_zyx, rtol=1e-4, atol=0)),
         ("origin", np.allclose(image.origin, label.origin, rtol=0, atol=tolerance)),
         ("direction", np.allclose(image.direction, label.direction, rtol=0, atol=1e-4)),
@@ -589,14 +594,17 @@ def _source_changed(record: CaseRecord, task: CaseTask) -> bool:
         return True  # gone since discovery: preparing it again reports the problem
 
 
-def prepare_case(task: CaseTask, store: str | Path, settings: PrepareSettings) -> None:
-    """Read, preprocess and store one case; VolumeFusionError (naming the file) if the input is bad."""
+def prepare_case(task: CaseTask, store: str | Path, settings: PrepareSettings) -> list[str]:
+    """Read, preprocess and store one case; VolumeFusionError (naming the file) if the input is bad.
+    Returns warnings about suspicious values (:func:`~volumefusion.preprocess.suspicious_values`),
+    each naming the file."""
     # Taken before reading: a file replaced while it is read then differs on the next run.
     try:
         version = _task_version(task)
     except OSError as exc:
         raise VolumeFusionError(f"{exc.filename}: cannot read ({exc.strerror})") from None
     image, geometry = read_image(task.image, channel=task.channel)
+    warnings = [f"{task.image}: {w}" for w in suspicious_values(image, geometry.spacing_zyx)]
     label = None
     if task.label is not None:
         label, label_geometry = read_image(task.label)
@@ -619,23 +627,25 @@ def prepare_case(task: CaseTask, store: str | Path, settings: PrepareSettings) -
     label_source = None if task.label is None else _absolute(task.label)
     write_case(store, prepared, case_id=task.case_id, source=_absolute(task.image), label_source=label_source,
                settings=settings.to_dict(), source_version=version)
+    return warnings
 
 
-def _run_task(task: CaseTask, store: str, settings: PrepareSettings) -> str | None:
-    """Worker entry point: None on success, else the failure reason (never raises for bad input)."""
+def _run_task(task: CaseTask, store: str, settings: PrepareSettings) -> tuple[str | None, list[str]]:
+    """Worker entry point: ``(None, warnings)`` on success, else ``(the failure reason, [])`` (never
+    raises for bad input)."""
     try:
-        prepare_case(task, store, settings)
+        return None, prepare_case(task, store, settings)
     except VolumeFusionError as exc:
-        return str(exc)
+        return str(exc), []
     except MemoryError:
-        return f"{task.image}: out of memory while preparing; retry with fewer --workers"
+        return f"{task.image}: out of memory while preparing; retry with fewer --workers", []
     except Exception as exc:  # a bug or an exotic file must not stop the other cases
-        return f"{task.image}: unexpected {type(exc).__name__}: {exc}"
-    return None
+        return f"{task.image}: unexpected {type(exc).__name__}: {exc}", []
 
 
 def _execute(tasks: list[CaseTask], store: str, settings: PrepareSettings, workers: int, on_done) -> None:
-    """Run ``_run_task`` over ``tasks`` with up to ``workers`` processes, calling ``on_done(task, error)``."""
+    """Run ``_run_task`` over ``tasks`` with up to ``workers`` processes, calling
+    ``on_done(task, (error, warnings))``."""
     if workers <= 1:
         for task in tasks:
             on_done(task, _run_task(task, store, settings))
@@ -660,12 +670,12 @@ def _execute(tasks: list[CaseTask], store: str, settings: PrepareSettings, worke
             for future in done:
                 task = running.pop(future)
                 try:
-                    error = future.result()
+                    outcome = future.result()
                 except BrokenProcessPool:
                     broken = True
-                    error = (f"{task.image}: a worker process died (out of memory or a crash in the image "
-                             "reader) while this case was running; re-run to retry")
-                on_done(task, error)
+                    outcome = (f"{task.image}: a worker process died (out of memory or a crash in the image "
+                               "reader) while this case was running; re-run to retry", [])
+                on_done(task, outcome)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -751,7 +761,11 @@ def prepare(
     bar = progress(total=len(todo), desc="prepare", unit="case")
     already_failed = len(summary.failed)
 
-    def on_done(task: CaseTask, error: str | None) -> None:
+    def on_done(task: CaseTask, outcome: tuple[str | None, list[str]]) -> None:
+        error, warnings = outcome
+        for warning in warnings:
+            log.warning("%s", warning)
+        summary.warnings += warnings
         if error is None:
             summary.prepared.append(task.case_id)
             if bar.disable:  # no bar (a batch job's log file): one line per case shows progress
