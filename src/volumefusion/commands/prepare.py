@@ -28,6 +28,8 @@ under a temporary name and renamed, and a case counts as finished only once its 
 cases/<id>.json exists. STORE must be a new or empty folder, or a store.
 Bad inputs (unreadable, 2D, 4D without --channel, NaN, label grid mismatch, undeclared label values,
 duplicate ids) are reported, skipped and listed at the end; the exit status is 1 if any failed.
+Suspicious values (HU beyond int16, no air, a constant image, spacing outside 0.2..10 mm) are
+prepared anyway and listed at the end as warnings. Without a terminal, one line is logged per case.
 
 examples:
   volumefusion prepare /data/ct/ --out store/
