@@ -661,3 +661,24 @@ def test_a_label_map_on_a_grid_of_another_size_fails_naming_the_label(tmp_path):
     label_path, image_path = tmp_path / "lab" / "a.nii.gz", tmp_path / "img" / "a.nii.gz"
     assert reason == (f"{label_path}: label grid does not match image {image_path}: "
                       "shape_zyx (12, 38, 48) vs the image's (12, 40, 48)")
+
+
+def test_the_channel_is_part_of_a_cases_record_so_another_channel_is_prepared_again(tmp_path, capsys):
+    volumes = np.stack([ct_case(1)[0], ct_case(2)[0]])  # (t, z, y, x): two different CTs
+    fourd = sitk.GetImageFromArray(volumes, isVector=False)
+    sitk.WriteImage(fourd, str(tmp_path / "fourd.nii.gz"))
+    args = ["prepare", str(tmp_path / "fourd.nii.gz"), "--out", str(tmp_path / "store"), "--no-crop"]
+
+    def stored():
+        return Store.open(tmp_path / "store").image("fourd").read()
+
+    assert cli_main([*args, "--channel", "0"]) == 0
+    np.testing.assert_array_equal(stored(), volumes[0])
+    assert cli_main([*args, "--channel", "1"]) == 0
+    assert "1 prepared, 0 already done" in capsys.readouterr().out
+    np.testing.assert_array_equal(stored(), volumes[1])
+    assert cli_main([*args, "--channel", "1"]) == 0
+    assert "0 prepared, 1 already done" in capsys.readouterr().out
+    assert cli_main([*args, "--channel", "5"]) == 1
+    assert f"FAILED {tmp_path / 'fourd.nii.gz'}: channel 5 out of range; the image has 2 volumes" in \
+        capsys.readouterr().out

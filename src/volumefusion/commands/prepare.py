@@ -23,9 +23,9 @@ folder path as a prefix. Label maps given with --labels (not a dataset) have the
 label_1, label_2, ... (0 is background) in the store.
 
 Safe to interrupt (Ctrl-C: exit status 130, SIGTERM: 143) and re-run: finished cases are skipped
-(unless their image or label file changed since: size or modification time), every file is written
-under a temporary name and renamed, and a case counts as finished only once its record
-cases/<id>.json exists. STORE must be a new or empty folder, or a store.
+(unless their image or label file changed since: size or modification time; or another --channel
+is asked for), every file is written under a temporary name and renamed, and a case counts as
+finished only once its record cases/<id>.json exists. STORE must be a new or empty folder, or a store.
 Bad inputs (unreadable, 2D, 4D without --channel, NaN, label grid mismatch, undeclared label values,
 duplicate ids) are reported, skipped and listed at the end; the exit status is 1 if any failed.
 Suspicious values (HU beyond int16, no air, a constant image, spacing outside 0.2..10 mm) are

@@ -626,7 +626,7 @@ def prepare_case(task: CaseTask, store: str | Path, settings: PrepareSettings) -
     # the record is written last, so a recorded version always belongs to the arrays beside it
     label_source = None if task.label is None else _absolute(task.label)
     write_case(store, prepared, case_id=task.case_id, source=_absolute(task.image), label_source=label_source,
-               settings=settings.to_dict(), source_version=version)
+               settings=settings.to_dict(), source_version=version, channel=task.channel)
     return warnings
 
 
@@ -743,6 +743,10 @@ def prepare(
         record = read_record(out, task.case_id)
         label_source = None if task.label is None else _absolute(task.label)
         if record is None:
+            todo.append(task)
+        elif record.source == _absolute(task.image) and record.channel != task.channel:
+            log.info("%s: prepared from channel %s, now channel %s is asked for: re-preparing", task.case_id,
+                     record.channel, task.channel)
             todo.append(task)
         elif record.source == _absolute(task.image) and record.label_source == label_source:
             if _source_changed(record, task):

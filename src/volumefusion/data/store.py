@@ -67,7 +67,9 @@ class CaseRecord:
     :func:`volumefusion.data.prepare.restore_to_original` needs to map results back onto the source
     grid; ``settings`` the :class:`~volumefusion.data.prepare.PrepareSettings` used;
     ``source_version`` what identified the source files' version when they were read
-    (:func:`volumefusion.data.prepare.source_version`; empty in records written before it existed).
+    (:func:`volumefusion.data.prepare.source_version`; empty in records written before it existed);
+    ``channel`` the volume / component taken from a 4D or vector image (``prepare --channel``), None
+    for the default.
     """
 
     id: str
@@ -81,6 +83,7 @@ class CaseRecord:
     restore: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     source_version: dict = field(default_factory=dict)
+    channel: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,7 +95,7 @@ class CaseRecord:
             shape=tuple(d["shape"]), spacing_zyx=tuple(d["spacing_zyx"]),
             body_box=tuple(tuple(b) for b in d["body_box"]), label_classes=list(d.get("label_classes", [])),
             checksum=d.get("checksum", ""), restore=d.get("restore", {}), settings=d.get("settings", {}),
-            source_version=d.get("source_version", {}),
+            source_version=d.get("source_version", {}), channel=d.get("channel"),
         )
 
 
@@ -270,6 +273,7 @@ def write_case(
     label_source: str | None = None,
     settings: dict,
     source_version: dict | None = None,
+    channel: int | None = None,
 ) -> CaseRecord:
     """Write a :class:`~volumefusion.data.prepare.PreparedCase` into the store and return its record.
 
@@ -295,7 +299,7 @@ def write_case(
         spacing_zyx=tuple(float(s) for s in prepared.spacing_zyx),
         body_box=tuple(tuple(int(v) for v in b) for b in prepared.body_box), label_classes=classes,
         checksum=array_checksum(prepared.image, prepared.label), restore=prepared.restore, settings=settings,
-        source_version=source_version or {},
+        source_version=source_version or {}, channel=channel,
     )
     atomic_write_text(record_file, json.dumps(record.to_dict(), indent=1) + "\n")
     return record
