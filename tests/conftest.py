@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,23 @@ def phantom_dataset(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("msd")
     return write_msd_dataset(root / "Task01_Phantom", seeds=[11, 12, 13, 14], shape=(24, 48, 48))
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """An existing folder in which no file can be created, also for root (who ignores permission bits:
+    there, sysfs, which refuses new files to everyone)."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read_only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    folder = Path("/sys/fs")
+    try:
+        os.close(os.open(folder / "volumefusion_probe", os.O_CREAT | os.O_WRONLY))
+    except OSError:
+        yield folder
+        return
+    pytest.skip("no unwritable folder on this machine for root")

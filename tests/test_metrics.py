@@ -323,3 +323,14 @@ def test_evaluate_matches_a_ground_truth_name_to_predicts_safe_output_name(folde
     out = folders / "metrics.csv"
     assert _evaluate("--pred", folders / "pred", "--gt", folders / "gt", "--out", out) == 0
     assert {r["case"] for r in _read_csv(out)} == {"case_0", "case1", "case2"}
+
+
+def test_an_unwritable_out_is_refused_before_any_case_is_evaluated(folders, capsys, unwritable_folder):
+    (folders / "pred" / "case1.nii.gz").write_bytes(b"corrupt")  # evaluating first would fail on this
+    out = unwritable_folder / "results" / "metrics.csv"
+    assert _evaluate("--pred", folders / "pred", "--gt", folders / "gt", "--out", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"volumefusion evaluate: error: {out.parent}: --out folder is not writable")
+    assert "\n" not in err
+    assert _evaluate("--pred", folders / "pred", "--gt", folders / "gt", "--out", folders / "gt") == 2
+    assert f"{folders / 'gt'}: is a folder; --out takes a file name" in capsys.readouterr().err

@@ -382,7 +382,7 @@ def test_a_case_id_already_stored_from_another_file_is_a_duplicate(tmp_path):
 def test_unwritable_output_folder_is_an_error(tmp_path):
     write_cases(tmp_path / "in", [1])
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(VolumeFusionError, match="output folder is not writable"):
+    with pytest.raises(VolumeFusionError, match="store: cannot be created for --out: .*file is a file"):
         prepare([str(tmp_path / "in")], tmp_path / "file" / "store")
     with pytest.raises(VolumeFusionError, match="is a file"):
         prepare([str(tmp_path / "in")], tmp_path / "file")

@@ -318,3 +318,13 @@ def test_convert_rejects_a_non_misfm_checkpoint(tmp_path, capsys):
     torch.save({"model_state_dict": UNet3D(1, 2, (4, 8, 8, 16, 16)).state_dict()}, unet)
     assert main(["convert", str(unet), "--out", str(tmp_path / "x.pt")]) == 2
     assert f"error: {unet}: not a MIS-FM PCT-Net state dict" in capsys.readouterr().err
+
+
+def test_convert_checks_its_outputs_before_reading_the_checkpoint(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["convert", str(tmp_path / "random.pt"), "--out", str(tmp_path / "file" / "ours.pt")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'file' / 'ours.pt'}: cannot be created for --out: {tmp_path / 'file'} is a file" in err
+    assert main(["convert", str(tmp_path / "random.pt"), "--out", str(tmp_path / "ours.pt"),
+                 "--safetensors", str(tmp_path)]) == 2
+    assert f"error: {tmp_path}: is a folder; --safetensors takes a file name" in capsys.readouterr().err

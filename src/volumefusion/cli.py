@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     except VolumeFusionError as exc:
         print(f"volumefusion {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the system refused: a full disk, a file that vanished, permissions
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"volumefusion {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"volumefusion {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -42,7 +42,7 @@ import torch
 import yaml
 
 from volumefusion import VolumeFusionError
-from volumefusion.io import atomic_write_text
+from volumefusion.io import atomic_write_text, check_writable_folder
 from volumefusion.log import get_logger
 
 log = get_logger(__name__)
@@ -644,6 +644,7 @@ def run_demo(out: str | Path = "vf-demo", *, quick: bool = False, seeds: list[in
     out = Path(out).resolve()
     if (out / "report.md").exists() or (out / "runs").exists():
         raise VolumeFusionError(f"{out} holds an earlier demo; remove it or choose another --out")
+    check_writable_folder(out, "--out")
     clock = _Clock()
     device_override = [f"run.device={device}"]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import glob
 import gzip
 import hashlib
@@ -54,17 +55,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     at the extension choose the right format.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the final file the usual mode
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        suffix = "".join(path.suffixes)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the final file the usual mode
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as exc:
+        if exc.filename is None or Path(exc.filename) in (tmp_path, path.parent):
+            # name the file being written, not its temporary twin (disk full, permissions)
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+        raise
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
 
 
@@ -75,6 +82,65 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def check_writable_folder(folder: str | Path, what: str) -> None:
+    """Create ``folder`` if needed and make sure files can be created in it, before a command does its
+    expensive part; VolumeFusionError naming the folder and the option ``what`` (``"--out"``) if not."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise VolumeFusionError(f"{folder}: is a file; {what} takes a folder")
+    blocker = next((p for p in folder.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise VolumeFusionError(f"{folder}: cannot be created for {what}: {blocker} is a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test.{os.getpid()}"
+        atomic_write_text(probe, "ok")
+        probe.unlink()
+    except OSError as exc:
+        raise VolumeFusionError(f"{folder}: {what} folder is not writable ({exc.strerror or exc})") from None
+
+
+def check_writable_file(path: str | Path, what: str) -> None:
+    """Make sure a file can be written (atomically) at ``path``: not a folder, its folder writable;
+    VolumeFusionError naming the path and the option ``what`` if not. An existing file is fine: it is
+    replaced."""
+    path = Path(path)
+    if path.is_dir():
+        raise VolumeFusionError(f"{path}: is a folder; {what} takes a file name")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise VolumeFusionError(f"{path}: cannot be created for {what}: {path.parent} is a file")
+    check_writable_folder(path.parent, what)
+
+
+def resolved(path: str | Path) -> Path:
+    """``path`` made absolute with symbolic links resolved, as far as they resolve: a link loop is
+    kept as it is instead of raising (the read that follows reports it)."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # RuntimeError: "Symlink loop" before Python 3.13
+        return Path(os.path.abspath(path))
+
+
+def missing_reason(path: str | Path) -> str:
+    """Why ``path`` does not exist, for messages: a plain ``"file not found"``, ``"folder not
+    found"`` when it was written as a folder, or what is wrong with the symbolic link it is."""
+    as_folder = str(path).endswith(("/", os.sep))
+    path = Path(path)
+    if os.path.islink(path):
+        try:
+            os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return "symbolic link loop (following it leads back to itself)"
+            return f"symbolic link to a missing {os.readlink(path)}"
+    parent = path.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if parent != path.parent:
+        return f"not found (no folder {path.parent})"
+    return "folder not found" if as_folder else "file not found"
 
 
 @dataclass(frozen=True)
@@ -314,7 +380,7 @@ def _read_sitk(path: str | Path):
 
     folder, uid = _split_series(path)
     if not folder.exists():
-        raise VolumeFusionError(f"{folder}: file not found")
+        raise VolumeFusionError(f"{folder}: {missing_reason(folder)}")
     try:
         if folder.is_dir():
             reader = sitk.ImageSeriesReader()
@@ -421,17 +487,26 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, *, comp
         _write_detached(path, image, compress)
         return
     with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), compress)
+        _sitk_write(image, tmp, path, compress)
+
+
+def _sitk_write(image, target: Path, path: Path, compress: bool) -> None:
+    """``sitk.WriteImage`` to ``target``; its failures (a full disk, say) as OSError naming ``path``."""
+    import SimpleITK as sitk
+
+    try:
+        sitk.WriteImage(image, str(target), compress)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[-1].replace("sitk::ERROR: ", "")
+        raise OSError(errno.EIO, f"cannot write the image: {detail}", str(path)) from None
 
 
 def _write_detached(path: Path, image, compress: bool) -> None:
     """Header + data file formats: write both in a private folder, move the data file, then the header."""
-    import SimpleITK as sitk
-
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        sitk.WriteImage(image, str(staging / path.name), compress)
+        _sitk_write(image, staging / path.name, path, compress)
         for item in sorted(staging.iterdir(), key=lambda p: p.name == path.name):
             os.replace(item, path.parent / item.name)
     finally:
@@ -532,7 +607,7 @@ def _discover_one(item: str | Path) -> list[Path]:
         if not found:
             raise VolumeFusionError(f"{text}: pattern matches no images")
         return found
-    raise VolumeFusionError(f"{path}: file not found")
+    raise VolumeFusionError(f"{text}: {missing_reason(text)}")
 
 
 def discover_inputs(inputs: list[str | Path], errors: list[tuple[str, str]] | None = None) -> list[Path]:

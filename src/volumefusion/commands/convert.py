@@ -32,11 +32,14 @@ def run(args) -> int:
     import json
 
     from volumefusion import VolumeFusionError, config
-    from volumefusion.io import atomic_path
+    from volumefusion.io import atomic_path, check_writable_file
     from volumefusion.nets import build_model
     from volumefusion.nets.weights import load_pretrained, misfm_num_classes, model_config_from_misfm
     from volumefusion.train.checkpoint import load_checkpoint, save_checkpoint
 
+    check_writable_file(args.out, "--out")
+    if args.safetensors:
+        check_writable_file(args.safetensors, "--safetensors")
     ckpt = load_checkpoint(args.checkpoint, expected="a MIS-FM / PyMIC PCT-Net checkpoint (.pt)")
     state = ckpt.get("model_state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):

@@ -61,11 +61,14 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from volumefusion.io import check_writable_file
+
     if args.tolerance < 0:
         raise VolumeFusionError(f"--tolerance {args.tolerance}: must be >= 0 mm")
     if args.workers < 1:
         raise VolumeFusionError(f"--workers {args.workers}: must be >= 1")
     out = Path(args.out) if args.out else Path(args.pred) / "metrics.csv"
+    check_writable_file(out, "--out")  # before the cases are evaluated, not after
     names = read_label_names(Path(args.labels)) if args.labels else None
     summary = evaluate_folders(Path(args.pred), Path(args.gt), out, names, args.tolerance, args.workers,
                                both_empty=args.both_empty)

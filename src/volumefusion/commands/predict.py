@@ -76,10 +76,10 @@ def output_path(out_dir: Path, source: Path, case: str, fmt: str) -> Path:
 
 def check_outputs_spare_inputs(inputs: list[Path], outputs: list[Path]) -> None:
     """VolumeFusionError if any output path is one of the input files (``-o`` = ``-i`` folder)."""
-    from volumefusion.io import SERIES_SEPARATOR
+    from volumefusion.io import SERIES_SEPARATOR, resolved
 
-    sources = {Path(str(p).split(SERIES_SEPARATOR)[0]).resolve() for p in inputs}
-    clash = [p for p in outputs if p.resolve() in sources]
+    sources = {resolved(str(p).split(SERIES_SEPARATOR)[0]) for p in inputs}
+    clash = [p for p in outputs if resolved(p) in sources]
     if clash:
         raise VolumeFusionError(f"{clash[0]}: the output would overwrite this input image "
                                 f"({len(clash)} in all); pass another -o folder")
@@ -90,7 +90,7 @@ def run(args) -> int:
 
     from volumefusion.data.prepare import CaseTask, unique_case_ids
     from volumefusion.infer import Predictor
-    from volumefusion.io import case_id_from_path, discover_inputs, read_image, write_image
+    from volumefusion.io import case_id_from_path, check_writable_folder, discover_inputs, read_image, write_image
     from volumefusion.log import get_logger
     from volumefusion.preprocess import suspicious_values
 
@@ -105,6 +105,14 @@ def run(args) -> int:
     out_dir = Path(args.out)
     outputs = {c.case_id: output_path(out_dir, Path(c.image), c.case_id, args.format) for c in cases}
     check_outputs_spare_inputs(inputs, list(outputs.values()))
+    # before the model is loaded and any case segmented: a run must not end in unwritable outputs
+    check_writable_folder(out_dir, "-o")
+    if args.save_probabilities:
+        check_writable_folder(out_dir / "probabilities", "-o")
+    folders = [p for p in outputs.values() if p.is_dir()]
+    if folders:
+        raise VolumeFusionError(f"{folders[0]}: a folder has the name of this output ({len(folders)} in all); "
+                                "move it, or pass another -o folder")
     predictor = Predictor.from_checkpoint(
         args.model, args.device, patch_size=args.patch_size, overlap=args.overlap,
         window_batch=args.window_batch, tta=args.tta, precision=args.precision,
@@ -126,9 +134,12 @@ def run(args) -> int:
             labels, probs = predictor.predict(image, geometry, probabilities=args.save_probabilities,
                                               progress=case)
             del image
-            write_image(outputs[case], labels, geometry)
-            for k, channel in enumerate(probs if probs is not None else []):
-                write_image(out_dir / "probabilities" / f"{case}_class{k}.nii.gz", channel, geometry)
+            try:
+                write_image(outputs[case], labels, geometry)
+                for k, channel in enumerate(probs if probs is not None else []):
+                    write_image(out_dir / "probabilities" / f"{case}_class{k}.nii.gz", channel, geometry)
+            except OSError as exc:  # a full disk: this case's outputs are not written (atomic writes)
+                raise VolumeFusionError(f"{exc.filename}: cannot write ({exc.strerror})") from None
         except Exception as exc:  # one bad case must not stop the others; it is reported below
             reason = str(exc) if isinstance(exc, VolumeFusionError) else f"{type(exc).__name__}: {exc}"
             reason = reason.splitlines()[0] if reason else type(exc).__name__

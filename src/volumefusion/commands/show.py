@@ -94,6 +94,7 @@ def run_fusion(args) -> int:
 
     from volumefusion import VolumeFusionError, config
     from volumefusion.fusion import fuse, fusion_pair, source_shape
+    from volumefusion.io import check_writable_file
     from volumefusion.log import get_logger
     from volumefusion.preprocess import normalise_hu
     from volumefusion.viz import save_montage
@@ -103,6 +104,7 @@ def run_fusion(args) -> int:
     fusion = dataclasses.replace(cfg.fusion, mode=args.mode or cfg.fusion.mode)
     if args.samples < 1:
         raise VolumeFusionError(f"--samples {args.samples}: need at least 1")
+    check_writable_file(args.out, "--out")
     volumes = _volumes(args.input)
     smallest = np.min([v[1].shape for v in volumes], axis=0).tolist()
     # At most 3/4 of the smallest volume, so that two crops of one volume differ.

@@ -43,10 +43,11 @@ from volumefusion.data.store import (
 from volumefusion.io import (
     SERIES_SEPARATOR,
     Geometry,
-    atomic_write_text,
     case_id_from_path,
+    check_writable_folder,
     discover_inputs,
     read_image,
+    resolved,
 )
 from volumefusion.log import get_logger, progress
 from volumefusion.preprocess import suspicious_values
@@ -406,8 +407,8 @@ def _absolute(path: str | Path) -> str:
     text = str(path)
     if SERIES_SEPARATOR in text:
         folder, uid = text.rsplit(SERIES_SEPARATOR, 1)
-        return f"{Path(folder).resolve()}{SERIES_SEPARATOR}{uid}"
-    return str(Path(text).resolve())
+        return f"{resolved(folder)}{SERIES_SEPARATOR}{uid}"
+    return str(resolved(text))
 
 
 def read_dataset_description(path: Path) -> tuple[dict, dict[int, str]]:
@@ -639,6 +640,9 @@ def _run_task(task: CaseTask, store: str, settings: PrepareSettings) -> tuple[st
         return str(exc), []
     except MemoryError:
         return f"{task.image}: out of memory while preparing; retry with fewer --workers", []
+    except OSError as exc:  # the system refused: a full disk, a file that vanished, permissions
+        where = f"{exc.filename}: " if exc.filename and str(exc.filename) != task.image else ""
+        return f"{task.image}: {where}{exc.strerror or exc}", []
     except Exception as exc:  # a bug or an exotic file must not stop the other cases
         return f"{task.image}: unexpected {type(exc).__name__}: {exc}", []
 
@@ -693,13 +697,7 @@ def check_writable(out: Path) -> None:
                 f"{out}: folder holds other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) "
                 "and is not a store; give --out a new or empty folder"
             )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test.{os.getpid()}"
-        atomic_write_text(probe, "ok")
-        probe.unlink()
-    except OSError as exc:
-        raise VolumeFusionError(f"{out}: output folder is not writable ({exc.strerror or exc})") from None
+    check_writable_folder(out, "--out")
 
 
 def prepare(

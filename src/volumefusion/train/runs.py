@@ -8,6 +8,7 @@ import torch
 
 from volumefusion import VolumeFusionError
 from volumefusion.config import Config, changed_fields, save
+from volumefusion.io import check_writable_folder
 from volumefusion.log import get_logger
 from volumefusion.train.engine import DistInfo, FitResult, Trainer, resolve_device
 
@@ -72,6 +73,7 @@ def pretrain(cfg: Config, data: str | Path, out_dir: str | Path, resume: bool | 
     from volumefusion.train.tasks import PretrainTask
 
     check_run_folder(out_dir, resume)
+    check_writable_folder(out_dir, "--out")
     task = PretrainTask(cfg, Store.open(data))
     model = build_model(cfg, task.num_classes)
     n_params = sum(p.numel() for p in model.parameters())
@@ -148,6 +150,7 @@ def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_d
 
     out_dir = Path(out_dir)
     check_run_folder(out_dir, resume)
+    check_writable_folder(out_dir, "--out")
     ckpt, base = _pretrained_base(pretrained)
     cfg = load(cfg_paths, overrides, base=base)
     if "model" in base:
