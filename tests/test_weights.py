@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import CONFORMANCE
+from tests.conftest import CONFORMANCE, write_bad_checkpoints
 from volumefusion import VolumeFusionError, config
 from volumefusion.cli import main
 from volumefusion.nets import PCTNet, UNet3D, build_model
@@ -172,41 +172,10 @@ def test_partial_loading_by_name_accepts_exactly_the_named_tensors():
         load_pretrained(tiny(), source_state, partial=["stem.projection"])
 
 
-def _bad_checkpoints(folder):
-    """``{name: (path, phrase the error must contain)}`` for files that are not checkpoints."""
-    import pickle
-    import zipfile
-
-    import numpy as np
-    from safetensors.torch import save_file
-
-    from volumefusion.io import Geometry, write_image
-
-    folder.mkdir(exist_ok=True)
-    files = {}
-    files["random"] = (folder / "random.pt", "binary data of no format")
-    files["random"][0].write_bytes(bytes(range(7, 256)) * 8)
-    files["nifti"] = (folder / "ct.nii.gz", "image file (NIfTI)")
-    write_image(folder / "ct.nii.gz", np.zeros((4, 4, 4), np.int16), Geometry((4, 4, 4), (1, 1, 1), (0, 0, 0)))
-    files["zip"] = (folder / "archive.pt", "zip archive of 1 file(s) (notes.txt), not a torch checkpoint")
-    with zipfile.ZipFile(files["zip"][0], "w") as archive:
-        archive.writestr("notes.txt", "hello")
-    files["safetensors"] = (folder / "weights.safetensors", "safetensors weights file")
-    save_file({"w": torch.zeros(2)}, str(files["safetensors"][0]))
-    files["pickle"] = (folder / "raw.pt", "Python pickle")
-    files["pickle"][0].write_bytes(pickle.dumps({"w": torch.zeros(2)}, protocol=4))
-    files["numpy"] = (folder / "numpy.pt", "numpy")
-    torch.save({"model": {"w": np.zeros(2)}}, files["numpy"][0])
-    files["truncated"] = (folder / "cut.pt", "truncated or damaged")
-    save_checkpoint(files["truncated"][0], {"model": tiny().state_dict()})
-    files["truncated"][0].write_bytes(files["truncated"][0].read_bytes()[:1000])
-    return files
-
-
 def test_checkpoint_errors_say_what_the_file_is_and_never_suggest_an_unsafe_load(tmp_path):
     import warnings
 
-    for path, phrase in _bad_checkpoints(tmp_path).values():
+    for path, phrase in write_bad_checkpoints(tmp_path).values():
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # torch's pickle-protocol warning stays silent
             with pytest.raises(VolumeFusionError) as error:
@@ -218,7 +187,7 @@ def test_checkpoint_errors_say_what_the_file_is_and_never_suggest_an_unsafe_load
 
 def test_predict_and_convert_say_what_they_expect_of_a_wrong_file(tmp_path, capsys):
     image = tmp_path / "files" / "ct.nii.gz"
-    _bad_checkpoints(tmp_path / "files")
+    write_bad_checkpoints(tmp_path / "files")
     assert main(["predict", "-m", str(image), "-i", str(image), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"volumefusion predict: error: {image}: a gzip-compressed image file (NIfTI); expected a "

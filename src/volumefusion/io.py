@@ -286,18 +286,25 @@ def _truncated_error(path, actual: int, expected: int) -> VolumeFusionError:
     return VolumeFusionError(f"{path}: truncated file: {actual} bytes, the header needs {expected}")
 
 
-def _check_nifti(path: Path) -> None:
+def _check_nifti(path: Path, written: bool = False) -> None:
     """Raise if a NIfTI file is shorter than its header says, or holds NaN or infinite float voxels:
-    ITK would silently read zeros for both."""
+    ITK would silently read zeros for both. ``written``: a file just written, which must also have
+    a complete NIfTI header (for reading, an unreadable one is left to SimpleITK to report)."""
     compressed = path.name.lower().endswith(".gz")
     try:
         with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
             layout = _nifti_layout(f.read(544))
-    except (OSError, EOFError):
+    except (OSError, EOFError, zlib.error):
+        if written:
+            raise VolumeFusionError(f"{path}: truncated or corrupt gzip data") from None
         return  # not gzip / unreadable: SimpleITK reports it
     if layout is None:
+        if written:
+            raise VolumeFusionError(f"{path}: no complete NIfTI header")
         return
     offset, nbytes, dtype = layout
+    if written:
+        dtype = None  # only completeness: NaN voxels are the writer's to choose
     expected, bad = offset + nbytes, 0
     if dtype is not None:
         actual, bad = _scan_nifti(path, compressed, offset, nbytes, dtype)
@@ -322,9 +329,10 @@ _METAIO_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2,
                  "MET_DOUBLE": 8}
 
 
-def _check_mha_complete(path: Path) -> None:
-    """Raise if a MetaImage file with its data inside (``ElementDataFile = LOCAL``) is shorter than its
-    header says: MetaIO would print to the console and ITK blame a missing file."""
+def _check_metaimage_complete(path: Path) -> None:
+    """Raise if a MetaImage's voxel data is shorter than its header says, inside the file
+    (``ElementDataFile = LOCAL``, ``.mha``) or in the one data file beside a ``.mhd``: MetaIO would
+    print to the console and ITK blame a missing file."""
     with open(path, "rb") as f:
         head = f.read(1 << 16)
     fields: dict[str, str] = {}
@@ -337,8 +345,6 @@ def _check_mha_complete(path: Path) -> None:
             break
     else:
         return
-    if fields["ElementDataFile"] != "LOCAL":
-        return
     try:
         if fields.get("CompressedData", "False").lower() == "true":
             nbytes = int(fields.get("CompressedDataSize", 0))  # absent: MetaIO reads to the end
@@ -347,8 +353,22 @@ def _check_mha_complete(path: Path) -> None:
                       * int(fields.get("ElementNumberOfChannels", 1)) * _METAIO_BYTES[fields["ElementType"]])
     except (KeyError, ValueError):
         return  # a header ITK may still understand (or report)
-    if path.stat().st_size < start + nbytes:
-        raise _truncated_error(path, path.stat().st_size, start + nbytes)
+    name = fields["ElementDataFile"]
+    if name == "LOCAL":
+        data, start_in_data = path, start
+    elif name == "LIST" or " " in name or "%" in name:
+        return  # a list of slice files: ITK reports those itself
+    else:
+        data, start_in_data = path.parent / name, 0
+        if not os.path.lexists(data):
+            raise VolumeFusionError(f"{path}: its data file {data}: {missing_reason(data)}")
+        if not data.is_file():
+            return  # a pipe or device: its length is not known beforehand
+    size = data.stat().st_size
+    if size < start_in_data + nbytes:
+        if data == path:
+            raise _truncated_error(path, size, start_in_data + nbytes)
+        raise VolumeFusionError(f"{path}: truncated data file {data.name}: {size} bytes, the header needs {nbytes}")
 
 
 def _check_slice_gaps(folder: Path, reader, image) -> None:
@@ -394,8 +414,8 @@ def _read_sitk(path: str | Path):
             raise VolumeFusionError(f"{folder}: file is empty (0 bytes)")
         if folder.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti(folder)
-        if folder.name.lower().endswith(".mha"):
-            _check_mha_complete(folder)
+        if folder.name.lower().endswith((".mha", ".mhd")):
+            _check_metaimage_complete(folder)
         with _quiet_itk():
             return sitk.ReadImage(str(folder))
     except RuntimeError as exc:
@@ -499,6 +519,17 @@ def _sitk_write(image, target: Path, path: Path, compress: bool) -> None:
     except RuntimeError as exc:
         detail = str(exc).strip().splitlines()[-1].replace("sitk::ERROR: ", "")
         raise OSError(errno.EIO, f"cannot write the image: {detail}", str(path)) from None
+    # ITK does not notice failed writes (a full disk): check the file holds what its header says
+    try:
+        if target.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti(target, written=True)
+        elif target.name.lower().endswith((".mha", ".mhd")):
+            _check_metaimage_complete(target)
+        else:
+            with _quiet_itk():
+                sitk.ReadImage(str(target))
+    except (VolumeFusionError, RuntimeError):
+        raise OSError(errno.EIO, "the image could not be written completely (disk full?)", str(path)) from None
 
 
 def _write_detached(path: Path, image, compress: bool) -> None:

@@ -97,13 +97,17 @@ def list_cases(folder: Path, role: str) -> dict[str, Path]:
     so e.g. ``predict``'s ``probabilities/`` stay out). Ids are made file-name safe as ``predict`` names
     its outputs, so ``a b.nii.gz`` matches a prediction ``a_b.nii.gz``."""
     from volumefusion.data.store import safe_case_id
-    from volumefusion.io import case_id_from_path, is_image_file
+    from volumefusion.io import case_id_from_path, is_image_file, missing_reason
 
     if not folder.is_dir():
         raise VolumeFusionError(f"--{role} {folder}: folder not found")
     cases: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or not is_image_file(path):
+        if path.name.startswith(".") or not is_image_file(path):
+            continue
+        if path.is_symlink() and not path.exists():
+            raise VolumeFusionError(f"{path}: {missing_reason(path)}")
+        if not path.is_file():
             continue
         case = safe_case_id(case_id_from_path(path))
         if case in cases:

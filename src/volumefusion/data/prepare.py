@@ -46,6 +46,7 @@ from volumefusion.io import (
     case_id_from_path,
     check_writable_folder,
     discover_inputs,
+    missing_reason,
     read_image,
     resolved,
 )
@@ -603,7 +604,8 @@ def prepare_case(task: CaseTask, store: str | Path, settings: PrepareSettings) -
     try:
         version = _task_version(task)
     except OSError as exc:
-        raise VolumeFusionError(f"{exc.filename}: cannot read ({exc.strerror})") from None
+        problem = exc.strerror if os.path.exists(exc.filename) else missing_reason(exc.filename)
+        raise VolumeFusionError(f"{exc.filename}: cannot read ({problem})") from None
     image, geometry = read_image(task.image, channel=task.channel)
     warnings = [f"{task.image}: {w}" for w in suspicious_values(image, geometry.spacing_zyx)]
     label = None
