@@ -34,7 +34,8 @@ def _few_threads():
 def phantom_store(tmp_path_factory):
     """A store of three unlabelled [24, 48, 48] phantoms."""
     from volumefusion.data.phantoms import write_phantoms
-    from volumefusion.data.prepare import PrepareSettings, prepare
+    from volumefusion.data.prepare import prepare
+    from volumefusion.preprocess import PrepareSettings
 
     root = tmp_path_factory.mktemp("phantoms")
     files = write_phantoms(root / "raw", seeds=[1, 2, 3], shape=(24, 48, 48), with_labels=False)
@@ -81,8 +82,8 @@ def write_bad_checkpoints(folder):
     import numpy as np
     from safetensors.torch import save_file
 
+    from volumefusion.checkpoint import save_checkpoint
     from volumefusion.io import Geometry, write_image
-    from volumefusion.train.checkpoint import save_checkpoint
 
     folder.mkdir(exist_ok=True)
     files = {}

@@ -23,10 +23,10 @@ import torch
 
 from tests.conftest import CONFORMANCE, TINY_MODEL, write_bad_checkpoints
 from volumefusion import config
+from volumefusion.checkpoint import save_checkpoint
 from volumefusion.cli import main
 from volumefusion.io import Geometry, write_image
 from volumefusion.nets import build_model
-from volumefusion.train.checkpoint import save_checkpoint
 
 SHAPE = (16, 32, 32)
 GEOMETRY = Geometry(SHAPE, (2.0, 1.5, 1.5), (0.0, 0.0, 0.0))

@@ -12,9 +12,9 @@ import pytest
 
 from tests.conftest import TINY_MODEL
 from volumefusion import VolumeFusionError, config
+from volumefusion.checkpoint import load_checkpoint
 from volumefusion.cli import main
 from volumefusion.io import read_image
-from volumefusion.train.checkpoint import load_checkpoint
 from volumefusion.train.runs import finetune, pretrain
 from volumefusion.train.tasks import split_cases
 
@@ -154,7 +154,7 @@ def test_a_pretrained_tensor_that_does_not_fit_stops_finetune_before_any_work(pr
                                                                              tmp_path, capsys):
     import torch
 
-    from volumefusion.train.checkpoint import save_checkpoint
+    from volumefusion.checkpoint import save_checkpoint
 
     ckpt = load_checkpoint(pretrained)
     ckpt["model"]["stem.proj.weight"] = torch.zeros(4, 1, 1, 1, 1)  # another kernel size than the config's

@@ -27,10 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from volumefusion import VolumeFusionError
+from volumefusion import VolumeFusionError, config
+from volumefusion.checkpoint import clean_state_dict, load_checkpoint
+from volumefusion.config import Config
 from volumefusion.log import get_logger
+from volumefusion.nets import build_model
 from volumefusion.nets.pctnet import REL_POS_KINDS, WindowAttention, relative_position_index
-from volumefusion.train.checkpoint import clean_state_dict, load_checkpoint
 
 log = get_logger(__name__)
 
@@ -167,6 +169,17 @@ def state_dict_differences(model_state: dict[str, torch.Tensor], state: dict[str
     out += [f"{k}: missing from the checkpoint" for k in model_state if k not in state]
     out += [f"{k}: not in the network" for k in state if k not in model_state]
     return out
+
+
+def load_exactly(model: nn.Module, state: dict[str, torch.Tensor], name: str | Path) -> None:
+    """``model.load_state_dict(state)``, strict; a mismatch is a VolumeFusionError naming the file
+    ``name`` and the first tensors that differ, with their shapes (:func:`state_dict_differences`)."""
+    differences = state_dict_differences(model.state_dict(), state)
+    if differences:
+        more = f"; ... {len(differences) - 3} more" if len(differences) > 3 else ""
+        raise VolumeFusionError(f"{name}: the weights do not fit the network its config describes "
+                                f"({len(differences)} tensors): {'; '.join(differences[:3])}{more}")
+    model.load_state_dict(state)
 
 
 def _named_by(key: str, names: Sequence[str]) -> bool:
@@ -354,3 +367,29 @@ def model_config_from_misfm(state: dict[str, torch.Tensor]) -> dict[str, Any]:
 def _one_if_equal(values: list) -> list:
     """``[v]`` when every level has the same value ``v``, else ``values`` (the config's two forms)."""
     return values[:1] if len(set(values)) == 1 else values
+
+
+def model_from_misfm(ckpt: dict[str, Any], overrides: list[str] | None = None,
+                     resolution_mode: int | None = None, *, name: str = "the checkpoint",
+                     partial: Sequence[str] | None = ()) -> tuple[nn.Module, Config, int, LoadReport]:
+    """The network of an official MIS-FM / PyMIC checkpoint (``{"model_state_dict": ...}``), built from
+    the architecture its weights show and loaded: ``(model, config, num_classes, load report)``.
+
+    ``overrides`` (``model.FIELD=VALUE``) and ``resolution_mode`` set what the weights cannot show;
+    ``config.model.rel_pos_index`` is the relative-position index the weights were trained with.
+    ``name``: the file, for messages; ``partial``: as in :func:`load_pretrained` (None: the caller
+    checks the report).
+    """
+    state = ckpt["model_state_dict"]
+    try:
+        model_cfg = model_config_from_misfm(state)
+        num_classes = misfm_num_classes(state)
+    except VolumeFusionError as exc:
+        raise VolumeFusionError(f"{name}: {exc}") from None
+    if resolution_mode is not None:
+        model_cfg["resolution_mode"] = resolution_mode
+    cfg = config.load(overrides=overrides, base={"model": model_cfg})
+    model = build_model(cfg.model, num_classes)
+    report = load_pretrained(model, ckpt, partial, name=name)
+    cfg.model.rel_pos_index = report.rel_pos_index
+    return model, cfg, num_classes, report
