@@ -1,0 +1,214 @@
+"""nnU-Net v2 integration, against nnU-Net's own code: plan and preprocess a phantom dataset, export
+Volume Fusion weights (ResEnc from the plans and PCT-Net), build them with nnU-Net's
+get_network_from_plans, load them with load_pretrained_weights, train a few iterations with
+nnUNetTrainer and predict with nnUNetPredictor. Skipped without the extra ``volumefusion[nnunet]``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import TINY_MODEL
+from volumefusion import VolumeFusionError, config
+
+pytest.importorskip("nnunetv2")
+pytest.importorskip("dynamic_network_architectures")
+
+DATASET_ID = 501
+DATASET = f"Dataset{DATASET_ID:03d}_Phantom"
+RESENC = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+
+
+def _write_raw_dataset(raw: Path, seeds) -> Path:
+    """Labelled phantoms in nnU-Net v2's raw format (imagesTr/<case>_0000.nii.gz, labelsTr, dataset.json)."""
+    from volumefusion.data.phantoms import LABEL_NAMES, write_phantoms
+
+    root = raw / DATASET
+    images = write_phantoms(root / "tmp", seeds=seeds, with_labels=True, shape=(24, 48, 48))
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for image in images:
+        case = image.name.removesuffix(".nii.gz")
+        image.rename(root / "imagesTr" / f"{case}_0000.nii.gz")
+        (root / "tmp" / "labels" / image.name).rename(root / "labelsTr" / image.name)
+    dataset = {"channel_names": {"0": "CT"}, "labels": {v: k for k, v in LABEL_NAMES.items()},
+               "numTraining": len(images), "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(dataset))
+    return root
+
+
+@pytest.fixture(scope="module")
+def nnunet_dirs(tmp_path_factory):
+    """nnU-Net's three folders with the phantom dataset planned and preprocessed (3d_fullres, tiny ResEnc)."""
+    root = tmp_path_factory.mktemp("nnunet")
+    dirs = {name: root / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for d in dirs.values():
+        d.mkdir()
+    mp = pytest.MonkeyPatch()
+    for name, d in dirs.items():
+        mp.setenv(name, str(d))
+    mp.setenv("nnUNet_compile", "f")
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprints,
+        plan_experiments,
+    )
+
+    _write_raw_dataset(dirs["nnUNet_raw"], seeds=[21, 22, 23])
+    extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True, verbose=False,
+                         show_progress_bar=False)
+    plan_experiments([DATASET_ID], "nnUNetPlannerResEncM")
+    mp.setenv("nnUNet_n_proc_DA", "0")  # training augments in this process (the planner needs >= 1)
+    pre = dirs["nnUNet_preprocessed"] / DATASET
+    plans_file = pre / "nnUNetResEncUNetMPlans.json"
+    # a tiny ResEnc: few features and blocks, so CPU iterations take a second
+    plans = json.loads(plans_file.read_text())
+    conf = plans["configurations"]["3d_fullres"]
+    kwargs = conf["architecture"]["arch_kwargs"]
+    stages = kwargs["n_stages"]
+    kwargs["features_per_stage"] = [min(4 * 2**i, 32) for i in range(stages)]
+    kwargs["n_blocks_per_stage"] = [1] * stages
+    kwargs["n_conv_per_stage_decoder"] = [1] * (stages - 1)
+    conf["batch_size"] = 2
+    plans_file.write_text(json.dumps(plans, indent=1))
+    (pre / "splits_final.json").write_text(json.dumps([{"train": ["phantom_21", "phantom_22"],
+                                                        "val": ["phantom_23"]}]))
+    yield dirs, plans_file
+    mp.undo()
+
+
+def _pretrain(tmp_path: Path, phantom_store: Path, overrides: list[str]) -> Path:
+    """A checkpoint of 2 Volume Fusion steps; an nnU-Net model crops the plans' patch size."""
+    from volumefusion.train.runs import pretrain
+
+    tiny = [o for o in TINY_MODEL if not ("model.name=nnunet" in overrides and o.startswith("data.crop_size"))]
+    cfg = config.load(overrides=tiny + ["run.max_steps=2", "run.val_every=100", "run.checkpoint_every=100",
+                                              "run.image_every=100"] + overrides)
+    pretrain(cfg, phantom_store, tmp_path)
+    return tmp_path / "checkpoints" / "latest.pt"
+
+
+def test_nnunet_model_pretrains_with_the_plans_patch_and_records_the_window(nnunet_dirs, phantom_store, tmp_path):
+    _, plans_file = nnunet_dirs
+    patch = json.loads(plans_file.read_text())["configurations"]["3d_fullres"]["patch_size"]
+    cfg = config.load(overrides=["model.name=nnunet", f"model.plans={plans_file}"])
+    assert list(cfg.data.crop_size) == patch
+    ckpt_path = _pretrain(tmp_path, phantom_store, ["model.name=nnunet", f"model.plans={plans_file}"])
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["config"]["data"]["hu_window"] == [-1000.0, 1000.0]
+    assert ckpt["config"]["data"]["crop_size"] == patch
+    assert any(".seg_layers." in k for k in ckpt["model"])
+
+
+def test_export_refuses_what_nnunet_cannot_hold(nnunet_dirs, phantom_store, tmp_path):
+    _, plans_file = nnunet_dirs
+    from volumefusion.integrations.nnunet import export_nnunet
+
+    unet = _pretrain(tmp_path / "unet", phantom_store, ["model.name=unet"])
+    with pytest.raises(VolumeFusionError, match="model.name 'unet' has no nnU-Net counterpart"):
+        export_nnunet(unet, plans_file, tmp_path / "out")
+    two_channels = json.loads(plans_file.read_text())
+    two_channels["foreground_intensity_properties_per_channel"]["1"] = {}
+    other = tmp_path / "plans2.json"
+    other.write_text(json.dumps(two_channels))
+    pct = _pretrain(tmp_path / "pct", phantom_store, [])
+    with pytest.raises(VolumeFusionError, match="2 input channels"):
+        export_nnunet(pct, other, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _load_into_nnunet(plans: Path, configuration: str, weights: Path, num_classes: int):
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    conf = config.plans_configuration(plans, configuration)
+    arch = conf["architecture"]
+    network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                     1, num_classes, allow_init=True, deep_supervision=True)
+    load_pretrained_weights(network, str(weights))
+    return network
+
+
+def _train_and_predict(dirs: dict, plans_name: str, configuration: str, weights: Path, tmp_path: Path) -> None:
+    """A few nnUNetTrainer iterations from the weights (deep supervision on), then nnUNetPredictor on one case."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    preprocess([DATASET_ID], plans_name, [configuration], num_processes=[1], show_progress_bar=False)
+    pre = dirs["nnUNet_preprocessed"] / DATASET
+    plans = json.loads((pre / f"{plans_name}.json").read_text())
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    trainer = nnUNetTrainer(plans, configuration, 0, dataset_json, device=torch.device("cpu"))
+    trainer.num_epochs = 1
+    trainer.initialize()
+    load_pretrained_weights(trainer.network, str(weights))
+    trainer.on_train_start()
+    assert trainer.enable_deep_supervision
+    trainer.on_train_epoch_start()
+    losses = [trainer.train_step(next(trainer.dataloader_train))["loss"] for _ in range(2)]
+    assert np.isfinite(losses).all()
+    trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
+    trainer.on_train_end()
+
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"),
+                                perform_everything_on_device=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(Path(trainer.output_folder).parent), use_folds=(0,),
+                                                   checkpoint_name="checkpoint_final.pth")
+    image = dirs["nnUNet_raw"] / DATASET / "imagesTr" / "phantom_23_0000.nii.gz"
+    out = tmp_path / "pred"
+    predictor.predict_from_files([[str(image)]], [str(out / "phantom_23")], save_probabilities=False,
+                                 overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
+    from volumefusion.io import read_image
+
+    prediction, _ = read_image(out / "phantom_23.nii.gz")
+    assert prediction.shape == (24, 48, 48)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["nnunet", "pctnet"])
+def test_export_loads_trains_and_predicts_in_nnunet(nnunet_dirs, phantom_store, tmp_path, model):
+    dirs, plans_file = nnunet_dirs
+    from volumefusion.integrations.nnunet import export_nnunet
+    from volumefusion.preprocess import normalise_hu
+
+    overrides = ["model.name=nnunet", f"model.plans={plans_file}"] if model == "nnunet" else []
+    ckpt_path = _pretrain(tmp_path / "run", phantom_store, overrides)
+    out = dirs["nnUNet_preprocessed"] / DATASET
+    result = export_nnunet(ckpt_path, plans_file, out)
+    assert result.configuration == ("3d_fullres_volumefusion" if model == "nnunet" else "3d_fullres_pctnet")
+    variant = json.loads(result.plans.read_text())
+    conf = variant["configurations"][result.configuration]
+
+    # nnU-Net's CTNormalization with the exported properties is the pretraining's HU mapping
+    from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization
+
+    hu = np.linspace(-2000, 3000, 101, dtype=np.float32)[None]
+    norm = CTNormalization(False, variant["foreground_intensity_properties_per_channel"]["0"])
+    np.testing.assert_allclose(norm.run(hu.copy()), normalise_hu(torch.from_numpy(hu)).numpy(), atol=1e-6)
+
+    ours = torch.load(ckpt_path, weights_only=True)["model"]
+    network = _load_into_nnunet(result.plans, result.configuration, result.weights, num_classes=3)
+    theirs = network.state_dict()
+    renames = getattr(network, "renamed_prefixes", ())
+    compared = 0
+    for key, value in ours.items():
+        for a, b in renames:
+            key = b + key[len(a):] if key.startswith(a) else key
+        if ".seg_layers." not in key:
+            assert torch.equal(theirs[key], value), key
+            compared += 1
+    assert compared == sum(".seg_layers." not in k for k in theirs)
+    # one output per deep-supervision scale nnU-Net derives from the plans' strides
+    divisor = np.prod(conf["architecture"]["arch_kwargs"]["strides"], axis=0)
+    assert all(p % d == 0 for p, d in zip(conf["patch_size"], divisor))
+    network.eval()
+    with torch.no_grad():
+        outputs = network(torch.zeros(1, 1, *conf["patch_size"]))
+    assert len(outputs) == len(conf["architecture"]["arch_kwargs"]["strides"]) - 1
+
+    _train_and_predict(dirs, result.plans_name, result.configuration, result.weights, tmp_path)
