@@ -74,8 +74,8 @@ def nnunet_dirs(tmp_path_factory):
     kwargs["n_conv_per_stage_decoder"] = [1] * (stages - 1)
     conf["batch_size"] = 2
     plans_file.write_text(json.dumps(plans, indent=1))
-    (pre / "splits_final.json").write_text(json.dumps([{"train": ["phantom_21", "phantom_22"],
-                                                        "val": ["phantom_23"]}]))
+    cases = sorted(p.name.removesuffix("_0000.nii.gz") for p in (dirs["nnUNet_raw"] / DATASET / "imagesTr").iterdir())
+    (pre / "splits_final.json").write_text(json.dumps([{"train": cases[:2], "val": cases[2:]}]))
     yield dirs, plans_file
     mp.undo()
 
@@ -136,36 +136,34 @@ def _train_and_predict(dirs: dict, plans_name: str, configuration: str, weights:
     """A few nnUNetTrainer iterations from the weights (deep supervision on), then nnUNetPredictor on one case."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
     preprocess([DATASET_ID], plans_name, [configuration], num_processes=[1], show_progress_bar=False)
-    pre = dirs["nnUNet_preprocessed"] / DATASET
-    plans = json.loads((pre / f"{plans_name}.json").read_text())
-    dataset_json = json.loads((pre / "dataset.json").read_text())
-    trainer = nnUNetTrainer(plans, configuration, 0, dataset_json, device=torch.device("cpu"))
-    trainer.num_epochs = 1
-    trainer.initialize()
-    load_pretrained_weights(trainer.network, str(weights))
+    # what nnUNetv2_train DATASET CONFIGURATION 0 -p PLANS -pretrained_weights WEIGHTS -device cpu does first
+    trainer = get_trainer_from_args(str(DATASET_ID), configuration, 0, plans_identifier=plans_name,
+                                    device=torch.device("cpu"))
+    maybe_load_checkpoint(trainer, False, False, str(weights))
+    loaded = torch.load(weights, weights_only=True)["network_weights"]
+    state = trainer.network.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in loaded.items() if ".seg_layers." not in k)
     trainer.on_train_start()
     assert trainer.enable_deep_supervision
     trainer.on_train_epoch_start()
     losses = [trainer.train_step(next(trainer.dataloader_train))["loss"] for _ in range(2)]
     assert np.isfinite(losses).all()
-    trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
     trainer.on_train_end()
 
     predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"),
                                 perform_everything_on_device=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(Path(trainer.output_folder).parent), use_folds=(0,),
                                                    checkpoint_name="checkpoint_final.pth")
-    image = dirs["nnUNet_raw"] / DATASET / "imagesTr" / "phantom_23_0000.nii.gz"
+    image = sorted((dirs["nnUNet_raw"] / DATASET / "imagesTr").iterdir())[-1]
     out = tmp_path / "pred"
-    predictor.predict_from_files([[str(image)]], [str(out / "phantom_23")], save_probabilities=False,
+    predictor.predict_from_files([[str(image)]], [str(out / "case")], save_probabilities=False,
                                  overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
     from volumefusion.io import read_image
 
-    prediction, _ = read_image(out / "phantom_23.nii.gz")
+    prediction, _ = read_image(out / "case.nii.gz")
     assert prediction.shape == (24, 48, 48)
 
 
