@@ -58,8 +58,7 @@ def nnunet_dirs(tmp_path_factory):
     )
 
     _write_raw_dataset(dirs["nnUNet_raw"], seeds=[21, 22, 23])
-    extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True, verbose=False,
-                         show_progress_bar=False)
+    extract_fingerprints([DATASET_ID], num_processes=1, verbose=False, show_progress_bar=False)
     plan_experiments([DATASET_ID], "nnUNetPlannerResEncM")
     mp.setenv("nnUNet_n_proc_DA", "0")  # training augments in this process (the planner needs >= 1)
     pre = dirs["nnUNet_preprocessed"] / DATASET
@@ -120,26 +119,25 @@ def test_export_refuses_what_nnunet_cannot_hold(nnunet_dirs, phantom_store, tmp_
     assert not (tmp_path / "out").exists()
 
 
-def _load_into_nnunet(plans: Path, configuration: str, weights: Path, num_classes: int):
-    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+def _checkpoint(path: Path, overrides: list[str]) -> Path:
+    """A volumefusion pretraining checkpoint of a freshly built network (weights unlike nnU-Net's init)."""
+    from volumefusion.train.checkpoint import save_checkpoint
+    from volumefusion.train.runs import build_model
 
-    conf = config.plans_configuration(plans, configuration)
-    arch = conf["architecture"]
-    network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
-                                     1, num_classes, allow_init=True, deep_supervision=True)
-    load_pretrained_weights(network, str(weights))
-    return network
+    cfg = config.load(overrides=[o for o in TINY_MODEL if not o.startswith("data.crop_size")] + overrides
+                      + ["run.seed=7"])
+    model = build_model(cfg, cfg.fusion.num_classes)
+    save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict(),
+                           "task": {"kind": "pretrain", "num_classes": cfg.fusion.num_classes}})
+    return path
 
 
-def _train_and_predict(dirs: dict, plans_name: str, configuration: str, weights: Path, tmp_path: Path) -> None:
-    """A few nnUNetTrainer iterations from the weights (deep supervision on), then nnUNetPredictor on one case."""
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+def _nnunet_trains(plans_name: str, configuration: str, weights: Path):
+    """What ``nnUNetv2_train DATASET CONFIGURATION 0 -p PLANS -pretrained_weights WEIGHTS -device cpu`` does,
+    for two iterations: the weights load (every non-segmentation tensor as exported) and the loss, with
+    deep supervision, is finite. Returns the trainer, its final checkpoint written."""
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
-    preprocess([DATASET_ID], plans_name, [configuration], num_processes=[1], show_progress_bar=False)
-    # what nnUNetv2_train DATASET CONFIGURATION 0 -p PLANS -pretrained_weights WEIGHTS -device cpu does first
     trainer = get_trainer_from_args(str(DATASET_ID), configuration, 0, plans_identifier=plans_name,
                                     device=torch.device("cpu"))
     maybe_load_checkpoint(trainer, False, False, str(weights))
@@ -152,45 +150,29 @@ def _train_and_predict(dirs: dict, plans_name: str, configuration: str, weights:
     losses = [trainer.train_step(next(trainer.dataloader_train))["loss"] for _ in range(2)]
     assert np.isfinite(losses).all()
     trainer.on_train_end()
-
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"),
-                                perform_everything_on_device=False, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(Path(trainer.output_folder).parent), use_folds=(0,),
-                                                   checkpoint_name="checkpoint_final.pth")
-    image = sorted((dirs["nnUNet_raw"] / DATASET / "imagesTr").iterdir())[-1]
-    out = tmp_path / "pred"
-    predictor.predict_from_files([[str(image)]], [str(out / "case")], save_probabilities=False,
-                                 overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
-    from volumefusion.io import read_image
-
-    prediction, _ = read_image(out / "case.nii.gz")
-    assert prediction.shape == (24, 48, 48)
+    return trainer
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model", ["nnunet", "pctnet"])
-def test_export_loads_trains_and_predicts_in_nnunet(nnunet_dirs, phantom_store, tmp_path, model):
-    dirs, plans_file = nnunet_dirs
-    from volumefusion.integrations.nnunet import export_nnunet
+def _check_export(result, ours: dict[str, torch.Tensor]) -> None:
+    """The exported plans' CT normalisation is the pretraining's; nnU-Net's get_network_from_plans and
+    load_pretrained_weights give a network holding our every non-segmentation tensor, with one output
+    per deep-supervision scale nnU-Net derives from the plans' strides."""
+    from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
     from volumefusion.preprocess import normalise_hu
 
-    overrides = ["model.name=nnunet", f"model.plans={plans_file}"] if model == "nnunet" else []
-    ckpt_path = _pretrain(tmp_path / "run", phantom_store, overrides)
-    out = dirs["nnUNet_preprocessed"] / DATASET
-    result = export_nnunet(ckpt_path, plans_file, out)
-    assert result.configuration == ("3d_fullres_volumefusion" if model == "nnunet" else "3d_fullres_pctnet")
     variant = json.loads(result.plans.read_text())
-    conf = variant["configurations"][result.configuration]
-
-    # nnU-Net's CTNormalization with the exported properties is the pretraining's HU mapping
-    from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization
-
     hu = np.linspace(-2000, 3000, 101, dtype=np.float32)[None]
     norm = CTNormalization(False, variant["foreground_intensity_properties_per_channel"]["0"])
     np.testing.assert_allclose(norm.run(hu.copy()), normalise_hu(torch.from_numpy(hu)).numpy(), atol=1e-6)
 
-    ours = torch.load(ckpt_path, weights_only=True)["model"]
-    network = _load_into_nnunet(result.plans, result.configuration, result.weights, num_classes=3)
+    conf = config.plans_configuration(result.plans, result.configuration)
+    arch = conf["architecture"]
+    network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                     1, 3, allow_init=True, deep_supervision=True)
+    load_pretrained_weights(network, str(result.weights))
     theirs = network.state_dict()
     renames = getattr(network, "renamed_prefixes", ())
     compared = 0
@@ -201,12 +183,42 @@ def test_export_loads_trains_and_predicts_in_nnunet(nnunet_dirs, phantom_store, 
             assert torch.equal(theirs[key], value), key
             compared += 1
     assert compared == sum(".seg_layers." not in k for k in theirs)
-    # one output per deep-supervision scale nnU-Net derives from the plans' strides
-    divisor = np.prod(conf["architecture"]["arch_kwargs"]["strides"], axis=0)
-    assert all(p % d == 0 for p, d in zip(conf["patch_size"], divisor))
+    strides = arch["arch_kwargs"]["strides"]
+    assert all(p % d == 0 for p, d in zip(conf["patch_size"], np.prod(strides, axis=0)))
     network.eval()
     with torch.no_grad():
-        outputs = network(torch.zeros(1, 1, *conf["patch_size"]))
-    assert len(outputs) == len(conf["architecture"]["arch_kwargs"]["strides"]) - 1
+        assert len(network(torch.zeros(1, 1, *conf["patch_size"]))) == len(strides) - 1
 
-    _train_and_predict(dirs, result.plans_name, result.configuration, result.weights, tmp_path)
+
+@pytest.mark.slow
+def test_exported_weights_load_train_and_predict_in_nnunet(nnunet_dirs, tmp_path):
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from volumefusion.integrations.nnunet import export_nnunet
+
+    dirs, plans_file = nnunet_dirs
+    out = dirs["nnUNet_preprocessed"] / DATASET
+    resenc = _checkpoint(tmp_path / "resenc.pt", ["model.name=nnunet", f"model.plans={plans_file}"])
+    pctnet = _checkpoint(tmp_path / "pctnet.pt", [])
+    results = [export_nnunet(resenc, plans_file, out), export_nnunet(pctnet, plans_file, out)]
+    assert [r.configuration for r in results] == ["3d_fullres_volumefusion", "3d_fullres_pctnet"]
+    assert results[0].plans == results[1].plans  # one plans variant holds both
+    for result, ckpt in zip(results, (resenc, pctnet)):
+        _check_export(result, torch.load(ckpt, weights_only=True)["model"])
+
+    plans_name = results[0].plans_name
+    preprocess([DATASET_ID], plans_name, [r.configuration for r in results], num_processes=[1],
+               show_progress_bar=False)
+    trainers = [_nnunet_trains(plans_name, r.configuration, r.weights) for r in results]
+
+    # nnUNetv2_predict with the PCT-Net fine-tuned in nnU-Net
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"),
+                                perform_everything_on_device=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(Path(trainers[1].output_folder).parent), use_folds=(0,),
+                                                   checkpoint_name="checkpoint_final.pth")
+    image = sorted((dirs["nnUNet_raw"] / DATASET / "imagesTr").iterdir())[-1]
+    array, properties = SimpleITKIO().read_images([str(image)])  # in this process: no worker pool to start
+    prediction = predictor.predict_single_npy_array(array, properties)
+    assert prediction.shape == (24, 48, 48)
