@@ -1,7 +1,8 @@
-"""nnU-Net v2 integration, against nnU-Net's own code: plan and preprocess a phantom dataset, export
-Volume Fusion weights (ResEnc from the plans and PCT-Net), build them with nnU-Net's
+"""nnU-Net v2 integration. PCTNetForNNUNet and the plans-file config need no nnU-Net; the rest runs
+nnU-Net's own code (skipped without the extra ``volumefusion[nnunet]``): plan and preprocess a phantom
+dataset, export Volume Fusion weights (ResEnc from the plans and PCT-Net), build them with nnU-Net's
 get_network_from_plans, load them with load_pretrained_weights, train a few iterations with
-nnUNetTrainer and predict with nnUNetPredictor. Skipped without the extra ``volumefusion[nnunet]``."""
+nnUNetTrainer and predict with nnUNetPredictor."""
 
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ import torch
 
 from tests.conftest import TINY_MODEL
 from volumefusion import VolumeFusionError, config
-
-pytest.importorskip("nnunetv2")
-pytest.importorskip("dynamic_network_architectures")
+from volumefusion.integrations.nnunet import PCTNetForNNUNet, pctnet_strides
+from volumefusion.nets import PCTNet, deep_supervision_owner
 
 DATASET_ID = 501
 DATASET = f"Dataset{DATASET_ID:03d}_Phantom"
@@ -44,6 +44,8 @@ def _write_raw_dataset(raw: Path, seeds) -> Path:
 @pytest.fixture(scope="module")
 def nnunet_dirs(tmp_path_factory):
     """nnU-Net's three folders with the phantom dataset planned and preprocessed (3d_fullres, tiny ResEnc)."""
+    pytest.importorskip("nnunetv2")
+    pytest.importorskip("dynamic_network_architectures")
     root = tmp_path_factory.mktemp("nnunet")
     dirs = {name: root / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     for d in dirs.values():
@@ -79,6 +81,70 @@ def nnunet_dirs(tmp_path_factory):
     mp.undo()
 
 
+TINY_PCT = {"feature_channels": (4, 8, 16, 32, 64), "num_heads": (2, 4, 8), "window_size": 2}
+
+
+def test_pctnet_for_nnunet_is_pctnet_with_nnunets_names_and_switch():
+    torch.manual_seed(0)
+    ours = PCTNet(num_classes=5, **TINY_PCT)
+    theirs = PCTNetForNNUNet(input_channels=1, num_classes=5, deep_supervision=True,
+                             strides=pctnet_strides(1), **TINY_PCT)
+    renamed = dict(theirs.renamed_prefixes)
+    mapped = {}
+    for key in ours.state_dict():
+        prefix = next((p for p in renamed if key.startswith(p)), None)
+        mapped[key] = renamed[prefix] + key[len(prefix):] if prefix else key
+    assert sorted(mapped.values()) == sorted(theirs.state_dict())
+    seg = [k for k in theirs.state_dict() if ".seg_layers." in k]
+    assert len(seg) == 8 and all(k.endswith((".weight", ".bias")) for k in seg)  # the four 1x1x1 convs only
+
+    theirs.load_state_dict({mapped[k]: v for k, v in ours.state_dict().items()})
+    ours.eval(), theirs.eval()
+    x = torch.randn(1, 1, 16, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(ours(x), theirs(x)):
+            torch.testing.assert_close(a, b)
+        theirs.decoder.deep_supervision = False  # how nnU-Net switches it
+        assert isinstance(theirs(x), torch.Tensor)
+    assert deep_supervision_owner(theirs) is theirs
+
+
+def test_pctnet_strides_give_nnunets_scales_of_the_four_outputs():
+    net = PCTNetForNNUNet(1, 3, True, strides=pctnet_strides(1), **TINY_PCT)
+    scales = 1 / np.cumprod(pctnet_strides(1), axis=0)[:-1]  # nnU-Net's deep-supervision scales
+    with torch.no_grad():
+        outputs = net.eval()(torch.zeros(1, 1, 16, 32, 32))
+    assert [list(o.shape[2:]) for o in outputs] == [[int(n) for n in s * (16, 32, 32)] for s in scales]
+    with pytest.raises(ValueError, match="do not match PCT-Net's down-sampling"):
+        PCTNetForNNUNet(1, 3, True, strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], **TINY_PCT)
+
+
+def _plans_file(path: Path) -> Path:
+    """A minimal plans file: configuration 3d_fullres and 3d_small inheriting from it with another patch."""
+    arch = {"network_class_name": RESENC, "arch_kwargs": {"strides": [[1, 1, 1], [2, 2, 2]]}, "_kw_requires_import": []}
+    plans = {"plans_name": "nnUNetPlans", "configurations": {
+        "3d_fullres": {"patch_size": [32, 64, 48], "spacing": [2.0, 1.0, 1.0], "architecture": arch},
+        "3d_small": {"inherits_from": "3d_fullres", "patch_size": [16, 32, 32]},
+        "2d": {"patch_size": [64, 48], "architecture": arch}}}
+    path.write_text(json.dumps(plans))
+    return path
+
+
+def test_nnunet_model_config_names_the_plans_and_takes_their_patch(tmp_path):
+    plans = _plans_file(tmp_path / "nnUNetPlans.json")
+    assert config.load(overrides=["model.name=nnunet", f"model.plans={plans}"]).data.crop_size == (32, 64, 48)
+    small = config.load(overrides=["model.name=nnunet", f"model.plans={plans}", "model.configuration=3d_small"])
+    assert small.data.crop_size == (16, 32, 32)  # inherited architecture, own patch
+    given = config.load(overrides=["model.name=nnunet", f"model.plans={plans}", "data.crop_size=[8,16,16]"])
+    assert given.data.crop_size == (8, 16, 16)
+    with pytest.raises(config.ConfigError, match="model.plans: model.name nnunet"):
+        config.load(overrides=["model.name=nnunet"])
+    with pytest.raises(config.ConfigError, match="model.configuration: '3d_lowres' is not in"):
+        config.load(overrides=["model.name=nnunet", f"model.plans={plans}", "model.configuration=3d_lowres"])
+    with pytest.raises(config.ConfigError, match="not a 3D configuration"):
+        config.load(overrides=["model.name=nnunet", f"model.plans={plans}", "model.configuration=2d"])
+
+
 def _pretrain(tmp_path: Path, phantom_store: Path, overrides: list[str]) -> Path:
     """A checkpoint of 2 Volume Fusion steps; an nnU-Net model crops the plans' patch size."""
     from volumefusion.train.runs import pretrain
@@ -90,6 +156,7 @@ def _pretrain(tmp_path: Path, phantom_store: Path, overrides: list[str]) -> Path
     return tmp_path / "checkpoints" / "latest.pt"
 
 
+@pytest.mark.slow
 def test_nnunet_model_pretrains_with_the_plans_patch_and_records_the_window(nnunet_dirs, phantom_store, tmp_path):
     _, plans_file = nnunet_dirs
     patch = json.loads(plans_file.read_text())["configurations"]["3d_fullres"]["patch_size"]
@@ -102,20 +169,27 @@ def test_nnunet_model_pretrains_with_the_plans_patch_and_records_the_window(nnun
     assert any(".seg_layers." in k for k in ckpt["model"])
 
 
-def test_export_refuses_what_nnunet_cannot_hold(nnunet_dirs, phantom_store, tmp_path):
+def test_export_refuses_what_nnunet_cannot_hold(nnunet_dirs, tmp_path):
     _, plans_file = nnunet_dirs
     from volumefusion.integrations.nnunet import export_nnunet
 
-    unet = _pretrain(tmp_path / "unet", phantom_store, ["model.name=unet"])
+    unet = _checkpoint(tmp_path / "unet.pt", ["model.name=unet"])
     with pytest.raises(VolumeFusionError, match="model.name 'unet' has no nnU-Net counterpart"):
         export_nnunet(unet, plans_file, tmp_path / "out")
     two_channels = json.loads(plans_file.read_text())
     two_channels["foreground_intensity_properties_per_channel"]["1"] = {}
     other = tmp_path / "plans2.json"
     other.write_text(json.dumps(two_channels))
-    pct = _pretrain(tmp_path / "pct", phantom_store, [])
+    pct = _checkpoint(tmp_path / "pct.pt", [])
     with pytest.raises(VolumeFusionError, match="2 input channels"):
         export_nnunet(pct, other, tmp_path / "out")
+    resenc = _checkpoint(tmp_path / "resenc.pt", ["model.name=nnunet", f"model.plans={plans_file}"])
+    wider = json.loads(plans_file.read_text())
+    kwargs = wider["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    kwargs["features_per_stage"] = [2 * f for f in kwargs["features_per_stage"]]
+    other.write_text(json.dumps(wider))
+    with pytest.raises(VolumeFusionError, match="export with the plans file and configuration it was pretrained with"):
+        export_nnunet(resenc, other, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
