@@ -60,7 +60,7 @@ def nnunet_dirs(tmp_path_factory):
     )
 
     _write_raw_dataset(dirs["nnUNet_raw"], seeds=[21, 22, 23])
-    extract_fingerprints([DATASET_ID], num_processes=1, verbose=False, show_progress_bar=False)
+    extract_fingerprints([DATASET_ID], num_processes=1, verbose=False)
     plan_experiments([DATASET_ID], "nnUNetPlannerResEncM")
     mp.setenv("nnUNet_n_proc_DA", "0")  # training augments in this process (the planner needs >= 1)
     pre = dirs["nnUNet_preprocessed"] / DATASET
@@ -283,8 +283,7 @@ def test_exported_weights_load_train_and_predict_in_nnunet(nnunet_dirs, tmp_path
         _check_export(result, torch.load(ckpt, weights_only=True)["model"])
 
     plans_name = results[0].plans_name
-    preprocess([DATASET_ID], plans_name, [r.configuration for r in results], num_processes=[1],
-               show_progress_bar=False)
+    preprocess([DATASET_ID], plans_name, [r.configuration for r in results], num_processes=[1])
     trainers = [_nnunet_trains(plans_name, r.configuration, r.weights) for r in results]
 
     # nnUNetv2_predict with the PCT-Net fine-tuned in nnU-Net
