@@ -16,7 +16,8 @@
 #   status.txt       one line per step: name, exit status, seconds (124 = timed out); then "overall"
 # --tiny: tiny benchmark sizes, on the GPU when there is one, else on the CPU (to try the script
 # anywhere). --only: run these benchmarks, in this order. The default order puts the GPU figures
-# first (fusion, network, predict, engine), then the CPU-bound loader and store, so that a run cut
+# first (fusion, network, predict, engine), then the CPU-bound loader and store, then nnunet (ResEnc-L
+# from nnU-Net's planner beside PCT-Net; needs the extra volumefusion[nnunet]), so that a run cut
 # short by its time limit loses the least relevant ones.
 # Environment: PYTHON (default: python, else python3), TESTS_TIMEOUT (120 s), PROFILE_TIMEOUT (60 s),
 # BENCH_TIMEOUT (270 s), VF_COMMIT (the commit to record where the copy has no git metadata).
@@ -34,7 +35,7 @@ case $1 in -*) usage ;; esac
 OUT_DIR=$1
 shift
 TINY=0
-ONLY=(--only fusion,network,predict,engine,loader,store)
+ONLY=(--only fusion,network,predict,engine,loader,store,nnunet)
 while [ $# -gt 0 ]; do
     case $1 in
         --tiny) TINY=1 ;;

@@ -35,7 +35,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-MODULES = ("fusion", "store", "loader", "network", "engine", "predict")
+MODULES = ("fusion", "store", "loader", "network", "engine", "predict", "nnunet")
 
 # Every figure a module returns has exactly these keys with these types (None where allowed);
 # numbers.Real admits numpy scalars, which the JSON writer turns into plain numbers.
