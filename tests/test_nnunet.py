@@ -169,13 +169,15 @@ def test_nnunet_model_pretrains_with_the_plans_patch_and_records_the_window(nnun
     assert any(".seg_layers." in k for k in ckpt["model"])
 
 
-def test_export_refuses_what_nnunet_cannot_hold(nnunet_dirs, tmp_path):
+def test_export_refuses_what_nnunet_cannot_hold(nnunet_dirs, tmp_path, capsys):
     _, plans_file = nnunet_dirs
+    from volumefusion.cli import main
     from volumefusion.integrations.nnunet import export_nnunet
 
     unet = _checkpoint(tmp_path / "unet.pt", ["model.name=unet"])
-    with pytest.raises(VolumeFusionError, match="model.name 'unet' has no nnU-Net counterpart"):
-        export_nnunet(unet, plans_file, tmp_path / "out")
+    argv = ["export", "nnunet", "--checkpoint", str(unet), "--plans", str(plans_file), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert "model.name 'unet' has no nnU-Net counterpart" in capsys.readouterr().err
     two_channels = json.loads(plans_file.read_text())
     two_channels["foreground_intensity_properties_per_channel"]["1"] = {}
     other = tmp_path / "plans2.json"
