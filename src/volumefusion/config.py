@@ -68,8 +68,8 @@ class FusionConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("pctnet", "network architecture: pctnet, unet, or nnunet (the network an nnU-Net plans file "
-                   "describes; needs the extra volumefusion[nnunet])", choices=("pctnet", "unet", "nnunet"))
+    name: str = _f("pctnet", "network architecture; nnunet: the network an nnU-Net plans file describes (extra "
+                   "volumefusion[nnunet])", choices=("pctnet", "unet", "nnunet"))
     plans: str | None = _f(None, "nnunet: an nnU-Net plans file (nnUNetPlans.json, nnUNetResEncUNetLPlans.json); "
                            "data.crop_size defaults to its patch size")
     configuration: str = _f("3d_fullres", "nnunet: the plans' configuration to build")
