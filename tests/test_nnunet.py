@@ -197,7 +197,7 @@ def test_export_refuses_what_nnunet_cannot_hold(nnunet_dirs, tmp_path, capsys):
 
 def _checkpoint(path: Path, overrides: list[str]) -> Path:
     """A volumefusion pretraining checkpoint of a freshly built network (weights unlike nnU-Net's init)."""
-    from volumefusion.train.checkpoint import save_checkpoint
+    from volumefusion.checkpoint import save_checkpoint
     from volumefusion.train.runs import build_model
 
     cfg = config.load(overrides=[o for o in TINY_MODEL if not o.startswith("data.crop_size")] + overrides

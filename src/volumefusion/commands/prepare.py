@@ -87,7 +87,8 @@ def run(args) -> int:
     import signal
     import sys
 
-    from volumefusion.data.prepare import PrepareSettings, prepare
+    from volumefusion.data.prepare import prepare
+    from volumefusion.preprocess import PrepareSettings
 
     settings = PrepareSettings(
         spacing_zyx=tuple(args.spacing) if args.spacing else None,

@@ -9,13 +9,14 @@ convolutions) and ``encoder_prefixes``. :func:`deep_supervision_owner` finds its
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from volumefusion.config import ModelConfig
 from volumefusion.nets.pctnet import PCTNet
 from volumefusion.nets.unet import UNet3D
 
-__all__ = ["PCTNet", "UNet3D", "build_model", "deep_supervision_owner"]
+__all__ = ["PCTNet", "UNet3D", "build_model", "deep_supervision_owner", "main_output"]
 
 
 def deep_supervision_owner(model: nn.Module) -> object | None:
@@ -47,9 +48,13 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
             dropout=cfg.dropout, resolution_mode=cfg.resolution_mode, deep_supervision=cfg.deep_supervision,
         )
     if cfg.name == "nnunet":
-        # nnU-Net's code is an optional extra and all of it lives in integrations/; the import is deferred so
-        # this package works without it.
-        from volumefusion.integrations.nnunet.network import build_plans_network
+        from volumefusion.nets.nnunet import build_plans_network
 
         return build_plans_network(cfg, num_classes)
     raise ValueError(f"model.name {cfg.name!r}: choose pctnet, unet or nnunet")
+
+
+def main_output(outputs: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The full-resolution logits of a network: the first element of a deep-supervision list
+    ``[full, 1/2, 1/4, ...]``, or the tensor itself. (N, num_classes, D, H, W)."""
+    return outputs[0] if isinstance(outputs, (list, tuple)) else outputs

@@ -25,17 +25,13 @@ from pathlib import Path
 import torch
 
 from volumefusion import VolumeFusionError
+from volumefusion.checkpoint import clean_state_dict, load_checkpoint
 from volumefusion.config import ConfigError, ModelConfig, from_dict, plans_configuration
-from volumefusion.integrations.nnunet.network import (
-    PCTNetForNNUNet,
-    build_plans_network,
-    pctnet_strides,
-)
 from volumefusion.io import atomic_write_bytes, atomic_write_text
-from volumefusion.train.checkpoint import clean_state_dict, load_checkpoint
+from volumefusion.nets.nnunet import PCTNetForNNUNet, build_plans_network, pctnet_strides
 
 SEG_KEY = ".seg_layers."  # nnU-Net's load_pretrained_weights skips the keys that contain it
-PCTNET_CLASS = f"{PCTNetForNNUNet.__module__.rsplit('.', 1)[0]}.{PCTNetForNNUNet.__name__}"
+PCTNET_CLASS = "volumefusion.integrations.nnunet.PCTNetForNNUNet"  # the dotted path nnU-Net locates
 
 
 @dataclass

@@ -1,5 +1,9 @@
 """Networks across the nnU-Net boundary: nnU-Net's architectures built from a plans file for Volume
-Fusion pretraining, and PCT-Net in the form nnU-Net constructs from a plans file.
+Fusion pretraining (``model.name: nnunet``), and PCT-Net in the form nnU-Net constructs from a plans file.
+
+Here, beside the other networks, because :func:`~volumefusion.nets.build_model` builds them; nnU-Net
+(the extra ``volumefusion[nnunet]``) is imported only inside :func:`build_plans_network`. nnU-Net finds
+PCT-Net by the dotted path ``volumefusion.integrations.nnunet.PCTNetForNNUNet`` (a re-export).
 
 nnU-Net builds a network as ``cls(input_channels=, num_classes=, deep_supervision=, **arch_kwargs)``
 from the plans' ``architecture``, switches deep supervision through ``network.decoder.deep_supervision``,
