@@ -86,6 +86,8 @@ class CaseIndex:
 
     def __init__(self, rows: np.ndarray, stamp: int | None):
         self.rows, self.stamp = rows, stamp
+        # plain views of the columns: indexing a memmap makes a memmap object each time (slower)
+        self._columns = {name: np.asarray(rows[name]) for name in rows.dtype.names}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -106,13 +108,13 @@ class CaseIndex:
         return found
 
     def info(self, row: int) -> CaseInfo:
-        r = self.rows[int(row)]
+        c = self._columns
         return CaseInfo(
-            id=r["id"].decode(), shape=tuple(int(v) for v in r["shape"]),
-            spacing_zyx=tuple(float(v) for v in r["spacing_zyx"]),
-            body_box=tuple((int(a), int(b)) for a, b in r["body_box"]), labelled=bool(r["labelled"]),
-            label_classes=np.flatnonzero(np.unpackbits(r["classes"], bitorder="little")).tolist(),
-            checksum=r["checksum"].decode(),
+            id=c["id"][row].decode(), shape=tuple(c["shape"][row].tolist()),
+            spacing_zyx=tuple(c["spacing_zyx"][row].tolist()),
+            body_box=tuple(map(tuple, c["body_box"][row].tolist())), labelled=bool(c["labelled"][row]),
+            label_classes=np.flatnonzero(np.unpackbits(c["classes"][row], bitorder="little")).tolist(),
+            checksum=c["checksum"][row].decode(),
         )
 
     def label_classes(self) -> list[int]:
