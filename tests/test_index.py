@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from volumefusion import VolumeFusionError
 from volumefusion.cli import main as cli_main
 from volumefusion.data import index as index_module
 from volumefusion.data.index import INDEX_FILE, read_index_file, update_index
@@ -202,3 +204,16 @@ def test_incremental_reindex_equals_a_rebuild_from_scratch(tmp_path):
     (store / INDEX_FILE).unlink()
     update_index(store)
     assert (store / INDEX_FILE).read_bytes() == incremental
+
+
+def test_a_spawned_worker_maps_the_index_file_again(tmp_path):
+    store = tmp_path / "store"
+    assert prepare([str(_raw(tmp_path, seeds=[1, 2]))], store, SETTINGS).ok
+    opened = Store.open(store)
+    clone = pickle.loads(pickle.dumps(opened))
+    assert isinstance(clone.index.rows, np.memmap) and clone.ids == opened.ids
+    assert len(pickle.dumps(opened.index)) < 1000  # the path and stamp, not the rows
+    write_phantoms(tmp_path / "more", seeds=[3], shape=SHAPE)
+    assert prepare([str(tmp_path / "more" / "images")], store, SETTINGS).ok
+    with pytest.raises(VolumeFusionError, match="index changed while a loader was starting"):
+        pickle.loads(pickle.dumps(opened))

@@ -21,10 +21,13 @@ timestamps are coarse. Editing a record in place (not through ``prepare``) does 
 folder's mtime: run ``volumefusion prepare --reindex STORE`` after that.
 
 Each row also holds its record's *version* (inode, size, mtime_ns of ``cases/<id>.json``), so
-rebuilding re-reads only the records that changed: ``stat`` for every record, JSON parsing for the new
-ones. Builders take an exclusive lock (``STORE/.cases.index.lock``) and write the file atomically
-(temporary file + rename), so shards finishing at once merge their cases one after another, and a
-builder killed mid-way leaves the previous index intact.
+rebuilding re-reads only the records that changed: ``stat`` for every record, JSON parsing for the
+new ones (``volumefusion prepare --reindex`` does this even when ``cases/`` looks unchanged).
+Builders take an exclusive lock (``STORE/.cases.index.lock``), check again under it whether the
+index is current (another process may just have rebuilt it) and write the file atomically
+(temporary file + rename), so shards finishing at once merge their cases one after another, many
+processes finding a stale index rebuild it once, and a builder killed mid-way leaves the previous
+index intact.
 """
 
 from __future__ import annotations
@@ -297,16 +300,21 @@ def _locked(store: Path) -> Iterator[None]:
         handle.close()
 
 
-def update_index(store: str | Path) -> CaseIndex:
-    """Bring ``STORE/cases.index`` up to date with the records (re-reading only changed ones) and
-    return it. Safe to call from many processes at once (they take turns); ``prepare`` calls it at
-    the end of every run and shard, ``volumefusion prepare --reindex STORE`` on demand.
+def update_index(store: str | Path, *, full: bool = False) -> CaseIndex:
+    """Bring ``STORE/cases.index`` up to date with the records and return it. Safe to call from many
+    processes at once: they take turns, and one that finds the index already current (another just
+    rebuilt it) reads it instead. ``prepare`` calls this at the end of every run and shard.
 
-    Raises VolumeFusionError when a record is unreadable (naming it) or the store is not writable.
+    ``full`` (``volumefusion prepare --reindex``): look at every record even when ``cases/`` is
+    unchanged, to pick up records edited in place. Either way only the records whose file changed
+    since the last index are read. Raises VolumeFusionError when a record is unreadable (naming it)
+    or the store is not writable.
     """
     store = Path(store)
     with _locked(store):
         previous = read_index_file(store / INDEX_FILE)
+        if not full and previous is not None and previous.stamp == _cases_stamp(store):
+            return previous
         try:
             stamp = _stable_stamp(store)
         except OSError as exc:
@@ -318,7 +326,7 @@ def update_index(store: str | Path) -> CaseIndex:
             _write_index_file(store / INDEX_FILE, rows, stamp)
         except OSError as exc:
             raise _NotWritable(f"{store}: cannot write the case index ({exc.strerror or exc})") from None
-    return read_index_file(store / INDEX_FILE)
+        return read_index_file(store / INDEX_FILE)
 
 
 def load_index(store: str | Path) -> CaseIndex:

@@ -206,12 +206,12 @@ def name_found_labels(path: str | Path) -> None:
 
 def reindex(path: str | Path) -> CaseIndex:
     """``volumefusion prepare --reindex``: bring the index of the store at ``path`` up to date with
-    its records (see :func:`~volumefusion.data.index.update_index`)."""
+    its records, looking at every record (see :func:`~volumefusion.data.index.update_index`)."""
     path = Path(path)
     if not _store_json(path).exists():
         raise VolumeFusionError(f"{path}: not a volumefusion store (no store.json); {_prepare_hint(path)}")
     _read_meta(path)
-    return update_index(path)
+    return update_index(path, full=True)
 
 
 def _prepare_hint(path: Path) -> str:
