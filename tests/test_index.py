@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.crop_digest import crops_digest
 from volumefusion import VolumeFusionError
 from volumefusion.cli import main as cli_main
 from volumefusion.data import index as index_module
@@ -26,8 +27,6 @@ from volumefusion.data.phantoms import write_phantoms
 from volumefusion.data.prepare import PrepareSettings, prepare
 from volumefusion.data.sampling import PretrainLoader
 from volumefusion.data.store import Store
-
-from tests.crop_digest import crops_digest
 
 SETTINGS = PrepareSettings(crop_to_body=False)
 SHAPE = (12, 24, 24)

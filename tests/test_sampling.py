@@ -12,8 +12,8 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from volumefusion import VolumeFusionError
-from volumefusion.data.phantoms import make_phantom, write_msd_dataset, write_phantoms
 from volumefusion.data.index import CaseIndex
+from volumefusion.data.phantoms import make_phantom, write_msd_dataset, write_phantoms
 from volumefusion.data.prepare import PrepareSettings, prepare
 from volumefusion.data.sampling import PretrainLoader, SegmentationLoader
 from volumefusion.data.store import Store

@@ -14,9 +14,10 @@ the same for any number of workers.
 Cost: a crop reads only the store chunks it touches (no whole case is read per sample); nothing loops
 over voxels in Python. A loader holds its cases as one int64 array of rows of the store's index (a
 memory-mapped file, see :mod:`volumefusion.data.index`), never as Python objects per case, so
-starting it costs no per-case work and forked workers share all of it. The segmentation loader additionally reads each case's whole label once per
-worker process, the first time that case is drawn for a foreground crop, and keeps up to
-``FOREGROUND_SAMPLES`` voxel positions per class (12 bytes each: about 120 kB per class and case).
+starting it costs no per-case work and forked workers share all of it. The segmentation loader
+additionally reads each case's whole label once per worker process, the first time that case is
+drawn for a foreground crop, and keeps up to ``FOREGROUND_SAMPLES`` voxel positions per class
+(12 bytes each: about 120 kB per class and case).
 """
 
 from __future__ import annotations
