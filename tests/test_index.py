@@ -216,3 +216,11 @@ def test_a_spawned_worker_maps_the_index_file_again(tmp_path):
     assert prepare([str(tmp_path / "more" / "images")], store, SETTINGS).ok
     with pytest.raises(VolumeFusionError, match="index changed while a loader was starting"):
         pickle.loads(pickle.dumps(opened))
+
+
+def test_a_record_whose_id_is_longer_than_its_file_name_keeps_its_id(tmp_path):
+    store = tmp_path / "store"
+    assert prepare([str(_raw(tmp_path, seeds=[1, 2]))], store, SETTINGS).ok
+    record = json.loads((store / "cases" / "phantom_0002.json").read_text())
+    (store / "cases" / "b.json").write_text(json.dumps({**record, "id": "b_named_at_length"}))
+    assert Store.open(store).ids == ["b_named_at_length", "phantom_0001", "phantom_0002"]

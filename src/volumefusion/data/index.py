@@ -194,20 +194,22 @@ def _write_index_file(path: Path, rows: np.ndarray, stamp: int | None) -> None:
 # ------------------------------------------------------------------------------------- building
 
 
-def _record_row(path: Path, version: tuple[int, int, int]) -> tuple:
+def _record_row(path: str, version: tuple[int, int, int]) -> tuple:
     """The row values of one record file (as the tuple a structured array takes)."""
     try:
-        d = json.loads(path.read_bytes())
-        classes = np.zeros(256, bool)
-        classes[[int(k) for k in d.get("label_classes", [])]] = True
-        return (d["id"].encode("ascii"), tuple(d["shape"]), tuple(d["spacing_zyx"]),
-                tuple(tuple(b) for b in d["body_box"]), d.get("label_source") is not None,
-                tuple(np.packbits(classes, bitorder="little")), d.get("checksum", "").encode("ascii"), version)
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        with open(path, "rb") as f:
+            d = json.loads(f.read())
+        classes = 0
+        for k in d.get("label_classes", []):
+            classes |= 1 << int(k)
+        return (d["id"].encode("ascii"), d["shape"], d["spacing_zyx"], d["body_box"],
+                d.get("label_source") is not None, tuple(classes.to_bytes(_CLASS_BYTES, "little")),
+                d.get("checksum", "").encode("ascii"), version)
+    except (OSError, ValueError, KeyError, TypeError, OverflowError) as exc:
         raise VolumeFusionError(f"{path}: unreadable case record ({exc}); delete it and re-run prepare") from None
 
 
-def _record_files(store: Path) -> list[tuple[str, Path, tuple[int, int, int]]]:
+def _record_files(store: Path) -> list[tuple[str, str, tuple[int, int, int]]]:
     """``(id, path, version)`` of every record file, sorted by id; temporary files of writers skipped."""
     found = []
     try:
@@ -221,7 +223,7 @@ def _record_files(store: Path) -> list[tuple[str, Path, tuple[int, int, int]]]:
                 st = entry.stat()
             except FileNotFoundError:
                 continue  # replaced or deleted while listing: the folder's mtime has moved on
-            found.append((name[:-5], Path(entry.path), (st.st_ino, st.st_size, st.st_mtime_ns)))
+            found.append((name[:-5], entry.path, (st.st_ino, st.st_size, st.st_mtime_ns)))
     found.sort(key=lambda item: item[0])
     return found
 
@@ -248,31 +250,30 @@ def _stable_stamp(store: Path) -> int | None:
 def _build_rows(store: Path, previous: CaseIndex | None) -> np.ndarray:
     """Rows of every record in ``store``, reusing ``previous`` rows whose record version is unchanged."""
     files = _record_files(store)
-    old: dict[str, int] = {}
+    versions = np.array([version for _, _, version in files], dtype=np.int64).reshape(len(files), 3)
+    old = np.full(len(files), -1, np.int64)
+    id_bytes, checksum_bytes = max([1] + [len(i) for i, _, _ in files]), len("sha256:") + 64
     if previous is not None and len(previous):
-        old = {case_id: r for r, case_id in enumerate(previous.ids())}
-        versions = previous.rows["record_version"]
-    kept: dict[str, int] = {}
-    fresh = []
-    for case_id, path, version in files:
-        r = old.get(case_id)
-        if r is not None and tuple(versions[r].tolist()) == version:
-            kept[case_id] = r
-        else:
-            fresh.append((path, version))
+        old = previous.find([i for i, _, _ in files])
+        known = old >= 0
+        unchanged = np.zeros(len(files), bool)
+        unchanged[known] = (previous.rows["record_version"][old[known]] == versions[known]).all(axis=1)
+        old[~unchanged] = -1
+        checksum_bytes = max(checksum_bytes, previous.rows.dtype["checksum"].itemsize)
+    rows = np.zeros(len(files), row_dtype(id_bytes, checksum_bytes))
+    kept = old >= 0
+    if kept.any():
+        rows[kept] = previous.rows[old[kept]]
+    fresh = np.flatnonzero(~kept).tolist()
     if fresh:
         log.info("%s: reading %d case records into the index", store, len(fresh))
-    parsed = [_record_row(path, version) for path, version in progress(fresh, desc="index", unit="record",
-                                                                        mininterval=1)]
-    widths = [(len(v[0]), len(v[6])) for v in parsed]
-    if kept:
-        widths.append((previous.rows.dtype["id"].itemsize, previous.rows.dtype["checksum"].itemsize))
-    rows = np.zeros(len(files), row_dtype(max([1] + [w[0] for w in widths]), max([1] + [w[1] for w in widths])))
-    if kept:
-        rows[: len(kept)] = previous.rows[np.fromiter(kept.values(), np.int64, len(kept))]
-    for n, value in enumerate(parsed, start=len(kept)):
+    for n in progress(fresh, desc="index", unit="record", mininterval=1):
+        value = _record_row(files[n][1], files[n][2])
+        if len(value[0]) > id_bytes or len(value[6]) > checksum_bytes:  # an id unlike its file name
+            id_bytes, checksum_bytes = max(id_bytes, len(value[0])), max(checksum_bytes, len(value[6]))
+            rows = rows.astype(row_dtype(id_bytes, checksum_bytes))
         rows[n] = value
-    # sorted by the records' own ids (normally their file names)
+    # sorted by the records' own ids (normally their file names, by which ``files`` is sorted)
     return rows[np.argsort(rows["id"], kind="stable")]
 
 
