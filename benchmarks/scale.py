@@ -12,14 +12,19 @@ Each open is measured in a fresh process (``python -m benchmarks.scale --probe``
 DONTNEED; no root needed, and it leaves other processes' caches alone; directory and inode caches
 stay warm) and, for the baseline, every record file; *warm* runs again with everything cached. The
 baseline is how the store opened before the index: read and parse every ``cases/<id>.json``
-(the code of ``Store.open`` before the index, repeated here). In the same process, after a warm
-open: the process's growth in resident memory (RSS, which counts the memory-mapped index pages a
-process touched although every process on the machine shares them; ``private_mb`` is what is this
-process's own), the start-up of a pretraining loader with N workers (to its first batch), the time
-to draw 10k crop positions (case and start, no reading), and crops/s read through the loader
-against the same loader on a store of only the real cases. ``prepare --reindex`` is timed from
-scratch (no index: every record read) and with an index already current (every record ``stat``-ed,
-none read).
+(the code of ``Store.open`` before the index, repeated here). ``Store.open`` maps the index without
+reading its rows; ``open_and_read_index`` adds the first pass over every row (the whole file read
+from disk when cold), which a loader pays later, spread over its first draws.
+
+In the same process, after a warm open: the process's growth in resident memory (RSS, which counts
+the memory-mapped index pages the process touched although every process on the machine shares
+them through the page cache; ``anonymous_mb`` is the part that is the process's own), the start-up
+of a pretraining loader with N workers (to its first batch), the time to draw 10k crop positions
+(case and start, no reading; baseline: the same draws from the list of records the loader held
+before the index), and crops/s read through the loader against the same loader on a store of only
+the real cases (which keeps every case's arrays open: a large store opens a case's arrays on almost
+every draw, with or without the index). ``prepare --reindex`` is timed from scratch (no index:
+every record read) and on a current index (every record ``stat``-ed, none read).
 """
 
 from __future__ import annotations
@@ -50,10 +55,11 @@ POSITIONS = 10_000
 
 
 def _figure(name, value, unit, *, baseline=None, baseline_name=None, higher=False, **params):
+    value, baseline = float(f"{value:.4g}"), baseline and float(f"{baseline:.4g}")
     ratio = None
     if baseline:
         ratio = round(value / baseline if higher else baseline / value, 3)
-    return {"name": name, "value": round(value, 4), "unit": unit, "baseline": baseline and round(baseline, 4),
+    return {"name": name, "value": value, "unit": unit, "baseline": baseline,
             "baseline_name": baseline_name if baseline else None, "ratio": ratio, "higher_is_better": higher,
             "device": "cpu", "params": params}
 
@@ -113,12 +119,13 @@ def _drop_cache(paths) -> None:
 
 
 def _memory_mb() -> tuple[float, float]:
-    """(RSS, private memory) of this process in MB."""
+    """(RSS, anonymous memory) of this process in MB: the RSS less the file pages it maps (the
+    index's pages, which every process on the machine shares through the page cache)."""
     fields = {}
     for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
         key, value = line.split(":", 1)
         fields[key] = int(value.split()[0])
-    return fields["Rss"] / 1024, (fields["Private_Clean"] + fields["Private_Dirty"]) / 1024
+    return fields["Rss"] / 1024, fields["Anonymous"] / 1024
 
 
 def _open_per_record(path: Path) -> list:
@@ -143,12 +150,16 @@ def probe(path: Path, mode: str, cold: bool, workers: int, crops: int) -> dict:
         files = [path / "store.json"]
         files += [path / INDEX_FILE] if mode == "index" else list((path / "cases").glob("*.json"))
         _drop_cache(files)
-    rss0, private0 = _memory_mb()
+    rss0, anonymous0 = _memory_mb()
     start = time.perf_counter()
     opened = Store.open(path) if mode == "index" else _open_per_record(path)
     result = {"open_s": time.perf_counter() - start}
-    rss1, private1 = _memory_mb()
-    result.update(open_rss_mb=rss1 - rss0, open_private_mb=private1 - private0)
+    rss1, _ = _memory_mb()
+    result["open_rss_mb"] = rss1 - rss0
+    if mode == "index":  # the rows are read from the file when first touched: here, all of them
+        start = time.perf_counter()
+        opened.index.rows["body_box"].sum()
+        result["read_rows_s"] = time.perf_counter() - start
     rng = np.random.default_rng(0)
     if mode != "index":  # the loader before the index: a list of records, their tuples
         from volumefusion.data.sampling import _uniform_start
@@ -169,8 +180,8 @@ def probe(path: Path, mode: str, cold: bool, workers: int, crops: int) -> dict:
     for _ in range(POSITIONS):
         loader._uniform_crop_start(rng, loader._case(int(rng.integers(len(loader.rows)))))
     result["positions_s"] = time.perf_counter() - start
-    rss2, private2 = _memory_mb()
-    result.update(rss_mb=rss2 - rss0, private_mb=private2 - private0)
+    rss2, anonymous2 = _memory_mb()
+    result.update(rss_mb=rss2 - rss0, anonymous_mb=anonymous2 - anonymous0)
     if crops:
         serial = iter(PretrainLoader(opened, CROP, 2, seed=1, workers=0, pin_memory=False))
         next(serial)
@@ -231,9 +242,13 @@ def run(tiny: bool = False, device: str = "cpu") -> list[dict]:
                 results.append(_figure(f"open_{mode}_s", figures["open_s"], "s", baseline=old.get("open_s"),
                                        baseline_name="read every case record (Store.open before the index)",
                                        **common))
+                results.append(_figure(f"open_and_read_index_{mode}_s", figures["open_s"] + figures["read_rows_s"],
+                                       "s", baseline=old.get("open_s"),
+                                       baseline_name="read every case record (Store.open before the index)",
+                                       index_mb=round((store / INDEX_FILE).stat().st_size / 1e6, 1), **common))
             results.append(_figure("rss_growth_mb", figures["rss_mb"], "MB", baseline=old.get("open_rss_mb"),
                                    baseline_name="read every case record (Store.open before the index)",
-                                   private_mb=round(figures["private_mb"], 1),
+                                   anonymous_mb=round(figures["anonymous_mb"], 1),
                                    open_only_rss_mb=round(figures["open_rss_mb"], 1), **common))
             results.append(_figure("loader_start_s", figures["loader_start_s"], "s", workers=workers, **common))
             results.append(_figure("positions_10k_s", figures["positions_s"], "s", baseline=old.get("positions_s"),

@@ -39,8 +39,8 @@ import struct
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -69,10 +69,10 @@ def row_dtype(id_bytes: int, checksum_bytes: int) -> np.dtype:
     ])
 
 
-@dataclass(frozen=True)
-class CaseInfo:
+class CaseInfo(NamedTuple):
     """What the index knows of one case (see :class:`~volumefusion.data.store.CaseRecord` for the
-    meaning of the fields); the full record is read only by ``Store.case``."""
+    meaning of the fields); the full record is read only by ``Store.case``. (A named tuple: loaders
+    make one per crop.)"""
 
     id: str
     shape: tuple[int, int, int]
@@ -116,20 +116,30 @@ class CaseIndex:
             id=c["id"][row].decode(), shape=tuple(c["shape"][row].tolist()),
             spacing_zyx=tuple(c["spacing_zyx"][row].tolist()),
             body_box=tuple(map(tuple, c["body_box"][row].tolist())), labelled=bool(c["labelled"][row]),
-            label_classes=np.flatnonzero(np.unpackbits(c["classes"][row], bitorder="little")).tolist(),
+            label_classes=_bits(int.from_bytes(c["classes"][row].tobytes(), "little")),
             checksum=c["checksum"][row].decode(),
         )
 
     def label_classes(self) -> list[int]:
         """Every label value present in any case."""
         present = np.bitwise_or.reduce(self.rows["classes"], axis=0) if len(self) else np.zeros(_CLASS_BYTES, "u1")
-        return np.flatnonzero(np.unpackbits(present, bitorder="little")).tolist()
+        return _bits(int.from_bytes(present.tobytes(), "little"))
 
     def __reduce__(self):
         # A spawned loader worker maps the file again instead of receiving a copy of every row.
         if isinstance(self.rows, np.memmap) and self.rows.filename:
             return _reopen, (self.rows.filename, self.stamp, len(self))
         return CaseIndex, (np.asarray(self.rows), self.stamp)
+
+
+def _bits(mask: int) -> list[int]:
+    """Positions of the set bits of ``mask``, ascending (a loop per set bit, not per possible one)."""
+    found = []
+    while mask:
+        low = mask & -mask
+        found.append(low.bit_length() - 1)
+        mask ^= low
+    return found
 
 
 def _reopen(path: str, stamp: int | None, count: int) -> CaseIndex:
