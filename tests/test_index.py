@@ -22,7 +22,7 @@ from tests.crop_digest import crops_digest
 from volumefusion import VolumeFusionError
 from volumefusion.cli import main as cli_main
 from volumefusion.data import index as index_module
-from volumefusion.data.index import INDEX_FILE, read_index_file, update_index
+from volumefusion.data.index import INDEX_FILE, LOCK_FILE, read_index_file, update_index
 from volumefusion.data.phantoms import write_phantoms
 from volumefusion.data.prepare import PrepareSettings, prepare
 from volumefusion.data.sampling import PretrainLoader
@@ -190,7 +190,7 @@ def test_a_killed_reindex_leaves_the_old_index_valid(tmp_path):
     assert (store / INDEX_FILE).read_bytes() == old  # ... which is untouched and still reads
     assert read_index_file(store / INDEX_FILE).ids() == ["phantom_0001", "phantom_0002"]
     assert update_index(store).ids() == ["phantom_0001", "phantom_0002", "phantom_0003"]
-    assert sorted(p.name for p in store.iterdir() if p.name.startswith(f".{INDEX_FILE}.")) == []
+    assert sorted(p.name for p in store.iterdir() if p.name.startswith(f".{INDEX_FILE}.")) == [LOCK_FILE]
 
 
 def test_incremental_reindex_equals_a_rebuild_from_scratch(tmp_path):

@@ -331,7 +331,7 @@ def update_index(store: str | Path, *, full: bool = False) -> CaseIndex:
         except OSError as exc:
             raise _NotWritable(f"{store}: cannot write the case index ({exc.strerror or exc})") from None
         rows = _build_rows(store, previous)
-        for leftover in store.glob(f".{INDEX_FILE}.*"):  # temporary files of killed builders
+        for leftover in store.glob(f".{INDEX_FILE}.*.tmp*"):  # temporary files of killed builders (not the lock)
             leftover.unlink(missing_ok=True)
         try:
             _write_index_file(store / INDEX_FILE, rows, stamp)
