@@ -19,7 +19,8 @@ import torch
 
 from volumefusion import config
 from volumefusion.data.phantoms import write_phantoms
-from volumefusion.data.prepare import PrepareSettings, prepare
+from volumefusion.data.prepare import prepare
+from volumefusion.preprocess import PrepareSettings
 from volumefusion.train.engine import Trainer, autocast_for
 from volumefusion.train.losses import DeepSupervisionLoss
 from volumefusion.train.runs import build_model

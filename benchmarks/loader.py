@@ -33,10 +33,11 @@ import numpy as np
 import torch
 
 from volumefusion.data.phantoms import write_msd_dataset
-from volumefusion.data.prepare import PrepareSettings, prepare
+from volumefusion.data.prepare import prepare
 from volumefusion.data.sampling import PretrainLoader, SegmentationLoader
 from volumefusion.data.store import Store
 from volumefusion.io import read_image
+from volumefusion.preprocess import PrepareSettings
 
 REFERENCE = "decode the source .nii.gz per crop (reference)"
 

@@ -43,7 +43,8 @@ import numpy as np
 
 from volumefusion.data.index import INDEX_FILE, row_dtype, update_index
 from volumefusion.data.phantoms import write_phantoms
-from volumefusion.data.prepare import PrepareSettings, prepare
+from volumefusion.data.prepare import prepare
+from volumefusion.preprocess import PrepareSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECORDS_UP_TO = 100_000

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from volumefusion.data.prepare import PrepareSettings, prepare
+from volumefusion.data.prepare import prepare
 from volumefusion.data.store import Store
 from volumefusion.io import Geometry, read_image, write_image
+from volumefusion.preprocess import PrepareSettings
 
 
 def synthetic_ct(shape: tuple[int, int, int], seed: int) -> np.ndarray:

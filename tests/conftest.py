@@ -33,7 +33,8 @@ def _few_threads():
 def phantom_store(tmp_path_factory):
     """A store of three unlabelled [24, 48, 48] phantoms."""
     from volumefusion.data.phantoms import write_phantoms
-    from volumefusion.data.prepare import PrepareSettings, prepare
+    from volumefusion.data.prepare import prepare
+    from volumefusion.preprocess import PrepareSettings
 
     root = tmp_path_factory.mktemp("phantoms")
     files = write_phantoms(root / "raw", seeds=[1, 2, 3], shape=(24, 48, 48), with_labels=False)

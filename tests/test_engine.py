@@ -15,8 +15,8 @@ import torch
 
 from tests.conftest import TINY_MODEL
 from volumefusion import VolumeFusionError, config
+from volumefusion.checkpoint import load_checkpoint
 from volumefusion.config import OptimConfig
-from volumefusion.train.checkpoint import load_checkpoint
 from volumefusion.train.engine import lr_factor
 from volumefusion.train.logging import RunLogger
 from volumefusion.train.runs import pretrain

@@ -12,9 +12,9 @@ import pytest
 
 from tests.conftest import TINY_MODEL
 from volumefusion import VolumeFusionError, config
+from volumefusion.checkpoint import load_checkpoint
 from volumefusion.cli import main
 from volumefusion.io import read_image
-from volumefusion.train.checkpoint import load_checkpoint
 from volumefusion.train.runs import finetune, pretrain
 from volumefusion.train.tasks import split_cases
 

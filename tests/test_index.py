@@ -24,9 +24,10 @@ from volumefusion.cli import main as cli_main
 from volumefusion.data import index as index_module
 from volumefusion.data.index import INDEX_FILE, LOCK_FILE, read_index_file, update_index
 from volumefusion.data.phantoms import write_phantoms
-from volumefusion.data.prepare import PrepareSettings, prepare
+from volumefusion.data.prepare import prepare
 from volumefusion.data.sampling import PretrainLoader
 from volumefusion.data.store import Store
+from volumefusion.preprocess import PrepareSettings
 
 SETTINGS = PrepareSettings(crop_to_body=False)
 SHAPE = (12, 24, 24)

@@ -10,14 +10,13 @@ import SimpleITK as sitk
 import torch
 
 from volumefusion import config
+from volumefusion.checkpoint import save_checkpoint
 from volumefusion.cli import main
-from volumefusion.data.prepare import PrepareSettings, preprocess_case, restore_to_original
 from volumefusion.data.samples import chest_ct, chest_ct_label_names
 from volumefusion.infer import Predictor, sliding_window_inference
 from volumefusion.io import Geometry, read_image, write_image
 from volumefusion.nets import build_model
-from volumefusion.preprocess import normalise_hu
-from volumefusion.train.checkpoint import save_checkpoint
+from volumefusion.preprocess import PrepareSettings, normalise_hu, preprocess_case, restore_to_original
 
 TINY = ["model.feature_channels=[4,8,16,32,64]", "model.num_heads=[2,4,8]", "model.window_size=2",
         "data.crop_size=[16,32,32]", "data.hu_window=[-900,600]"]

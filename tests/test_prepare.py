@@ -21,18 +21,11 @@ import SimpleITK as sitk
 
 from volumefusion import VolumeFusionError
 from volumefusion.cli import main as cli_main
-from volumefusion.data.prepare import (
-    PrepareSettings,
-    body_box,
-    prepare,
-    prepared_geometry,
-    preprocess_case,
-    restore_to_original,
-    source_version,
-)
+from volumefusion.data.prepare import prepare, source_version
 from volumefusion.data.samples import chest_ct, chest_ct_label_names
 from volumefusion.data.store import Store
 from volumefusion.io import Geometry, read_image, write_image
+from volumefusion.preprocess import PrepareSettings, body_box, prepared_geometry, preprocess_case, restore_to_original
 
 SHAPE = (12, 40, 48)
 GEOMETRY = Geometry(SHAPE, (2.5, 0.8, 0.8), (30.0, -12.5, 100.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1))

@@ -14,10 +14,11 @@ from numpy.lib.stride_tricks import sliding_window_view
 from volumefusion import VolumeFusionError
 from volumefusion.data.index import CaseIndex
 from volumefusion.data.phantoms import make_phantom, write_msd_dataset, write_phantoms
-from volumefusion.data.prepare import PrepareSettings, prepare
+from volumefusion.data.prepare import prepare
 from volumefusion.data.sampling import PretrainLoader, SegmentationLoader
 from volumefusion.data.store import Store
 from volumefusion.io import Geometry, write_image
+from volumefusion.preprocess import PrepareSettings
 
 CROP = (8, 16, 16)
 # keep the body box smaller than the array, so "inside the body box" is a real constraint

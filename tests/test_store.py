@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from volumefusion import VolumeFusionError
-from volumefusion.data.prepare import PreparedCase
 from volumefusion.data.store import (
     BLOCKS,
     CHUNKS,
@@ -21,6 +20,7 @@ from volumefusion.data.store import (
     write_array,
     write_case,
 )
+from volumefusion.preprocess import PreparedCase
 
 SETTINGS = {"spacing_zyx": None, "crop_to_body": True, "body_threshold": -600.0, "orientation": "LPS"}
 

@@ -9,6 +9,7 @@ import torch
 
 from tests.conftest import CONFORMANCE
 from volumefusion import VolumeFusionError, config
+from volumefusion.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from volumefusion.cli import main
 from volumefusion.nets import PCTNet, UNet3D, build_model
 from volumefusion.nets.pctnet import reference_windows, relative_position_index
@@ -19,7 +20,6 @@ from volumefusion.nets.weights import (
     misfm_shifted_windows,
     model_config_from_misfm,
 )
-from volumefusion.train.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 
 needs_conformance = pytest.mark.skipif(not (CONFORMANCE / "pctnet_full_misfm_shapes.json").is_file(),
                                        reason="conformance data not present")

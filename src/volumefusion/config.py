@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from volumefusion import VolumeFusionError
+from volumefusion.io import atomic_write_text
 
 
 class ConfigError(VolumeFusionError):
@@ -387,8 +388,6 @@ def changed_fields(saved: dict[str, Any], cfg: Config, sections: tuple[str, ...]
 
 def save(cfg: Config, path: str | Path) -> None:
     """Write the fully resolved config as YAML (atomically)."""
-    from volumefusion.io import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

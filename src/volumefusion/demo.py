@@ -154,8 +154,9 @@ def _phantom_seeds(phantoms: dict, role: str) -> list[int]:
 def make_data(settings: dict, root: Path) -> DemoData:
     """Write the phantoms, prepare the unlabelled pool and write the split file."""
     from volumefusion.data.phantoms import write_msd_dataset, write_phantoms
-    from volumefusion.data.prepare import PrepareSettings, prepare
+    from volumefusion.data.prepare import prepare
     from volumefusion.data.samples import chest_ct
+    from volumefusion.preprocess import PrepareSettings
 
     p = settings["phantoms"]
     geometry = {"shape": tuple(p["shape"]), "spacing_zyx": tuple(p["spacing_zyx"])}
@@ -203,7 +204,7 @@ def merge_paired_organs(dataset: Path, label_dirs: list[Path]) -> None:
     network; with a few hundred steps that ambiguity, not the starting weights, would decide which
     lung gets which label. Merging the pairs keeps the comparison about the weights.
     """
-    from volumefusion.data.prepare import read_dataset_description
+    from volumefusion.data.datasets import read_dataset_description
     from volumefusion.io import read_image, write_image
 
     meta, labels = read_dataset_description(dataset / "dataset.json")
@@ -385,7 +386,7 @@ def _copy_figure(source: Path, target: Path) -> str | None:
 def write_report(out: Path, settings: dict, data: DemoData, pretrain_result, runs: list[RunResult],
                  clock: _Clock, device: str, quick: bool, schedule: str) -> Path:
     """``out/report.md``, ``out/results.json`` and the pictures under ``out/figures/``."""
-    from volumefusion.data.prepare import read_dataset_description
+    from volumefusion.data.datasets import read_dataset_description
 
     figures = out / "figures"
     seeds = sorted({r.seed for r in runs})
@@ -581,7 +582,7 @@ def _parallel_runs(device: str, jobs: int) -> tuple[int, int | None]:
     little from a second intra-op thread (about 1.2x on 2 cores), and OpenMP threads stall when
     another process takes a core. On a GPU the runs go one after the other.
     """
-    from volumefusion.infer import resolve_device
+    from volumefusion.device import resolve_device
 
     cpus = _cpu_count()
     if resolve_device(device).type != "cpu" or cpus < 2 or jobs < 2:

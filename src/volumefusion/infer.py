@@ -20,15 +20,33 @@ import contextlib
 import functools
 import itertools
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from volumefusion import VolumeFusionError
+from volumefusion.checkpoint import clean_state_dict, load_checkpoint
+from volumefusion.config import Config, from_dict
+from volumefusion.data.datasets import CaseTask, unique_case_ids
+from volumefusion.device import autocast, autocast_dtype, resolve_device
+from volumefusion.io import (
+    IMAGE_SUFFIXES,
+    SERIES_SEPARATOR,
+    case_id_from_path,
+    discover_inputs,
+    read_image,
+    write_image,
+)
 from volumefusion.log import get_logger
 from volumefusion.log import progress as progress_bar
+from volumefusion.nets import build_model, main_output
+from volumefusion.preprocess import PrepareSettings, normalise_hu, preprocess_case, restore_to_original
 
 log = get_logger(__name__)
 
@@ -70,15 +88,6 @@ def _coverage(size: int, patch: int, starts: Sequence[int], device: torch.device
     for s in starts:
         total[s:s + patch] += g
     return total
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``precision`` ("auto": bf16 on CUDA, fp32 elsewhere); None means fp32."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise VolumeFusionError(f"precision {precision!r} is not allowed; choose auto, bf16 or fp32")
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 def flip_sets(tta: bool | Sequence[int]) -> list[tuple[int, ...]]:
@@ -127,12 +136,8 @@ def _forward_probabilities(model: nn.Module, x: torch.Tensor, num_classes: int, 
     total = None
     for dims in flips:
         xi = x.flip(dims) if dims else x
-        autocast = (torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                    else contextlib.nullcontext())
-        with autocast:
-            out = model(xi)
-        if isinstance(out, (list, tuple)):  # deep supervision: the first output is full resolution
-            out = out[0]
+        with autocast(x.device, autocast_dtype):
+            out = main_output(model(xi))
         if out.shape[1] != num_classes:
             raise VolumeFusionError(
                 f"the network outputs {out.shape[1]} channels but {num_classes} classes were expected"
@@ -186,7 +191,7 @@ def _sliding_window(model: nn.Module, image: torch.Tensor, patch_size: Sequence[
     if device is None:  # the model's device (CPU for a model without parameters)
         device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     dev = torch.device(device)
-    autocast_dtype = resolve_precision(precision, dev)
+    dtype = autocast_dtype(precision, dev)
     flips = flip_sets(tta)
     patch = _check_patch(model, patch_size)
     pz, py, px = patch
@@ -235,7 +240,7 @@ def _sliding_window(model: nn.Module, image: torch.Tensor, patch_size: Sequence[
             crops = torch.stack([image[0, :, z:z + pz, y:y + py, x:x + px] for z, y, x in batch])
             if channels_last:
                 crops = crops.contiguous(memory_format=torch.channels_last_3d)
-            probs = _forward_probabilities(model, crops, num_classes, flips, autocast_dtype).mul_(weight)
+            probs = _forward_probabilities(model, crops, num_classes, flips, dtype).mul_(weight)
             for (z, y, x), p in zip(batch, probs):
                 for r0, r1, offset in _ring(z, z + pz, length):
                     acc[:, r0:r1, y:y + py, x:x + px] += p[:, offset:offset + r1 - r0]
@@ -313,23 +318,6 @@ def sliding_window_segmentation(model: nn.Module, image: torch.Tensor, patch_siz
 # whole images: checkpoint -> preprocessing -> sliding window -> original grid
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` (first CUDA device when there is one, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise VolumeFusionError(f"device {device!r}: choose auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VolumeFusionError(f"device {device!r}: no CUDA device is available; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise VolumeFusionError(
-            f"device {device!r}: only {torch.cuda.device_count()} CUDA devices are visible"
-        )
-    return dev
-
-
 class Predictor:
     """A trained segmentation network with the preprocessing it was trained with.
 
@@ -337,12 +325,10 @@ class Predictor:
     :func:`volumefusion.io.read_image` to a label map on the same grid.
     """
 
-    def __init__(self, model: nn.Module, cfg, task: dict, device: torch.device, *,
+    def __init__(self, model: nn.Module, cfg: Config, task: dict, device: torch.device, *,
                  patch_size: Sequence[int] | None = None, overlap: float | None = None,
                  window_batch: int | None = None, tta: bool | Sequence[int] = False,
                  precision: str | None = None):
-        from volumefusion.data.prepare import PrepareSettings
-
         # channels_last_3d is the layout cuDNN's fast bf16 3D convolutions want; CPU keeps the default.
         self.channels_last = device.type == "cuda"
         memory_format = torch.channels_last_3d if self.channels_last else torch.preserve_format
@@ -367,9 +353,6 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path, device: str | torch.device = "auto", **options) -> Predictor:
         """Load a volumefusion checkpoint (model, config, task); ``options`` as in the constructor."""
-        from volumefusion.config import from_dict
-        from volumefusion.nets import build_model
-        from volumefusion.train.checkpoint import clean_state_dict, load_checkpoint
 
         ckpt = load_checkpoint(path)
         missing = [k for k in ("model", "config", "task") if k not in ckpt]
@@ -392,22 +375,19 @@ class Predictor:
         except RuntimeError as exc:
             raise VolumeFusionError(f"{path}: weights do not fit the network in its config: "
                                     f"{str(exc).splitlines()[0][:300]}") from None
-        return cls(model, cfg, task, resolve_device(device), **options)
+        return cls(model, cfg, task, resolve_device(device, setting="device"), **options)
 
     def predict(self, image, geometry, *, probabilities: bool = False, progress: bool | str = False):
         """Segment one CT image.
 
         ``image``: (z, y, x) HU, any numeric dtype; ``geometry``: its
         :class:`~volumefusion.io.Geometry`. The image goes through the checkpoint's
-        :func:`~volumefusion.data.prepare.preprocess_case` and ``normalise_hu``, is segmented in
+        :func:`~volumefusion.preprocess.preprocess_case` and ``normalise_hu``, is segmented in
         prepared space and mapped back with ``restore_to_original``. Returns ``(labels, probs)`` as
         numpy arrays on the original grid: ``labels`` (z, y, x) uint8 class indices; ``probs``
         (num_classes, z, y, x) uint8 with probability = value / 255 when ``probabilities``, else None.
         """
-        import numpy as np
 
-        from volumefusion.data.prepare import preprocess_case, restore_to_original
-        from volumefusion.preprocess import normalise_hu
 
         prepared = preprocess_case(image, geometry, self.settings)
         restore = prepared.restore
@@ -433,3 +413,99 @@ class Predictor:
             for k in range(self.num_classes)
         ])
         return labels, restored
+
+
+# --------------------------------------------------------------------------------------------------
+# folders: inputs -> one label map file per case
+
+
+@dataclass
+class PredictSummary:
+    """What :func:`predict_files` did: ``written`` case ids; ``failed`` ``(input, reason)`` pairs whose
+    reason names the input."""
+
+    out_dir: Path
+    written: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def format(self) -> str:
+        lines = [f"{len(self.written)} of {len(self.written) + len(self.failed)} cases written to {self.out_dir}"]
+        lines += [f"  failed: {reason}" for _, reason in self.failed]
+        return "\n".join(lines)
+
+
+def output_path(out_dir: Path, source: Path, case: str, fmt: str) -> Path:
+    """``OUT_DIR/CASE.<ext>``: NIfTI, or with ``fmt="same"`` the input's image extension."""
+    suffix = ".nii.gz"
+    if fmt == "same":
+        name = source.name.lower()
+        suffix = next((s for s in IMAGE_SUFFIXES if name.endswith(s)), ".nii.gz")
+    return out_dir / f"{case}{suffix}"
+
+
+def check_outputs_spare_inputs(inputs: list[Path], outputs: list[Path]) -> None:
+    """VolumeFusionError if any output path is one of the input files (``-o`` = ``-i`` folder)."""
+    sources = {Path(str(p).split(SERIES_SEPARATOR)[0]).resolve() for p in inputs}
+    clash = [p for p in outputs if p.resolve() in sources]
+    if clash:
+        raise VolumeFusionError(f"{clash[0]}: the output would overwrite this input image "
+                                f"({len(clash)} in all); pass another -o folder")
+
+
+def predict_files(model: str | Path | Predictor, inputs: Sequence[str | Path], out_dir: str | Path, *,
+                  device: str | torch.device = "auto", patch_size: Sequence[int] | None = None,
+                  overlap: float | None = None, window_batch: int | None = None,
+                  tta: bool | Sequence[int] = False, precision: str | None = None,
+                  save_probabilities: bool = False, fmt: str = "nii.gz",
+                  channel: int | None = None) -> PredictSummary:
+    """Segment every image named by ``inputs`` and write one label map per case into ``out_dir``.
+
+    ``model``: a checkpoint written by fine-tuning, or a :class:`Predictor` (then ``device``,
+    ``patch_size``, ``overlap``, ``window_batch``, ``tta`` and ``precision`` are its own).
+    ``inputs``: image files (NIfTI, NRRD, MHA), folders, DICOM series folders, globs or .txt/.csv
+    lists, as :func:`volumefusion.io.discover_inputs` takes them; case ids as ``prepare`` makes them.
+    Writes ``CASE.nii.gz`` (``fmt="same"``: the input's format), uint8 class indices on the input's
+    grid, and with ``save_probabilities`` ``probabilities/CASE_classK.nii.gz`` (uint8, probability =
+    value / 255). ``channel`` picks one channel of 4D inputs. A case that fails is recorded in the
+    summary and skipped; an ``out_dir`` where an output would replace an input is refused up front.
+
+    Example::
+
+        summary = predict_files("runs/ft/checkpoints/best.pt", ["ct/"], "preds/", tta=True)
+        print(summary.format())
+    """
+    failed: list[tuple[str, str]] = []
+    found = discover_inputs([str(i) for i in inputs], failed)
+    cases = unique_case_ids([CaseTask(case_id_from_path(p), str(p)) for p in found], failed)
+    out_dir = Path(out_dir)
+    outputs = {c.case_id: output_path(out_dir, Path(c.image), c.case_id, fmt) for c in cases}
+    check_outputs_spare_inputs(found, list(outputs.values()))
+    predictor = model if isinstance(model, Predictor) else Predictor.from_checkpoint(
+        model, device, patch_size=patch_size, overlap=overlap, window_batch=window_batch, tta=tta,
+        precision=precision,
+    )
+    log.info("%d inputs; %s on %s, patch %s, overlap %g, window batch %d%s", len(found),
+             predictor.cfg.model.name, predictor.device, list(predictor.patch_size), predictor.overlap,
+             predictor.window_batch, ", mirror TTA" if predictor.tta else "")
+
+    summary = PredictSummary(out_dir, failed=failed)
+    for task in cases:
+        source, case = task.image, task.case_id
+        started = time.perf_counter()
+        try:
+            image, geometry = read_image(source, channel=channel)
+            labels, probs = predictor.predict(image, geometry, probabilities=save_probabilities, progress=case)
+            del image
+            write_image(outputs[case], labels, geometry)
+            for k, class_probs in enumerate(probs if probs is not None else []):
+                write_image(out_dir / "probabilities" / f"{case}_class{k}.nii.gz", class_probs, geometry)
+        except Exception as exc:  # one bad case must not stop the others; it is reported in the summary
+            reason = str(exc) if isinstance(exc, VolumeFusionError) else f"{type(exc).__name__}: {exc}"
+            reason = reason.splitlines()[0] if reason else type(exc).__name__
+            failed.append((source, reason if source in reason else f"{source}: {reason}"))
+            log.debug("case %s failed", case, exc_info=True)
+            continue
+        summary.written.append(case)
+        log.info("%s: %s in %.1f s", case, "x".join(map(str, geometry.shape_zyx[::-1])),
+                 time.perf_counter() - started)
+    return summary

@@ -46,11 +46,11 @@ def test_slab_labels_on_gpu_equal_the_argmax_of_the_probabilities_with_tta():
 
 def test_predict_on_gpu_gives_the_same_labels_as_on_cpu(tmp_path):
     from volumefusion import config
+    from volumefusion.checkpoint import save_checkpoint
     from volumefusion.data.phantoms import make_phantom
-    from volumefusion.data.prepare import PrepareSettings
     from volumefusion.io import Geometry
     from volumefusion.nets import build_model
-    from volumefusion.train.checkpoint import save_checkpoint
+    from volumefusion.preprocess import PrepareSettings
 
     cfg = config.load(overrides=["model.feature_channels=[8,16,32,64,128]", "model.num_heads=[2,4,8]",
                                  "data.crop_size=[16,64,64]"])

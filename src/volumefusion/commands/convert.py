@@ -31,32 +31,23 @@ def register(sub) -> None:
 def run(args) -> int:
     import json
 
-    from volumefusion import VolumeFusionError, config
+    from volumefusion import VolumeFusionError
+    from volumefusion.checkpoint import load_checkpoint, save_checkpoint
     from volumefusion.io import atomic_path
-    from volumefusion.nets import build_model
-    from volumefusion.nets.weights import load_pretrained, misfm_num_classes, model_config_from_misfm
-    from volumefusion.train.checkpoint import load_checkpoint, save_checkpoint
+    from volumefusion.nets.weights import model_from_misfm
 
     ckpt = load_checkpoint(args.checkpoint)
-    state = ckpt.get("model_state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
+    if not isinstance(ckpt.get("model_state_dict") if isinstance(ckpt, dict) else None, dict):
         raise VolumeFusionError(f"{args.checkpoint}: not a MIS-FM/PyMIC checkpoint (no 'model_state_dict'); "
                                 "volumefusion checkpoints need no conversion")
-    model_cfg = model_config_from_misfm(state)
-    if args.resolution_mode is not None:
-        model_cfg["resolution_mode"] = args.resolution_mode
     if any(not o.startswith("model.") for o in args.overrides):
         raise VolumeFusionError("convert --set changes model fields only (model.FIELD=VALUE)")
-    cfg = config.load(overrides=args.overrides, base={"model": model_cfg})
-    num_classes = misfm_num_classes(state)
-    model = build_model(cfg.model, num_classes)
-    report = load_pretrained(model, ckpt)
+    model, cfg, num_classes, report = model_from_misfm(ckpt, args.overrides, args.resolution_mode)
     print(report.format())
     if report.missing or report.shape_skipped or report.adapted:
         bad = len(report.missing) + len(report.shape_skipped)
         raise VolumeFusionError(f"{args.checkpoint}: {bad} tensors of the inferred architecture are "
                                 "missing or mis-shaped; not converted")
-    cfg.model.rel_pos_index = report.rel_pos_index
     weights = model.state_dict()
     save_checkpoint(args.out, {
         "model": weights,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from volumefusion import VolumeFusionError
 
@@ -63,78 +62,17 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def output_path(out_dir: Path, source: Path, case: str, fmt: str) -> Path:
-    """``OUT_DIR/CASE.<ext>``: NIfTI, or with ``fmt="same"`` the input's image extension."""
-    from volumefusion.io import IMAGE_SUFFIXES
-
-    suffix = ".nii.gz"
-    if fmt == "same":
-        name = source.name.lower()
-        suffix = next((s for s in IMAGE_SUFFIXES if name.endswith(s)), ".nii.gz")
-    return out_dir / f"{case}{suffix}"
-
-
-def check_outputs_spare_inputs(inputs: list[Path], outputs: list[Path]) -> None:
-    """VolumeFusionError if any output path is one of the input files (``-o`` = ``-i`` folder)."""
-    from volumefusion.io import SERIES_SEPARATOR
-
-    sources = {Path(str(p).split(SERIES_SEPARATOR)[0]).resolve() for p in inputs}
-    clash = [p for p in outputs if p.resolve() in sources]
-    if clash:
-        raise VolumeFusionError(f"{clash[0]}: the output would overwrite this input image "
-                                f"({len(clash)} in all); pass another -o folder")
-
-
 def run(args) -> int:
-    import time
+    from volumefusion.infer import predict_files
 
-    from volumefusion.data.prepare import CaseTask, unique_case_ids
-    from volumefusion.infer import Predictor
-    from volumefusion.io import case_id_from_path, discover_inputs, read_image, write_image
-    from volumefusion.log import get_logger
-
-    log = get_logger(__name__)
     if args.overlap is not None and not 0 <= args.overlap < 1:
         raise VolumeFusionError(f"--overlap {args.overlap}: must be in [0, 1)")
     if args.window_batch is not None and args.window_batch < 1:
         raise VolumeFusionError(f"--window-batch {args.window_batch}: must be >= 1")
-    failures: list[tuple[str, str]] = []  # (input, reason naming the input)
-    inputs = discover_inputs(args.input, failures)
-    cases = unique_case_ids([CaseTask(case_id_from_path(p), str(p)) for p in inputs], failures)
-    out_dir = Path(args.out)
-    outputs = {c.case_id: output_path(out_dir, Path(c.image), c.case_id, args.format) for c in cases}
-    check_outputs_spare_inputs(inputs, list(outputs.values()))
-    predictor = Predictor.from_checkpoint(
-        args.model, args.device, patch_size=args.patch_size, overlap=args.overlap,
+    summary = predict_files(
+        args.model, args.input, args.out, device=args.device, patch_size=args.patch_size, overlap=args.overlap,
         window_batch=args.window_batch, tta=args.tta, precision=args.precision,
+        save_probabilities=args.save_probabilities, fmt=args.format, channel=args.channel,
     )
-    log.info("%d inputs; %s on %s, patch %s, overlap %g, window batch %d%s", len(inputs),
-             predictor.cfg.model.name, predictor.device, list(predictor.patch_size), predictor.overlap,
-             predictor.window_batch, ", mirror TTA" if args.tta else "")
-
-    written = 0
-    for task in cases:
-        source, case = task.image, task.case_id
-        started = time.perf_counter()
-        try:
-            image, geometry = read_image(source, channel=args.channel)
-            labels, probs = predictor.predict(image, geometry, probabilities=args.save_probabilities,
-                                              progress=case)
-            del image
-            write_image(outputs[case], labels, geometry)
-            for k, channel in enumerate(probs if probs is not None else []):
-                write_image(out_dir / "probabilities" / f"{case}_class{k}.nii.gz", channel, geometry)
-        except Exception as exc:  # one bad case must not stop the others; it is reported below
-            reason = str(exc) if isinstance(exc, VolumeFusionError) else f"{type(exc).__name__}: {exc}"
-            reason = reason.splitlines()[0] if reason else type(exc).__name__
-            failures.append((source, reason if source in reason else f"{source}: {reason}"))
-            log.debug("case %s failed", case, exc_info=True)
-            continue
-        written += 1
-        log.info("%s: %s in %.1f s", case, "x".join(map(str, geometry.shape_zyx[::-1])),
-                 time.perf_counter() - started)
-
-    print(f"{written} of {written + len(failures)} cases written to {out_dir}")
-    for _, reason in failures:
-        print(f"  failed: {reason}")
-    return 1 if failures else 0
+    print(summary.format())
+    return 1 if summary.failed else 0

@@ -98,8 +98,9 @@ def run(args) -> int:
     import time
 
     from volumefusion import VolumeFusionError
-    from volumefusion.data.prepare import PrepareSettings, prepare
+    from volumefusion.data.prepare import prepare
     from volumefusion.data.store import reindex
+    from volumefusion.preprocess import PrepareSettings
 
     if args.reindex is not None:
         if args.inputs or args.out:

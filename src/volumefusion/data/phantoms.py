@@ -29,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from volumefusion import VolumeFusionError
+from volumefusion.io import Geometry, atomic_write_text, write_image
 
 LABEL_NAMES: dict[int, str] = {
     0: "background",
@@ -493,8 +494,6 @@ def _noise_gain(sigma) -> float:
 
 def _geometry(phantom: Phantom):
     """Identity direction, world origin chosen so the volume is centred on (0, 0, 0) mm."""
-    from volumefusion.io import Geometry
-
     shape = phantom.image.shape
     origin_zyx = [-(n - 1) * sp / 2 for n, sp in zip(shape, phantom.spacing_zyx)]
     return Geometry(shape, phantom.spacing_zyx, tuple(reversed(origin_zyx)))
@@ -502,8 +501,6 @@ def _geometry(phantom: Phantom):
 
 def _write_cases(image_dir: Path, label_dir: Path | None, seeds: Iterable[int], fmt: str, shape, spacing_zyx
                  ) -> list[tuple[str, Path, Path | None]]:
-    from volumefusion.io import write_image
-
     written = []
     for seed in seeds:
         phantom = make_phantom(int(seed), shape, spacing_zyx)
@@ -559,8 +556,6 @@ def write_msd_dataset(
     ``{"image": "./imagesTr/<case>.nii.gz", "label": "./labelsTr/<case>.nii.gz"}``), ``imagesTr/``,
     ``labelsTr/``. Returns ``out_dir``.
     """
-    from volumefusion.io import atomic_write_text
-
     out_dir = Path(out_dir)
     cases = _write_cases(out_dir / "imagesTr", out_dir / "labelsTr", seeds, "nii.gz", shape, spacing_zyx)
     dataset = {

@@ -57,8 +57,8 @@ class CaseRecord:
     ``shape`` and ``spacing_zyx`` (mm) describe the stored arrays; ``body_box`` is
     ``((z0, z1), (y0, y1), (x0, x1))``, half-open, in stored-array voxels; ``label_classes`` the
     non-zero label values present; ``checksum`` a sha256 of the stored arrays' bytes; ``restore`` what
-    :func:`volumefusion.data.prepare.restore_to_original` needs to map results back onto the source
-    grid; ``settings`` the :class:`~volumefusion.data.prepare.PrepareSettings` used;
+    :func:`volumefusion.preprocess.restore_to_original` needs to map results back onto the source
+    grid; ``settings`` the :class:`~volumefusion.preprocess.PrepareSettings` used;
     ``source_version`` what identified the source files' version when they were read
     (:func:`volumefusion.data.prepare.source_version`; empty in records written before it existed).
     """
@@ -269,7 +269,7 @@ def write_case(
     settings: dict,
     source_version: dict | None = None,
 ) -> CaseRecord:
-    """Write a :class:`~volumefusion.data.prepare.PreparedCase` into the store and return its record.
+    """Write a :class:`~volumefusion.preprocess.PreparedCase` into the store and return its record.
 
     Order matters for crash safety: an old record is removed first, leftovers of a killed run are
     cleared, the arrays are written (each atomically), and the record file comes last.

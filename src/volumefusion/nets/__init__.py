@@ -7,13 +7,14 @@ prefixes of the class-dependent output convolutions) and ``encoder_prefixes``.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from volumefusion.config import ModelConfig
 from volumefusion.nets.pctnet import PCTNet
 from volumefusion.nets.unet import UNet3D
 
-__all__ = ["PCTNet", "UNet3D", "build_model"]
+__all__ = ["PCTNet", "UNet3D", "build_model", "main_output"]
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -36,3 +37,9 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
             dropout=cfg.dropout, resolution_mode=cfg.resolution_mode, deep_supervision=cfg.deep_supervision,
         )
     raise ValueError(f"model.name {cfg.name!r}: choose pctnet or unet")
+
+
+def main_output(outputs: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The full-resolution logits of a network: the first element of a deep-supervision list
+    ``[full, 1/2, 1/4, ...]``, or the tensor itself. (N, num_classes, D, H, W)."""
+    return outputs[0] if isinstance(outputs, (list, tuple)) else outputs

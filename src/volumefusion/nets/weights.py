@@ -26,10 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from volumefusion import VolumeFusionError
+from volumefusion import VolumeFusionError, config
+from volumefusion.checkpoint import clean_state_dict, load_checkpoint
+from volumefusion.config import Config
 from volumefusion.log import get_logger
+from volumefusion.nets import build_model
 from volumefusion.nets.pctnet import REL_POS_KINDS, WindowAttention, relative_position_index
-from volumefusion.train.checkpoint import clean_state_dict, load_checkpoint
 
 log = get_logger(__name__)
 
@@ -312,3 +314,23 @@ def model_config_from_misfm(state: dict[str, torch.Tensor]) -> dict[str, Any]:
 def _one_if_equal(values: list) -> list:
     """``[v]`` when every level has the same value ``v``, else ``values`` (the config's two forms)."""
     return values[:1] if len(set(values)) == 1 else values
+
+
+def model_from_misfm(ckpt: dict[str, Any], overrides: list[str] | None = None,
+                     resolution_mode: int | None = None) -> tuple[nn.Module, Config, int, LoadReport]:
+    """The network of an official MIS-FM / PyMIC checkpoint (``{"model_state_dict": ...}``), built from
+    the architecture its weights show and loaded: ``(model, config, num_classes, load report)``.
+
+    ``overrides`` (``model.FIELD=VALUE``) and ``resolution_mode`` set what the weights cannot show;
+    ``config.model.rel_pos_index`` is the relative-position index the weights were trained with.
+    """
+    state = ckpt["model_state_dict"]
+    model_cfg = model_config_from_misfm(state)
+    if resolution_mode is not None:
+        model_cfg["resolution_mode"] = resolution_mode
+    cfg = config.load(overrides=overrides, base={"model": model_cfg})
+    num_classes = misfm_num_classes(state)
+    model = build_model(cfg.model, num_classes)
+    report = load_pretrained(model, ckpt)
+    cfg.model.rel_pos_index = report.rel_pos_index
+    return model, cfg, num_classes, report

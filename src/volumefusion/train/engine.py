@@ -12,6 +12,7 @@ and the checkpoint carries the global RNG states (dropout), so N steps + resume 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -27,9 +28,11 @@ import torch.distributed as dist
 from torch import nn
 
 from volumefusion import VolumeFusionError
-from volumefusion.config import Config, OptimConfig, RunConfig, changed_fields
+from volumefusion.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
+from volumefusion.config import Config, OptimConfig, changed_fields
+from volumefusion.device import autocast, autocast_dtype, resolve_device
 from volumefusion.log import get_logger, progress
-from volumefusion.train.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
+from volumefusion.nets import main_output
 from volumefusion.train.logging import RunLogger
 from volumefusion.train.losses import DeepSupervisionLoss
 
@@ -82,28 +85,6 @@ class DistInfo:
         """Ranks as set by torchrun (RANK, WORLD_SIZE, LOCAL_RANK); a single process otherwise."""
         return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                    int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise VolumeFusionError(f"run.device: {name!r} requested but no CUDA device is available; use cpu")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise VolumeFusionError(f"run.device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-
-
-def autocast_for(run: RunConfig, device: torch.device):
-    """A zero-argument factory of the autocast context: bf16 on GPUs (unless fp32 is asked), none on CPU."""
-    use_bf16 = run.precision == "bf16" or (run.precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def step_seed(seed: int, rank: int, micro_step: int) -> int:
@@ -207,11 +188,11 @@ class Trainer:
         if self.dist.world_size > 1 and not dist.is_initialized():
             backend = "nccl" if cfg.run.device != "cpu" and torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend)
-        self.device = resolve_device(cfg.run.device, self.dist.local_rank)
+        self.device = resolve_device(cfg.run.device, self.dist.local_rank, setting="run.device")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
-        self.autocast = autocast_for(cfg.run, self.device)
+        self.autocast = functools.partial(autocast, self.device, autocast_dtype(cfg.run.precision, self.device))
         memory_format = torch.channels_last_3d if cfg.run.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=memory_format)
         self.loss_fn = DeepSupervisionLoss(task.num_classes, cfg.loss.dice_weight, cfg.loss.ce_weight,
@@ -398,7 +379,7 @@ class Trainer:
                     count, samples_since, t_log = 0, 0, time.perf_counter()
                 if last is not None:
                     x, y, outputs = last
-                    pred = (outputs[0] if isinstance(outputs, list) else outputs).argmax(1)
+                    pred = main_output(outputs).argmax(1)
                     self.task.save_images(self.out_dir / "images" / f"step_{self.step:08d}.png", x, y, pred)
                 if self.step % run.val_every == 0 or self.step == run.max_steps:
                     if self.dist.is_main:

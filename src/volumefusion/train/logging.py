@@ -13,6 +13,7 @@ from typing import Any
 
 from volumefusion.io import atomic_write_text
 from volumefusion.log import get_logger
+from volumefusion.viz import save_curves
 
 log = get_logger(__name__)
 
@@ -78,8 +79,6 @@ class RunLogger:
         if not force and now - self._plotted < PLOT_INTERVAL_S:
             return
         self._plotted = now
-        from volumefusion.viz import save_curves
-
         def series(key: str) -> list[tuple[float, float]]:
             return [(r["step"], r[key]) for r in self.records if isinstance(r.get(key), (int, float))]
 

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from volumefusion import VolumeFusionError
-from volumefusion.config import Config, changed_fields, save
+from volumefusion import VolumeFusionError, nets
+from volumefusion.checkpoint import load_checkpoint
+from volumefusion.config import Config, changed_fields, load, save
+from volumefusion.data.prepare import prepare
+from volumefusion.data.store import Store
+from volumefusion.device import resolve_device
+from volumefusion.io import atomic_write_text
 from volumefusion.log import get_logger
-from volumefusion.train.engine import DistInfo, FitResult, Trainer, resolve_device
+from volumefusion.nets.weights import load_pretrained, model_config_from_misfm
+from volumefusion.preprocess import PrepareSettings
+from volumefusion.train.engine import DistInfo, FitResult, Trainer
+from volumefusion.train.tasks import PretrainTask, SegmentationTask, split_cases
 
 log = get_logger(__name__)
 
@@ -25,14 +34,12 @@ ADJUSTABLE_MODEL_FIELDS = frozenset({
 def check_model_settings(cfg: Config) -> None:
     """Errors for settings the data cannot meet: input channels other than CT's one, a crop the
     network's down-sampling does not divide (checked on the meta device: no memory, no time)."""
-    from volumefusion.nets import build_model as build
-
     if cfg.model.in_channels != 1:
         raise VolumeFusionError(f"model.in_channels: {cfg.model.in_channels}, but prepared stores hold "
                                 "single-channel CT; set it to 1 (pretrained weights with other input channels "
                                 "are adapted when fine-tuning)")
     with torch.device("meta"):
-        divisor = build(cfg.model, 2).size_divisor
+        divisor = nets.build_model(cfg.model, 2).size_divisor
     if any(c % d for c, d in zip(cfg.data.crop_size, divisor)):
         raise VolumeFusionError(
             f"data.crop_size: {list(cfg.data.crop_size)} must be divisible by the network's down-sampling "
@@ -41,11 +48,9 @@ def check_model_settings(cfg: Config) -> None:
 
 def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
     """The configured network, initialised from ``run.seed``, after :func:`check_model_settings`."""
-    from volumefusion.nets import build_model as build
-
     check_model_settings(cfg)
     torch.manual_seed(cfg.run.seed)
-    model = build(cfg.model, num_classes)
+    model = nets.build_model(cfg.model, num_classes)
     # Dropout and drop-path draws differ per rank but are reproducible per rank.
     torch.manual_seed(cfg.run.seed * 1009 + DistInfo.from_env().rank + 1)
     return model
@@ -68,9 +73,6 @@ def write_config(cfg: Config, out_dir: str | Path) -> None:
 
 def pretrain(cfg: Config, data: str | Path, out_dir: str | Path, resume: bool | str = False) -> FitResult:
     """Volume Fusion pretraining on the store at ``data``; outputs in ``out_dir``."""
-    from volumefusion.data.store import Store
-    from volumefusion.train.tasks import PretrainTask
-
     check_run_folder(out_dir, resume)
     task = PretrainTask(cfg, Store.open(data))
     model = build_model(cfg, task.num_classes)
@@ -84,9 +86,6 @@ def pretrain(cfg: Config, data: str | Path, out_dir: str | Path, resume: bool | 
 
 def _pretrained_base(pretrained: str | Path | None) -> tuple[dict | None, dict]:
     """The checkpoint (or None) and the config it imposes on fine-tuning (model and intensity)."""
-    from volumefusion.nets.weights import model_config_from_misfm
-    from volumefusion.train.checkpoint import load_checkpoint
-
     if pretrained is None:
         return None, {}
     ckpt = load_checkpoint(pretrained)
@@ -103,9 +102,6 @@ def _segmentation_store(data: str | Path, out_dir: Path, preprocessing: dict | N
 
     ``preprocessing``: the pretrained checkpoint's preparation settings, which the store must match.
     """
-    from volumefusion.data.prepare import PrepareSettings, prepare
-    from volumefusion.data.store import Store
-
     data = Path(data)
     if (data / "dataset.json").is_file():
         settings = PrepareSettings.from_dict(preprocessing) if preprocessing else PrepareSettings()
@@ -134,13 +130,6 @@ def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_d
     The pretrained checkpoint fixes the architecture and the intensity window; asking for a different
     window is an error, so pretraining and fine-tuning intensities can never silently differ.
     """
-    import json
-
-    from volumefusion.config import load
-    from volumefusion.io import atomic_write_text
-    from volumefusion.nets.weights import load_pretrained
-    from volumefusion.train.tasks import SegmentationTask, split_cases
-
     out_dir = Path(out_dir)
     check_run_folder(out_dir, resume)
     ckpt, base = _pretrained_base(pretrained)
@@ -161,7 +150,7 @@ def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_d
         cfg.model.in_channels = 1
     # what can fail without the data fails before the dataset is prepared (minutes to hours)
     check_model_settings(cfg)
-    resolve_device(cfg.run.device)
+    resolve_device(cfg.run.device, setting="run.device")
     if cfg.finetune.split_file and not Path(cfg.finetune.split_file).is_file():
         raise VolumeFusionError(f"--split {cfg.finetune.split_file}: file not found")
     preprocessing = (ckpt or {}).get("task", {}).get("preprocessing") or None

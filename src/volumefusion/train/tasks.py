@@ -5,6 +5,7 @@ A task turns store crops into device batches and knows how to validate; the engi
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -13,26 +14,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from volumefusion import VolumeFusionError
+from volumefusion.augment import augment_segmentation
 from volumefusion.config import Config
 from volumefusion.data.sampling import PretrainLoader, SegmentationLoader
 from volumefusion.data.store import Store
 from volumefusion.fusion import make_fused_batch, source_shape
+from volumefusion.infer import sliding_window_inference
 from volumefusion.log import get_logger
+from volumefusion.nets import main_output
 from volumefusion.preprocess import normalise_hu
 from volumefusion.train.losses import DeepSupervisionLoss, dice_per_class
+from volumefusion.viz import save_montage
 
 log = get_logger(__name__)
-
-
-def _first(outputs):
-    return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
 
 
 def save_prediction_montage(path: Path, inputs: torch.Tensor, labels: torch.Tensor,
                             predictions: torch.Tensor, samples: int = 4) -> None:
     """Middle axial slice of up to ``samples`` inputs, with true and predicted class maps."""
-    from volumefusion.viz import save_montage
-
     n = min(samples, inputs.shape[0])
     mid = inputs.shape[2] // 2
     image = [inputs[i, 0, mid].float().cpu().numpy() for i in range(n)]
@@ -84,7 +84,7 @@ class PretrainTask:
         losses, preds, refs = [], [], []
         for x, y in self._validation_set():
             with autocast():
-                out = _first(model(x.to(device)))
+                out = main_output(model(x.to(device)))
             y = y.to(device)
             losses.append(loss_fn(out, y).item())
             preds.append(out.argmax(1).cpu())
@@ -106,8 +106,6 @@ def split_cases(case_ids: list[str], num_folds: int, fold: int, split_file: str 
                 seed: int = 12345) -> tuple[list[str], list[str]]:
     """Training and validation case ids: fold ``fold`` of a k-fold split by case (fixed seed, so the
     split does not change with the run's seed), or the ``{"train": [...], "val": [...]}`` split file."""
-    import json
-
     from volumefusion import VolumeFusionError
 
     if split_file:
@@ -143,8 +141,6 @@ class SegmentationTask:
     augmentation, sliding-window validation on whole cases (mean foreground Dice is the score)."""
 
     def __init__(self, cfg: Config, store: Store, train_ids: list[str], val_ids: list[str]):
-        from volumefusion import VolumeFusionError
-
         if not store.label_names:
             raise VolumeFusionError(f"{store.path}: store has no labels; prepare a labelled dataset "
                                     "(dataset.json with imagesTr/labelsTr) to fine-tune")
@@ -162,16 +158,12 @@ class SegmentationTask:
                                   prefetch=c.data.prefetch)
 
     def make_inputs(self, batch: dict[str, Any], generator: torch.Generator, device: torch.device):
-        from volumefusion.augment import augment_segmentation
-
         image = normalise_hu(batch["image"].to(device, non_blocking=True), self.cfg.data.hu_window)
         label = batch["label"].to(device, non_blocking=True)
         image, label = augment_segmentation(image, label, generator, mirror_axes=self.cfg.finetune.mirror_axes)
         return image, label[:, 0].long()
 
     def validate(self, model: nn.Module, device: torch.device, autocast) -> dict[str, float]:
-        from volumefusion.infer import sliding_window_inference
-
         c = self.cfg
         per_case = []
         for case_id in self.val_ids:

@@ -1,0 +1,207 @@
+"""The Python API: what a script or notebook needs, in one place (also importable from ``volumefusion``).
+
+Each call does what one CLI command does, with the same files and settings, and returns objects
+instead of printing. Arrays are NumPy, ``(z, y, x)``; CT in Hounsfield units; spacings in mm,
+``(z, y, x)``; label maps hold class indices (0 = background). Errors caused by the input are
+:class:`~volumefusion.VolumeFusionError` with a message that names the file or field.
+
+Example (see ``docs/python-api.md`` for more)::
+
+    import volumefusion as vf
+
+    vf.prepare_collection(["ct/"], "store/")
+    vf.pretrain("store/", "runs/vf", overrides=["run.max_steps=1000"])
+    vf.finetune("Task09_Spleen/", "runs/spleen", pretrained="runs/vf/checkpoints/latest.pt")
+    predictor = vf.load_predictor("runs/spleen/checkpoints/best.pt")
+    labels = vf.predict_array(predictor, ct_hu, spacing_zyx=(2.5, 0.8, 0.8))
+    print(vf.dice_per_class(labels, reference, predictor.label_names))
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from volumefusion import VolumeFusionError, config
+from volumefusion.checkpoint import clean_state_dict, load_checkpoint
+from volumefusion.config import Config
+from volumefusion.data.prepare import PrepareSummary, prepare
+from volumefusion.evaluate import evaluate_folders
+from volumefusion.infer import Predictor, PredictSummary, predict_files
+from volumefusion.io import Geometry
+from volumefusion.metrics import evaluate_case
+from volumefusion.nets import build_model
+from volumefusion.nets.weights import model_from_misfm
+from volumefusion.preprocess import PrepareSettings
+from volumefusion.train import runs
+from volumefusion.train.engine import FitResult
+
+__all__ = [
+    "Config", "FitResult", "LoadedModel", "PredictSummary", "PrepareSettings", "PrepareSummary", "Predictor",
+    "dice_per_class", "evaluate_arrays", "evaluate_folders", "finetune", "load_config", "load_model",
+    "load_predictor", "predict_array", "predict_files", "prepare_collection", "pretrain",
+]
+
+ConfigSource = str | Path | Sequence[str | Path] | None
+
+
+def load_config(config_files: ConfigSource = None, overrides: Sequence[str] = ()) -> Config:
+    """A validated :class:`Config`: the defaults, then each YAML file (or preset name such as
+    ``"pretrain_paper"``), then ``overrides`` (``"section.field=value"`` strings, as ``--set``).
+
+    Example: ``load_config(overrides=["run.max_steps=100", "run.device=cpu"]).run.max_steps == 100``.
+    """
+    return config.load(config_files, list(overrides))
+
+
+def prepare_collection(inputs: Sequence[str | Path], out: str | Path, settings: PrepareSettings | None = None, *,
+                       workers: int = 1, label_dir: str | Path | None = None,
+                       label_names: Mapping[int, str] | None = None) -> PrepareSummary:
+    """Prepare a collection of CT images (and label maps) into the store ``out``, as ``volumefusion prepare``.
+
+    ``inputs``: image files, folders, DICOM series folders, globs, .txt/.csv lists, or MSD / nnU-Net v2
+    dataset folders (with ``dataset.json``). ``settings``: target spacing (mm), orientation and body
+    crop (default: native spacing, LPS, cropped to the body). ``label_dir``: label maps named like the
+    images; ``label_names``: ``{value: name}`` of their classes. Bad inputs are listed in the returned
+    summary's ``failed`` and skipped; cases prepared before are skipped unless their source changed.
+
+    Example: ``prepare_collection(["ct/"], "store/", PrepareSettings(spacing_zyx=(2.0, 1.0, 1.0)))``.
+    """
+    return prepare([str(i) for i in inputs], out, settings, workers=workers, label_dir=label_dir,
+                   label_names=dict(label_names) if label_names is not None else None)
+
+
+def pretrain(data: str | Path, out: str | Path, config_files: ConfigSource = None, *,
+             overrides: Sequence[str] = (), resume: bool | str | Path = False) -> FitResult:
+    """Volume Fusion self-supervised pretraining on the store ``data`` (from :func:`prepare_collection`),
+    as ``volumefusion pretrain``; the run folder ``out`` gets ``checkpoints/latest.pt``, metrics and plots.
+
+    ``config_files`` / ``overrides`` as in :func:`load_config`. Returns the steps done and the history.
+
+    Example: ``pretrain("store/", "runs/vf", "pretrain_paper", overrides=["run.max_steps=1000"])``.
+    """
+    return runs.pretrain(load_config(config_files, overrides), data, out, resume=resume)
+
+
+def finetune(data: str | Path, out: str | Path, pretrained: str | Path | None = None,
+             config_files: ConfigSource = None, *, overrides: Sequence[str] = (),
+             resume: bool | str | Path = False) -> FitResult:
+    """Fine-tune a segmentation network on labelled data, as ``volumefusion finetune``.
+
+    ``data``: a store with labels, or anything :func:`prepare_collection` takes with labels (an MSD /
+    nnU-Net v2 dataset folder; it is prepared into ``out`` first). ``pretrained``: a volumefusion
+    pretraining checkpoint or an official MIS-FM one (it fixes the architecture and the HU window);
+    None trains from scratch. The best model is ``out/checkpoints/best.pt`` (for :func:`load_predictor`).
+
+    Example: ``finetune("Task09_Spleen/", "runs/spleen", "runs/vf/checkpoints/latest.pt")``.
+    """
+    files = [config_files] if isinstance(config_files, (str, Path)) else list(config_files or [])
+    return runs.finetune([str(f) for f in files], list(overrides), data, out, pretrained, resume=resume)
+
+
+@dataclass
+class LoadedModel:
+    """A network restored from a checkpoint: ``model`` (eval mode, CPU), its ``config`` and
+    ``num_classes`` output channels (Volume Fusion mixing levels for a pretraining checkpoint)."""
+
+    model: nn.Module
+    config: Config
+    num_classes: int
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """The network stored in ``path``: a volumefusion checkpoint (``.pt``), an official MIS-FM / PyMIC
+    checkpoint (architecture inferred from its weights) or a ``.safetensors`` export written by
+    ``volumefusion convert --safetensors``. Weights load with ``weights_only`` semantics (no pickled code).
+
+    Example: ``net = load_model("pctnet_ct10k_volf.pt").model; logits = net(torch.zeros(1, 1, 32, 64, 64))``.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise VolumeFusionError(f"{path}: file not found")
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if "config" not in metadata or "num_classes" not in metadata:
+            raise VolumeFusionError(f"{path}: no volumefusion config in its metadata; "
+                                    "export it with `volumefusion convert --safetensors`")
+        cfg = config.from_dict(json.loads(metadata["config"]))
+        num_classes, state = int(metadata["num_classes"]), load_file(str(path))
+    else:
+        ckpt = load_checkpoint(path)
+        if "model_state_dict" in ckpt:  # MIS-FM / PyMIC
+            model, cfg, num_classes, _ = model_from_misfm(ckpt)
+            return LoadedModel(model.eval(), cfg, num_classes)
+        if not {"model", "config", "task"} <= set(ckpt):
+            raise VolumeFusionError(f"{path}: neither a volumefusion nor a MIS-FM checkpoint "
+                                    "(expected keys 'model', 'config' and 'task', or 'model_state_dict')")
+        cfg, num_classes, state = config.from_dict(ckpt["config"]), int(ckpt["task"]["num_classes"]), ckpt["model"]
+    model = build_model(cfg.model, num_classes)
+    try:
+        model.load_state_dict(clean_state_dict(state))
+    except RuntimeError as exc:
+        raise VolumeFusionError(f"{path}: weights do not fit the network in its config: "
+                                f"{str(exc).splitlines()[0][:300]}") from None
+    return LoadedModel(model.eval(), cfg, num_classes)
+
+
+def load_predictor(path: str | Path, device: str | torch.device = "auto", **options) -> Predictor:
+    """A :class:`Predictor` for a fine-tuned checkpoint (``out/checkpoints/best.pt`` of :func:`finetune`):
+    the network plus the preprocessing it was trained with. ``device``: "auto", "cpu", "cuda" or
+    "cuda:N"; ``options``: ``patch_size``, ``overlap``, ``window_batch``, ``tta``, ``precision``."""
+    return Predictor.from_checkpoint(path, device, **options)
+
+
+def predict_array(predictor: Predictor, image: np.ndarray, spacing_zyx: Sequence[float], *,
+                  origin: Sequence[float] = (0.0, 0.0, 0.0), direction: Sequence[float] | None = None,
+                  progress: bool = False) -> np.ndarray:
+    """Segment one CT volume held in memory.
+
+    ``image``: (z, y, x) HU, any numeric dtype; ``spacing_zyx``: voxel size in mm; ``origin`` (x, y, z
+    mm) and ``direction`` (9 floats, ITK order; default identity, i.e. LPS) matter only when the
+    checkpoint reorients. Returns the (z, y, x) uint8 label map on the input's grid.
+
+    Example: ``labels = predict_array(predictor, ct_hu, spacing_zyx=(2.5, 0.8, 0.8))``.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise VolumeFusionError(f"image has shape {image.shape}; predict_array takes one (z, y, x) volume")
+    geometry = Geometry(image.shape, tuple(spacing_zyx), tuple(origin),
+                        *(() if direction is None else (tuple(direction),)))
+    labels, _ = predictor.predict(image, geometry, progress=progress)
+    return labels
+
+
+def evaluate_arrays(pred: np.ndarray, ref: np.ndarray, labels: Mapping[int, str] | Sequence[int],
+                    spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0),
+                    tolerance_mm: float = 1.0) -> dict[str, dict[str, float]]:
+    """Dice, HD95 (mm), ASSD (mm) and NSD per class of a (z, y, x) label map against the reference.
+
+    ``labels``: ``{value: name}`` (e.g. ``predictor.label_names`` without 0) or values to score.
+    Returns ``{name: {"dice", "hd95", "assd", "nsd", "ref_voxels", "pred_voxels"}}``; conventions for
+    empty masks as in ``volumefusion evaluate --help``.
+    """
+    return evaluate_case(np.asarray(pred), np.asarray(ref), spacing_zyx, _foreground(labels), tolerance_mm)
+
+
+def dice_per_class(pred: np.ndarray, ref: np.ndarray,
+                   labels: Mapping[int, str] | Sequence[int]) -> dict[str, float]:
+    """``{class name: Dice}`` of a (z, y, x) label map against the reference (1.0 where a class is
+    absent from both); background (0) is left out.
+
+    Example: ``dice_per_class(labels, reference, {1: "spleen"})`` -> ``{"spleen": 0.93}``.
+    """
+    return {name: m["dice"] for name, m in evaluate_arrays(pred, ref, labels).items()}
+
+
+def _foreground(labels: Mapping[int, str] | Sequence[int]) -> dict[int, str]:
+    names = dict(labels) if isinstance(labels, Mapping) else {int(v): str(v) for v in labels}
+    return {int(v): str(n) for v, n in names.items() if int(v) != 0}
