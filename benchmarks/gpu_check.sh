@@ -18,7 +18,8 @@
 # anywhere). --only: run these benchmarks, in this order. The default order puts the GPU figures
 # first (fusion, network, predict, engine), then the CPU-bound loader and store, then nnunet (ResEnc-L
 # from nnU-Net's planner beside PCT-Net; needs the extra volumefusion[nnunet]), so that a run cut
-# short by its time limit loses the least relevant ones.
+# short by its time limit loses the least relevant ones; scale (store start-up, CPU and disk only,
+# minutes at full size) is left to CPU runs (benchmarks.run.CPU_ONLY).
 # Environment: PYTHON (default: python, else python3), TESTS_TIMEOUT (120 s), PROFILE_TIMEOUT (60 s),
 # BENCH_TIMEOUT (270 s), VF_COMMIT (the commit to record where the copy has no git metadata).
 # Exit status: 0 when every step succeeded (nvidia-smi is not required with --tiny), else 1.

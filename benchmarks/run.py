@@ -35,7 +35,9 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-MODULES = ("fusion", "store", "loader", "network", "engine", "predict", "nnunet")
+MODULES = ("fusion", "store", "loader", "network", "engine", "predict", "nnunet", "scale")
+CPU_ONLY = ("scale",)
+"""Modules that measure the host alone (no device): ``gpu_check.sh`` leaves them out by default."""
 
 # Every figure a module returns has exactly these keys with these types (None where allowed);
 # numbers.Real admits numpy scalars, which the JSON writer turns into plain numbers.
