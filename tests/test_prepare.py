@@ -62,7 +62,7 @@ def snapshot(store_path) -> dict:
     """Everything a store holds per case: record and array contents."""
     store = Store.open(store_path)
     out = {}
-    for record in store.cases:
+    for record in map(store.case, store.ids):
         label = store.label(record.id)
         out[record.id] = (record.to_dict(), store.image(record.id).read(),
                           None if label is None else label.read())
@@ -222,7 +222,7 @@ def test_prepare_resumes_after_a_kill(tmp_path):
     (store / "cases" / ".case2.json.k1ll3d.tmp.json").write_text('{"id": "ca')
     (store / "arrays" / "case3" / "image.b2nd").write_bytes(b"stale garbage")  # no record
     (store / "cases" / "case3.json").unlink()
-    assert [c.id for c in Store.open(store).cases] == ["case1"]
+    assert Store.open(store).ids == ["case1"]
     summary = prepare([str(tmp_path / "in")], store)
     assert summary.ok and sorted(summary.prepared) == ["case2", "case3"] and summary.skipped == ["case1"]
     assert sorted(p.name for p in (store / "arrays" / "case2").iterdir()) == ["image.b2nd"]
@@ -277,7 +277,7 @@ def test_each_bad_input_is_reported_while_good_cases_land(tmp_path):
                      r"empty: folder holds no NIfTI"]:
         assert len(re.findall(expected, reasons)) == 1, expected
     assert len(summary.failed) == 9 and summary.total == 10
-    assert [c.id for c in Store.open(tmp_path / "store").cases] == ["case2"]
+    assert Store.open(tmp_path / "store").ids == ["case2"]
     assert "FAILED" in summary.format() and "9 failed" in summary.format()
 
 
@@ -320,7 +320,7 @@ def test_a_source_replaced_in_place_is_prepared_again(tmp_path, caplog, monkeypa
     stored = Store.open(store)
     np.testing.assert_array_equal(stored.image("case1").read(), expected.image)
     assert stored.case("case1").restore == expected.restore
-    assert all(stored.verify(c.id) for c in stored.cases)
+    assert all(stored.verify(c) for c in stored.ids)
     third = prepare([str(tmp_path / "in")], store)
     assert third.prepared == [] and sorted(third.skipped) == ["case1", "case2"]
 

@@ -15,7 +15,8 @@ import sys
 from volumefusion import VolumeFusionError, __version__
 from volumefusion.log import setup
 
-COMMANDS = ["demo", "prepare", "pretrain", "finetune", "predict", "evaluate", "show", "convert", "config"]
+COMMANDS = ["demo", "prepare", "pretrain", "finetune", "predict", "evaluate", "show", "convert", "export",
+            "config"]
 
 DESCRIPTION = """\
 Volume Fusion self-supervised pretraining of PCT-Net for 3D CT segmentation (MIS-FM),

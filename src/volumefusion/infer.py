@@ -47,7 +47,7 @@ from volumefusion.io import (
 )
 from volumefusion.log import get_logger
 from volumefusion.log import progress as progress_bar
-from volumefusion.nets import build_model, main_output
+from volumefusion.nets import build_model, deep_supervision_owner, main_output
 from volumefusion.nets.weights import load_exactly
 from volumefusion.preprocess import (
     PrepareSettings,
@@ -125,18 +125,18 @@ def _unwrap(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Evaluation mode with deep supervision off (one full-resolution output); restored on exit."""
-    core = _unwrap(model)
+    owner = deep_supervision_owner(_unwrap(model))
     was_training = model.training
-    deep_supervision = getattr(core, "deep_supervision", None)
+    deep_supervision = getattr(owner, "deep_supervision", None)
     model.eval()
-    if deep_supervision is not None:
-        core.deep_supervision = False
+    if owner is not None:
+        owner.deep_supervision = False
     try:
         yield
     finally:
         model.train(was_training)
-        if deep_supervision is not None:
-            core.deep_supervision = deep_supervision
+        if owner is not None:
+            owner.deep_supervision = deep_supervision
 
 
 def _forward_probabilities(model: nn.Module, x: torch.Tensor, num_classes: int, flips: list[tuple[int, ...]],

@@ -63,7 +63,7 @@ def _volumes(inputs: list[str]):
     for item in inputs or [str(chest_ct()[0])]:
         if (Path(item) / "store.json").is_file():
             store = Store.open(item)
-            volumes += [(c.id, store.image(c.id), c.body_box) for c in store.cases]
+            volumes += [(i, store.image(i), store.info(i).body_box) for i in store.ids]
         else:
             images.append(item)
     failures: list[tuple[str, str]] = []

@@ -21,6 +21,7 @@ import numpy as np
 
 from volumefusion import VolumeFusionError
 from volumefusion.data.datasets import CaseTask, absolute_source, collect_cases
+from volumefusion.data.index import update_index
 from volumefusion.data.store import STORE_ENTRIES, CaseRecord, init_store, name_found_labels, read_record, write_case
 from volumefusion.io import SERIES_SEPARATOR, Geometry, check_writable_folder, missing_reason, read_image
 from volumefusion.log import get_logger, progress
@@ -302,7 +303,13 @@ def prepare(
         _execute(todo, str(out), settings, workers, on_done)
     finally:
         bar.close()
-    if label_dir is not None and not (dataset_names or label_names):
-        name_found_labels(out)
+    try:  # merge this run's cases into the store's index (naming found label classes reads it)
+        if label_dir is not None and not (dataset_names or label_names):
+            name_found_labels(out)
+        else:
+            update_index(out)
+    except VolumeFusionError as exc:  # the cases are stored; the next Store.open rebuilds the index
+        summary.failed.append((str(out), str(exc)))
+        log.warning("%s", exc)
     summary.seconds = time.perf_counter() - start
     return summary

@@ -166,7 +166,7 @@ def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_d
     preprocessing = (ckpt or {}).get("task", {}).get("preprocessing") or None
     store = _segmentation_store(data, out_dir, preprocessing, cfg.data.workers)
     f = cfg.finetune
-    train_ids, val_ids = split_cases([c.id for c in store.cases], f.num_folds, f.fold, f.split_file)
+    train_ids, val_ids = split_cases(store.ids, f.num_folds, f.fold, f.split_file)
     task = SegmentationTask(cfg, store, train_ids, val_ids)
     model = build_model(cfg, task.num_classes)
     if ckpt is not None:
