@@ -2,8 +2,9 @@
 
 Paper configuration (44.2 M parameters) at [64, 128, 128], 5 classes, Dice + CE with deep
 supervision, Adam; random inputs and labels on the device (no data loading). Modes: fp32; bf16
-(autocast, channels_last_3d, cuDNN benchmark); bf16 + activation checkpointing (CUDA only); bf16 +
-torch.compile is :mod:`benchmarks.compile`, timed apart because compiling takes minutes. The baselines are the reference MIS-FM implementation as measured on an
+(autocast, channels_last_3d, cuDNN benchmark); bf16 + activation checkpointing (CUDA only). bf16 +
+torch.compile is :mod:`benchmarks.compile`, timed apart because compiling takes minutes. The
+baselines are the reference MIS-FM implementation as measured on an
 H200 (issue 9), for calibration only: they come from another card whenever this one is not an H200.
 
 On the CPU it also counts the activations a training step keeps for its backward pass, per sample,

@@ -26,9 +26,10 @@ import torch
 from benchmarks.engine import bare_samples_per_s
 from volumefusion import config
 from volumefusion.data.phantoms import write_phantoms
-from volumefusion.data.prepare import PrepareSettings, prepare
+from volumefusion.data.prepare import prepare
 from volumefusion.data.store import Store
 from volumefusion.nets import build_model
+from volumefusion.preprocess import PrepareSettings
 from volumefusion.train.tasks import PretrainTask
 
 DATASET = "Dataset900_CTFingerprint"

@@ -9,9 +9,10 @@ import json
 from pathlib import Path
 
 from volumefusion.data.phantoms import write_msd_dataset, write_phantoms
-from volumefusion.data.prepare import PrepareSettings, prepare
+from volumefusion.data.prepare import prepare
 from volumefusion.data.sampling import PretrainLoader, SegmentationLoader
 from volumefusion.data.store import Store
+from volumefusion.preprocess import PrepareSettings
 
 SETTINGS = PrepareSettings(crop_to_body=False)
 

@@ -1,17 +1,18 @@
-"""The embedded demo (`volumefusion demo`) and the docs that are generated from the code."""
+"""The embedded demo (`volumefusion demo`), its statistics, and the docs generated from the code."""
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from volumefusion import VolumeFusionError
-from volumefusion.config import PRESETS
-from volumefusion.demo import ARMS, RunResult, _dice_tables, load_settings, sign_test_p
+from volumefusion.config import PRESETS, ConfigError
+from volumefusion.demo import ARMS, load_settings
+from volumefusion.demo.data import paired_organs_merged
+from volumefusion.demo.stats import bootstrap_interval, compare_paired
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,54 +28,68 @@ def quick_demo(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_quick_demo_report_has_dice_table_for_both_arms(quick_demo):
+def test_quick_demo_runs_every_arm_regime_and_seed_on_every_held_out_phantom(quick_demo):
+    settings = load_settings(quick=True)
+    results = json.loads((quick_demo / "report.json").read_text())
+    cases = {p.name.removesuffix(".nii.gz") for p in (quick_demo / "data" / "test" / "labels").iterdir()}
+    assert len(cases) == settings.phantoms.test
+    runs = {(r["labelled"], r["seed"], r["arm"]): r for r in results["runs"]}
+    assert set(runs) == {(n, s, a) for n in settings.protocol.labelled for s in settings.protocol.seeds for a in ARMS}
+    for run in runs.values():
+        assert set(run["dice"]) == {"lung", "heart", "aorta", "liver", "spleen", "kidney", "spine"}
+        for organ, per_case in run["dice"].items():
+            assert set(per_case) == cases and all(0.0 <= d <= 1.0 for d in per_case.values())
+            assert run["organ_dice"][organ] == pytest.approx(np.mean(list(per_case.values())))
+        assert run["curve"], "no validation curve recorded"
+
+
+@pytest.mark.slow
+def test_quick_demo_arms_differ_only_in_starting_weights(quick_demo):
+    run = quick_demo / "runs" / "1labelled" / "seed0"
+    configs = {arm: (run / arm / "config.yaml").read_text() for arm in ARMS}
+    assert configs["scratch"] == configs["builtin"] == configs["live"]
+    builtin = json.loads((run / "builtin" / "load_report.json").read_text())
+    live = json.loads((run / "live" / "load_report.json").read_text())
+    assert builtin["source"].endswith("demo.pt") and "runs/pretrain" in live["source"]
+    assert not (run / "scratch" / "load_report.json").exists()
+
+
+@pytest.mark.slow
+def test_quick_demo_report_agrees_with_report_json(quick_demo):
+    """Every per-seed and per-organ number of report.md is the one in report.json (3 decimals)."""
     report = (quick_demo / "report.md").read_text()
-    labels = json.loads((quick_demo / "data" / "Task01_Phantom" / "dataset.json").read_text())["labels"]
-    header = next(line for line in report.splitlines() if line.startswith("| organ |"))
-    assert "scratch" in header and "pretrained" in header
-    for name in list(labels.values())[1:]:
-        row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert all(re.fullmatch(r"[+-]?\d\.\d{3}", c) for c in cells[1:]), row
-    assert "| **mean** |" in report
+    results = json.loads((quick_demo / "report.json").read_text())
+    sections = re.split(r"^### (\d+) labelled training phantoms?$", report, flags=re.M)
+    tables = dict(zip(sections[1::2], sections[2::2]))
+    assert set(tables) == set(results["regimes"])
+    for n, text in tables.items():
+        regime = results["regimes"][n]
+        for organ in regime["organ_dice"]["scratch"]:
+            row = re.search(rf"^\| {organ} \|(.*)\|$", text, re.M).group(1)
+            cells = [float(c) for c in row.split("|")]
+            assert cells == [round(regime["organ_dice"][a][organ], 3) for a in ARMS], organ
+        for seed in regime["seeds"]:
+            row = re.search(rf"^\| {seed} \|(.*)\|$", text, re.M).group(1)
+            from_runs = [next(r["mean_dice"] for r in results["runs"]
+                              if (r["labelled"], r["seed"], r["arm"]) == (int(n), seed, a)) for a in ARMS]
+            assert [float(c) for c in row.split("|")] == [round(d, 3) for d in from_runs]
+        for name, c in regime["comparisons"].items():
+            assert f"| {name} | {c['mean_difference']:+.3f} | {c['ci_low']:+.3f} to {c['ci_high']:+.3f} |" in text
+    assert f"{results['primary']['mean_difference']:+.3f}" in report.split("## Protocol")[0]
 
 
 @pytest.mark.slow
 def test_quick_demo_writes_every_picture_it_links(quick_demo):
     report = (quick_demo / "report.md").read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    names = {Path(link).name for link in links}
-    assert {"fusion.png", "finetune_curves.png", "predictions.png", "pretrain_progress.png"} <= names
+    assert {"finetune_curves.png", "pretext_curves.png", "predictions.png"} <= {Path(p).name for p in links}
     for link in links:
         path = quick_demo / link
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", link
 
 
-@pytest.mark.slow
-def test_quick_demo_evaluates_every_held_out_case_for_both_arms(quick_demo):
-    cases = {p.name.removesuffix(".nii.gz") for p in (quick_demo / "data" / "test" / "labels").iterdir()}
-    settings = load_settings(quick=True)
-    assert len(cases) == settings["phantoms"]["test"]
-    for arm in ARMS:
-        for seed in settings["seeds"]:
-            with open(quick_demo / "runs" / f"seed{seed}" / arm / "metrics.csv", newline="") as f:
-                rows = list(csv.DictReader(f))
-            assert {r["case"] for r in rows} == cases
-            assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
-
-
-@pytest.mark.slow
-def test_quick_demo_arms_differ_only_in_starting_weights(quick_demo):
-    run = quick_demo / "runs" / "seed0"
-    scratch, pretrained = (run / arm / "config.yaml" for arm in ARMS)
-    assert scratch.read_text() == pretrained.read_text()
-    assert (run / "pretrained" / "load_report.json").is_file()
-    assert not (run / "scratch" / "load_report.json").exists()
-    results = json.loads((quick_demo / "results.json").read_text())
-    assert {r["arm"] for r in results["runs"]} == set(ARMS)
-
-
 def test_demo_refuses_to_overwrite_an_earlier_demo(tmp_path):
+    from volumefusion import VolumeFusionError
     from volumefusion.demo import run_demo
 
     (tmp_path / "report.md").write_text("earlier")
@@ -82,31 +97,39 @@ def test_demo_refuses_to_overwrite_an_earlier_demo(tmp_path):
         run_demo(tmp_path, quick=True)
 
 
-def test_quick_settings_override_the_full_ones():
+def test_settings_fix_the_protocol_and_quick_overrides_it():
     full, quick = load_settings(), load_settings(quick=True)
-    assert quick["phantoms"]["test"] < full["phantoms"]["test"]
-    assert quick["pretrain"]["run"]["max_steps"] < full["pretrain"]["run"]["max_steps"]
-    assert quick["common"] == full["common"]
-    assert len(full["seeds"]) >= 3
+    assert len(full.protocol.seeds) >= 5 and full.protocol.primary == 1 and 1 in full.protocol.labelled
+    assert quick.finetune_run_config().run.max_steps < full.finetune_run_config().run.max_steps
+    # every arm and the live pretraining share the built-in weights' architecture and intensities
+    builtin = full.pretrain_run_config()
+    for s in (full, quick):
+        assert s.finetune_run_config().model == builtin.model
+        assert s.finetune_run_config().data.hu_window == builtin.data.hu_window
+    assert load_settings(seeds=[11, 12]).protocol.seeds == (11, 12)
 
 
-def test_bad_demo_settings_name_the_problem(tmp_path):
+@pytest.mark.parametrize("edit, field", [
+    (("labelled: [1, 4]", "labelled: [1, 9]"), "protocol.labelled"),
+    (("alternative: greater", "alternative: less"), "protocol.alternative"),
+    (("pool: 24", "pool: many"), "phantoms.pool"),
+    (("    lr: 6.0e-3", "    lr: fast"), "optim.lr"),
+    (("pretrain_config: pretrain_demo", "pretrain_config: pretrain_demo\nextra: 1"), "extra"),
+])
+def test_bad_demo_settings_name_the_field(tmp_path, edit, field):
+    text = (PRESETS / "demo.yaml").read_text()
+    assert edit[0] in text
     path = tmp_path / "demo.yaml"
-    path.write_text((PRESETS / "demo.yaml").read_text() + "\nextra: 1\n")
-    with pytest.raises(VolumeFusionError, match="unknown section 'extra'"):
-        load_settings(path)
-    path.write_text((PRESETS / "demo.yaml").read_text().replace("train: 4", "train: 0"))
-    with pytest.raises(VolumeFusionError, match="phantoms.train"):
+    path.write_text(text.replace(edit[0], edit[1], 1))
+    with pytest.raises(ConfigError, match=re.escape(field)):
         load_settings(path)
 
 
 def test_paired_organs_become_one_class():
     from volumefusion.data.phantoms import LABEL_NAMES
-    from volumefusion.demo import paired_organs_merged
 
     names, table = paired_organs_merged(LABEL_NAMES)
     assert names[0] == "background" and table[0] == 0
-    assert "lung" in names.values() and "kidney" in names.values() and "liver" in names.values()
     lung = [v for v, n in names.items() if n == "lung"][0]
     by_name = {n: v for v, n in LABEL_NAMES.items()}
     assert table[by_name["lung_right"]] == table[by_name["lung_left"]] == lung
@@ -114,32 +137,58 @@ def test_paired_organs_become_one_class():
     assert len(names) == len(LABEL_NAMES) - 2
 
 
-def _run(seed, arm, dice):
-    return RunResult(seed, arm, Path("."), 0.0, None, {o: {"c1": d[0], "c2": d[1]} for o, d in dice.items()})
+def test_wilcoxon_p_is_exact_and_one_sided_when_asked():
+    scratch = [0.50, 0.52, 0.48, 0.51, 0.49, 0.50]
+    better = [s + d for s, d in zip(scratch, (0.01, 0.02, 0.03, 0.04, 0.05, 0.06))]
+    c = compare_paired(scratch, better, alternative="greater")
+    assert c.p_value == pytest.approx(1 / 64) and c.wins == 6 and c.n == 6
+    assert compare_paired(scratch, better, alternative="two-sided").p_value == pytest.approx(2 / 64)
+    # one loss on the smallest difference: W- = 1, two of 64 sign patterns are at least as extreme
+    mixed = [s + d for s, d in zip(scratch, (-0.01, 0.02, 0.03, 0.04, 0.05, 0.06))]
+    assert compare_paired(scratch, mixed, alternative="greater").p_value == pytest.approx(2 / 64)
+    assert c.mean_difference == pytest.approx(0.035)
 
 
-def test_dice_tables_average_cases_then_organs_then_seeds_and_count_wins():
-    runs = [
-        _run(0, "scratch", {"liver": (0.2, 0.4), "spleen": (0.0, 0.2)}),      # mean 0.2
-        _run(0, "pretrained", {"liver": (0.6, 0.6), "spleen": (0.2, 0.2)}),   # mean 0.4
-        _run(1, "scratch", {"liver": (0.5, 0.5), "spleen": (0.5, 0.5)}),      # mean 0.5
-        _run(1, "pretrained", {"liver": (0.4, 0.4), "spleen": (0.4, 0.4)}),   # mean 0.4
-    ]
-    organ_table, seed_table, numbers = _dice_tables(runs, [0, 1])
-    assert numbers["mean_dice"]["scratch"] == pytest.approx(0.35)
-    assert numbers["mean_dice"]["pretrained"] == pytest.approx(0.4)
-    assert numbers["organ_dice"]["pretrained"]["liver"] == pytest.approx(0.5)
-    assert numbers["wins"] == 1
-    assert numbers["sign_test_p"] == pytest.approx(0.75)  # >= 1 win of 2 by chance: 3 of 4 outcomes
-    assert "| liver | 0.400 | 0.500 | +0.100 |" in organ_table
-    assert "| 1 | 0.500 | 0.400 | -0.100 | no |" in seed_table
-    assert "1 of 2" in seed_table
+def test_bootstrap_interval_is_reproducible_and_brackets_the_mean():
+    values = [0.01, 0.05, -0.02, 0.04, 0.03, 0.02]
+    low, high = bootstrap_interval(values, 5000, seed=0)
+    assert (low, high) == bootstrap_interval(values, 5000, seed=0)
+    assert low < np.mean(values) < high
+    assert min(values) <= low and high <= max(values)
+    assert bootstrap_interval([0.1] * 4, 100, seed=3) == pytest.approx((0.1, 0.1))
 
 
-def test_sign_test_counts_the_chance_of_as_many_wins_by_luck():
-    assert sign_test_p(3, 3) == 1 / 8
-    assert sign_test_p(0, 5) == 1.0
-    assert sign_test_p(5, 8) == pytest.approx((56 + 28 + 8 + 1) / 256)
+def test_builtin_weights_load_with_every_encoder_tensor_matched():
+    """`builtin:demo` resolves to the shipped file, is small, and fills every encoder tensor of the
+    demo's fine-tuning network (only the class-dependent outputs start fresh)."""
+    import torch
+
+    from volumefusion.checkpoint import load_checkpoint
+    from volumefusion.nets import build_model
+    from volumefusion.nets.weights import load_pretrained, resolve_weights
+
+    path = resolve_weights("builtin:demo")
+    assert path.stat().st_size <= 10 * 2**20
+    ckpt = load_checkpoint(path)
+    assert ckpt["task"]["kind"] == "pretrain" and ckpt["card"]["command"]
+    cfg = load_settings().finetune_run_config()
+    model = build_model(cfg.model, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = load_pretrained(model, path, strict_encoder=True)
+    encoder = [k for k in model.state_dict() if k.startswith(tuple(model.encoder_prefixes))]
+    assert encoder and set(encoder) <= set(report.loaded)
+    assert all(k.startswith(tuple(model.head_prefixes)) for k in report.missing + [s[0] for s in report.shape_skipped])
+    state = model.state_dict()
+    changed = [k for k in encoder if state[k].is_floating_point() and not torch.equal(state[k], before[k])]
+    assert len(changed) > len(encoder) // 2, "the weights did not change the network"
+
+
+def test_unknown_builtin_weights_name_the_available_ones():
+    from volumefusion import VolumeFusionError
+    from volumefusion.nets.weights import resolve_weights
+
+    with pytest.raises(VolumeFusionError, match="builtin:demo"):
+        resolve_weights("builtin:nope")
 
 
 def test_user_guide_lists_every_config_field_as_the_code_describes_it():
@@ -154,7 +203,7 @@ def test_user_guide_lists_every_config_field_as_the_code_describes_it():
 
 
 def test_docs_link_only_to_files_that_exist():
-    for doc in ("user-guide.md", "method.md", "demo-report.md"):
+    for doc in ("user-guide.md", "method.md", "demo-report.md", "weights.md"):
         path = ROOT / "docs" / doc
         if not path.exists():
             continue

@@ -33,11 +33,16 @@ class ConfigError(VolumeFusionError):
     """An invalid configuration value; the message names the field."""
 
 
-def _f(default, help: str, *, choices=None, min=None, max=None):  # noqa: A002 - mirrors metadata names
+def setting(default, help: str, *, choices=None, min=None, max=None):  # noqa: A002 - mirrors metadata names
+    """A dataclass field with the metadata :func:`build_dataclass` checks and ``--fields`` shows:
+    ``help``, ``choices`` (allowed values), ``min``/``max`` (inclusive bounds, on every element of a tuple)."""
     meta = {"help": help, "choices": choices, "min": min, "max": max}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+_f = setting  # the short name keeps the field tables below readable
 
 
 @dataclass
@@ -208,6 +213,10 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         return float(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return value
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
@@ -230,7 +239,10 @@ def _check_field(f: dataclasses.Field, value: Any, name: str) -> None:
             raise ConfigError(f"{name}: {value!r} is out of range; must be <= {meta['max']}")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """An instance of the dataclass ``cls`` (fields declared like this module's) from plain ``data``:
+    values converted to the field types and checked against their metadata; unknown fields, wrong
+    types and out-of-range values raise :class:`ConfigError` naming ``prefix.field``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -244,7 +256,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         name = f"{prefix}.{key}" if prefix else key
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value or {}, name)
+            kwargs[key] = build_dataclass(hint, value or {}, name)
         else:
             kwargs[key] = _coerce(value, hint, name)
             _check_field(fields[key], kwargs[key], name)
@@ -253,7 +265,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 def validate(cfg: Config) -> Config:
     """Check every field of ``cfg`` and the constraints between fields; return ``cfg``."""
-    _build(Config, to_dict(cfg), "")
+    build_dataclass(Config, to_dict(cfg), "")
     m, fu, ft = cfg.model, cfg.fusion, cfg.finetune
     if len(m.dropout) != len(m.feature_channels):
         raise ConfigError(
@@ -335,10 +347,11 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _merge(base: dict, update: dict) -> dict:
+def merge(base: dict, update: dict) -> dict:
+    """``base`` updated by ``update``, nested mappings merged key by key (neither is changed)."""
     out = dict(base)
     for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -367,7 +380,7 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    return validate(_build(Config, data, ""))
+    return validate(build_dataclass(Config, data, ""))
 
 
 PRESETS = Path(__file__).parent / "configs"
@@ -411,10 +424,10 @@ def load(paths: list[str | Path] | str | Path | None = None, overrides: list[str
             content = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        data = _merge(data, content)
+        data = merge(data, content)
     for text in overrides or []:
-        data = _merge(data, parse_override(text))
-    cfg = from_dict(_merge(to_dict(Config()), data))
+        data = merge(data, parse_override(text))
+    cfg = from_dict(merge(to_dict(Config()), data))
     if cfg.model.name == "nnunet" and "crop_size" not in (data.get("data") or {}):
         cfg.data.crop_size = tuple(plans_configuration(cfg.model.plans, cfg.model.configuration)["patch_size"])
     return validate(cfg)
@@ -425,7 +438,7 @@ def changed_fields(saved: dict[str, Any], cfg: Config, sections: tuple[str, ...]
     """``'section.field: saved -> now'`` for each field of ``cfg`` that differs from ``saved`` (a config
     as a checkpoint stores it; fields it lacks count as their defaults), limited to ``sections`` when
     given, leaving out the ``section.field`` names in ``ignore``."""
-    before = to_dict(from_dict(_merge(to_dict(Config()), saved)))
+    before = to_dict(from_dict(merge(to_dict(Config()), saved)))
     now = to_dict(cfg)
     return [f"{section}.{name}: {before[section][name]!r} -> {value!r}"
             for section in (sections or now) for name, value in now[section].items()

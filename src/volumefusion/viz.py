@@ -166,6 +166,33 @@ def save_curves(path: str | Path, panels: dict[str, dict[str, Iterable[tuple[flo
     return _save(figure, path, dpi)
 
 
+def save_band_curves(path: str | Path, panels: dict[str, dict[str, tuple[Sequence[float], np.ndarray]]], *,
+                     xlabel: str = "step", ylabel: str | None = None, title: str | None = None,
+                     dpi: int = 100) -> Path:
+    """Mean curves with their spread, one panel per ``{panel_title: {series_name: (x, ys)}}`` entry.
+
+    ``x``: (T,) positions; ``ys``: (R, T) one row per repetition (e.g. per seed). Each series is drawn
+    as its mean over the rows with the band between the smallest and largest row. Returns ``path``.
+    """
+    figure = _figure(4.2 * max(1, len(panels)), 3.4)
+    axes = figure.subplots(1, max(1, len(panels)), squeeze=False).ravel()
+    for ax, (panel, group) in zip(axes, panels.items()):
+        for name, (x, ys) in group.items():
+            ys = np.asarray(ys, dtype=np.float64).reshape(-1, len(x))
+            line, = ax.plot(x, ys.mean(0), label=f"{name} (mean of {len(ys)})", linewidth=1.5)
+            if len(ys) > 1:
+                ax.fill_between(x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_title(panel)
+        ax.set_xlabel(xlabel)
+        if ylabel:
+            ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path, dpi)
+
+
 def save_boxplot(path: str | Path, data: dict[str, Sequence[float]], title: str | None = None, *,
                  ylabel: str | None = None, dpi: int = 100) -> Path:
     """One box (median, quartiles, 1.5 IQR whiskers) and the individual points per ``{name: values}``;

@@ -15,6 +15,8 @@ examples:
   volumefusion finetune --data Task09_Spleen/ --pretrained none --out runs/spleen_scratch -c finetune
   # the official MIS-FM weights (PyMIC checkpoint) work directly
   volumefusion finetune --data Task09_Spleen/ --pretrained pctnet_ct10k_volf.pt --out runs/spleen_misfm
+  # the small PCT-Net shipped with the package (the demo's network; docs/weights.md)
+  volumefusion finetune --data Task01_Phantom/ --pretrained builtin:demo --out runs/phantom_builtin
 
 DATASET is an MSD / nnU-Net raw folder (dataset.json, imagesTr, labelsTr), prepared into
 RUN_DIR/store with the pretrained model's preparation settings, or a labelled store from
@@ -34,8 +36,9 @@ def register(sub) -> None:
                        description=__doc__.split(":", 1)[1].strip() + "\n\n" + EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, metavar="DATASET", help="MSD/nnU-Net raw dataset folder or labelled store")
-    p.add_argument("--pretrained", required=True, metavar="CKPT|none",
-                   help="volumefusion or MIS-FM checkpoint; 'none' trains from scratch")
+    p.add_argument("--pretrained", required=True, metavar="CKPT|builtin:NAME|none",
+                   help="volumefusion or MIS-FM checkpoint, builtin:demo (weights shipped with the package), "
+                        "or 'none' to train from scratch")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (created)")
     p.add_argument("--fold", type=int, help="validation fold of the k-fold split (finetune.fold)")
     p.add_argument("--split", metavar="JSON", help='{"train": [ids], "val": [ids]} (finetune.split_file)')

@@ -28,13 +28,16 @@ import torch
 from torch import nn
 
 from volumefusion import VolumeFusionError, config
-from volumefusion.checkpoint import clean_state_dict, load_checkpoint
+from volumefusion.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from volumefusion.config import Config
 from volumefusion.log import get_logger
 from volumefusion.nets import build_model
 from volumefusion.nets.pctnet import REL_POS_KINDS, WindowAttention, relative_position_index
 
 log = get_logger(__name__)
+
+BUILTIN = Path(__file__).parent / "builtin"
+"""Weights shipped with the package, named ``builtin:NAME`` (``BUILTIN/NAME.pt``; docs/weights.md)."""
 
 MISFM_PREFIXES = ("embeddings.", "pyramid_ct.", "pred_heads.")
 # The reference's nn.Sequential indices -> our module names.
@@ -148,6 +151,45 @@ def _read(source: str | Path | dict) -> tuple[dict[str, torch.Tensor], str, str]
     if any(k.startswith(MISFM_PREFIXES) for k in state):
         layout = "misfm"
     return state, layout, name
+
+
+def builtin_weights() -> list[str]:
+    """Names of the weights shipped with the package (usable as ``builtin:NAME``)."""
+    return sorted(p.stem for p in BUILTIN.glob("*.pt"))
+
+
+def resolve_weights(source: str | Path) -> Path:
+    """The checkpoint file ``source`` names: ``builtin:NAME`` is a checkpoint shipped with the package
+    (:func:`builtin_weights`), anything else a path. Raises :class:`VolumeFusionError` when it does
+    not exist."""
+    text = str(source)
+    if text.startswith("builtin:"):
+        name = text.removeprefix("builtin:")
+        path = BUILTIN / f"{name}.pt"
+        if not path.is_file():
+            raise VolumeFusionError(f"{text}: no such built-in weights; available: "
+                                    f"{', '.join('builtin:' + n for n in builtin_weights()) or 'none'}")
+        return path
+    path = Path(source)
+    if not path.is_file():
+        raise VolumeFusionError(f"{path}: checkpoint file not found")
+    return path
+
+
+def export_weights(checkpoint: str | Path, out: str | Path, card: dict[str, Any] | None = None,
+                   dtype: torch.dtype = torch.float16) -> Path:
+    """A small weights file from a training checkpoint: model (floating tensors stored as ``dtype``;
+    loading copies them into the network's float32 parameters), config, task and step, plus ``card``
+    (what the weights are: data, command, pretext scores; shown by the demo report). Optimiser, RNG
+    and resume state are left out. Returns ``out``."""
+    ckpt = load_checkpoint(checkpoint)
+    missing = [k for k in ("model", "config", "task") if k not in ckpt]
+    if missing:
+        raise VolumeFusionError(f"{checkpoint}: not a volumefusion training checkpoint (no {', '.join(missing)})")
+    model = {k: v.to(dtype) if v.is_floating_point() else v for k, v in clean_state_dict(ckpt["model"]).items()}
+    save_checkpoint(out, {"model": model, "config": ckpt["config"], "task": ckpt["task"],
+                          "step": ckpt.get("step"), "card": dict(card or {})})
+    return Path(out)
 
 
 def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from volumefusion.data.store import Store
 from volumefusion.device import resolve_device
 from volumefusion.io import atomic_write_text, check_writable_folder
 from volumefusion.log import get_logger
-from volumefusion.nets.weights import load_pretrained, model_config_from_misfm
+from volumefusion.nets.weights import load_pretrained, model_config_from_misfm, resolve_weights
 from volumefusion.preprocess import PrepareSettings
 from volumefusion.train.engine import DistInfo, FitResult, Trainer
 from volumefusion.train.tasks import PretrainTask, SegmentationTask, split_cases
@@ -89,7 +89,7 @@ def _pretrained_base(pretrained: str | Path | None) -> tuple[dict | None, dict]:
     """The checkpoint (or None) and the config it imposes on fine-tuning (model and intensity)."""
     if pretrained is None:
         return None, {}
-    ckpt = load_checkpoint(pretrained)
+    ckpt = load_checkpoint(resolve_weights(pretrained))
     if not isinstance(ckpt, dict):
         raise VolumeFusionError(f"{pretrained}: holds a {type(ckpt).__name__}, not a checkpoint dict")
     if isinstance(ckpt.get("model_state_dict"), dict):  # an official MIS-FM / PyMIC checkpoint
