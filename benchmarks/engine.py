@@ -37,7 +37,7 @@ def _settings(tiny: bool, device: str) -> tuple[list[str], tuple[int, int, int],
              "run.batch_size=2", "data.workers=0"], (64, 128, 128), 30)
 
 
-def _bare_samples_per_s(cfg, task, steps: int, device: torch.device) -> float:
+def bare_samples_per_s(cfg, task, steps: int, device: torch.device) -> float:
     model = build_model(cfg, task.num_classes).to(device)
     loss_fn = DeepSupervisionLoss(task.num_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -79,7 +79,7 @@ def run(tiny: bool = False, device: str = "cpu") -> list[dict]:
         from volumefusion.data.store import Store
 
         task = PretrainTask(cfg, Store.open(tmp / "store"))
-        bare = _bare_samples_per_s(cfg, task, steps, dev)
+        bare = bare_samples_per_s(cfg, task, steps, dev)
         trainer = Trainer(cfg, build_model(cfg, task.num_classes), task, tmp / "run")
         result = trainer.fit()
         # The first record includes start-up (workers, first step); the later ones are weighted by

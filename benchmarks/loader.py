@@ -144,7 +144,7 @@ def run(tiny: bool = False, device: str = "cpu") -> list[dict]:
         results.append(_figure("pretrain_loader_cpu_ms_per_crop", cpu_ms, "ms", higher=False, device=device,
                                workers=0, **common))
 
-        ids = [c.id for c in store.cases]
+        ids = store.ids
         loader = SegmentationLoader(store, ids, crop, batch_size, seed=0, workers=1)
         # first pass over the cases' labels (foreground positions) happens inside the timing on purpose:
         # it is part of what a fine-tuning run pays
@@ -153,7 +153,7 @@ def run(tiny: bool = False, device: str = "cpu") -> list[dict]:
                                baseline_name=REFERENCE, device=device, workers=1,
                                foreground_ratio=loader.foreground_ratio, **common))
 
-        raw_mb = sum(c.shape[0] * c.shape[1] * c.shape[2] * 2 for c in store.cases) / 1e6
+        raw_mb = int(store.index.rows["shape"].prod(axis=1).sum()) * 2 / 1e6
         results.append(_figure("store_disk", _size_mb([tmp / "store"]), "MB",
                                baseline=_size_mb([dataset / "imagesTr", dataset / "labelsTr"]),
                                baseline_name="source .nii.gz images and labels", higher=False, device=device,

@@ -2,8 +2,9 @@
 
 Paper configuration (44.2 M parameters) at [64, 128, 128], 5 classes, Dice + CE with deep
 supervision, Adam; random inputs and labels on the device (no data loading). Modes: fp32; bf16
-(autocast, channels_last_3d, cuDNN benchmark); bf16 + activation checkpointing and bf16 +
-torch.compile (CUDA only). The baselines are the reference MIS-FM implementation as measured on an
+(autocast, channels_last_3d, cuDNN benchmark); bf16 + activation checkpointing (CUDA only). bf16 +
+torch.compile is :mod:`benchmarks.compile`, timed apart because compiling takes minutes. The
+baselines are the reference MIS-FM implementation as measured on an
 H200 (issue 9), for calibration only: they come from another card whenever this one is not an H200.
 
 On the CPU it also counts the activations a training step keeps for its backward pass, per sample,
@@ -215,7 +216,9 @@ def _measure(mode: str, tiny: bool, size, batch: int, warmup: int, steps: int, d
     return seconds, peak
 
 
-def run(tiny: bool = False, device: str = "cpu") -> list[dict]:
+def run(tiny: bool = False, device: str = "cpu", modes: tuple[str, ...] | None = None) -> list[dict]:
+    """Figures of the training step in each of ``modes`` (default: every mode but ``bf16+compile``,
+    which :mod:`benchmarks.compile` measures with its own time allowance; fp32 alone on a CPU)."""
     dev = torch.device("cuda" if device.startswith("cuda") else "cpu")
     cuda = dev.type == "cuda"
     if cuda:
@@ -223,14 +226,16 @@ def run(tiny: bool = False, device: str = "cpu") -> list[dict]:
     size = (16, 32, 32) if tiny else (64, 128, 128)
     batch = 2 if tiny else (8 if cuda else 1)
     warmup, steps = (1, 1) if tiny else ((3, 10) if cuda else (1, 1))
-    modes = ("fp32", "bf16", "bf16+checkpointing", "bf16+compile") if cuda else ("fp32",)
+    default_modes = modes is None
+    if default_modes:
+        modes = ("fp32", "bf16", "bf16+checkpointing") if cuda else ("fp32",)
     flops = _flops_per_sample(tiny, size, dev)
     name = "pctnet_tiny" if tiny else "pctnet_paper"
     base = {"config": "tiny" if tiny else "paper (44.2 M)", "input": list(size), "classes": NUM_CLASSES,
             "batch": batch, "steps": steps, "loss": "dice+ce, deep supervision",
             "device_name": torch.cuda.get_device_name(dev) if cuda else "cpu"}
     ref_ok = cuda and not tiny  # literature figures apply to the paper configuration on a GPU only
-    results = [{
+    results = [] if not default_modes else [{
         "name": f"{name}_train_tflop_per_sample", "value": round(flops / 1e12, 4), "unit": "TFLOP",
         "baseline": REFERENCE_TFLOP_PER_SAMPLE if not tiny else None,
         "baseline_name": "reference PCT-Net, forward + backward" if not tiny else None,
@@ -261,7 +266,7 @@ def run(tiny: bool = False, device: str = "cpu") -> list[dict]:
             "unit": "TFLOP/s", "baseline": None, "baseline_name": None, "ratio": None,
             "higher_is_better": True, "device": dev.type, "params": params,
         })
-    if not cuda:  # device-independent; a GPU run spends its time on the GPU figures
+    if not cuda and default_modes:  # device-independent; a GPU run spends its time on the GPU figures
         results += _saved_activation_figures(tiny, size, name, base)
     return results
 

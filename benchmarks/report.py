@@ -70,7 +70,7 @@ class Target:
 
 _OPS = {">=": operator.ge, "<=": operator.le, "<": operator.lt}
 
-# The targets of the issues (3: fusion, 4: store/loader, 5: engine, 6: predict, 9: network).
+# The targets of the issues (3: fusion, 4: store/loader, 5: engine, 6: predict, 9: network, 18: scale).
 TARGETS: tuple[Target, ...] = (
     Target("fusion", r"fusion_boxes_samples_per_s", "cuda", "value", ">=", 5000,
            "≥ 5000 samples/s at batch 16 (#3)", {"batch": 16}),
@@ -85,6 +85,13 @@ TARGETS: tuple[Target, ...] = (
     Target("engine", r"engine_overhead_pct", None, "value", "<", 5, "< 5 % over the bare step (#5)"),
     Target("predict", r"predict_.*_vs_monai_fp32", "cuda", "ratio", ">=", 1.5, "≥ 1.5× MONAI (#6)"),
     Target("predict", r"predict_.*_vs_monai_.*", "cpu", "ratio", ">=", 1.0, "not slower than MONAI (#6)"),
+    Target("scale", r"open_warm_s", None, "value", "<", 1, "< 1 s at 100k cases (#18)", {"cases": 100_000}),
+    Target("scale", r"open_cold_s", None, "value", "<", 3, "< 3 s at 100k cases (#18)", {"cases": 100_000}),
+    Target("scale", r"rss_growth_mb", None, "value", "<", 50, "< 50 MB at 100k cases (#18)", {"cases": 100_000}),
+    Target("scale", r"open_(cold|warm)_s", None, "value", "<", 10, "< 10 s at 1M cases (#18)",
+           {"cases": 1_000_000}),
+    Target("scale", r"rss_growth_mb", None, "value", "<", 500, "< 500 MB at 1M cases (#18)",
+           {"cases": 1_000_000}),
 )
 
 # Each pretraining sample fuses two crops (background and foreground) in the paper's box mode.

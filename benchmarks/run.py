@@ -35,7 +35,11 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-MODULES = ("fusion", "store", "loader", "network", "engine", "predict")
+MODULES = ("fusion", "store", "loader", "network", "compile", "engine", "predict", "nnunet", "scale")
+CPU_ONLY = ("loader", "store", "scale")
+"""Modules that measure the host alone (no device): ``gpu_check.sh`` leaves them out by default."""
+OWN_STEP = ("compile", "nnunet")
+"""Modules that ``gpu_check.sh`` runs in a step of their own, with their own time limit."""
 
 # Every figure a module returns has exactly these keys with these types (None where allowed);
 # numbers.Real admits numpy scalars, which the JSON writer turns into plain numbers.

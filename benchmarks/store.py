@@ -156,10 +156,10 @@ def _store_worker(args) -> tuple[float, float]:
     store_path, crop, count, seed = args
     store = Store.open(store_path)
     rng = np.random.default_rng(seed)
-    store.image(store.cases[0].id)[:1, :1, :1]  # imports and first open outside the timing
+    store.image(store.ids[0])[:1, :1, :1]  # imports and first open outside the timing
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(count):
-        record = store.cases[int(rng.integers(len(store)))]
+        record = store.index.info(int(rng.integers(len(store))))
         image = store.image(record.id)
         _drop_cache([image.path])
         image[_corner(rng, record.shape, crop)]
@@ -220,12 +220,12 @@ def run(tiny: bool = False, device: str = "cpu") -> list[dict]:
         results.append(_figure("prepare_s_per_case", (time.perf_counter() - wall) / cases, "s", higher=False,
                                cpu_s_per_case=round((time.process_time() - cpu) / cases, 2), **common))
         store = Store.open(tmp / "store")
-        prepared = [store.image(c.id).read() for c in store.cases]
+        prepared = [store.image(i).read() for i in store.ids]
         raw_mb = sum(a.nbytes for a in prepared) / 1e6
 
         for fmt in ("npy", *BLOSC2_CANDIDATES, "zarr", "store"):
             if fmt == "store":
-                paths = [store.image(c.id).path for c in store.cases]
+                paths = [store.image(i).path for i in store.ids]
             else:
                 suffix = {"npy": ".npy", "zarr": ".zarr"}.get(fmt, ".b2nd")
                 paths = [tmp / fmt / f"case{i}{suffix}" for i in range(cases)]

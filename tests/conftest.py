@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,58 @@ def phantom_dataset(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("msd")
     return write_msd_dataset(root / "Task01_Phantom", seeds=[11, 12, 13, 14], shape=(24, 48, 48))
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """An existing folder in which no file can be created, also for root (who ignores permission bits:
+    there, sysfs, which refuses new files to everyone)."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read_only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    folder = Path("/sys/fs")
+    try:
+        os.close(os.open(folder / "volumefusion_probe", os.O_CREAT | os.O_WRONLY))
+    except OSError:
+        yield folder
+        return
+    pytest.skip("no unwritable folder on this machine for root")
+
+
+def write_bad_checkpoints(folder):
+    """Files given where a checkpoint is expected, the shared catalogue of bad checkpoints:
+    ``{name: (path, phrase the error must contain)}``."""
+    import pickle
+    import zipfile
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from volumefusion.checkpoint import save_checkpoint
+    from volumefusion.io import Geometry, write_image
+
+    folder.mkdir(exist_ok=True)
+    files = {}
+    files["random"] = (folder / "random.pt", "binary data of no format")
+    files["random"][0].write_bytes(bytes(range(7, 256)) * 8)
+    files["nifti"] = (folder / "ct.nii.gz", "image file (NIfTI)")
+    write_image(folder / "ct.nii.gz", np.zeros((4, 4, 4), np.int16), Geometry((4, 4, 4), (1, 1, 1), (0, 0, 0)))
+    files["zip"] = (folder / "archive.pt", "zip archive of 1 file(s) (notes.txt), not a torch checkpoint")
+    with zipfile.ZipFile(files["zip"][0], "w") as archive:
+        archive.writestr("notes.txt", "hello")
+    files["safetensors"] = (folder / "weights.safetensors", "safetensors weights file")
+    save_file({"w": torch.zeros(2)}, str(files["safetensors"][0]))
+    files["pickle"] = (folder / "raw.pt", "Python pickle")
+    files["pickle"][0].write_bytes(pickle.dumps({"w": torch.zeros(2)}, protocol=4))
+    files["numpy"] = (folder / "numpy.pt", "numpy")
+    torch.save({"model": {"w": np.zeros(2)}}, files["numpy"][0])
+    files["truncated"] = (folder / "cut.pt", "truncated or damaged")
+    save_checkpoint(files["truncated"][0], {"model": torch.nn.Linear(40, 40).state_dict()})
+    files["truncated"][0].write_bytes(files["truncated"][0].read_bytes()[:1000])
+    files["empty"] = (folder / "empty.pt", "an empty file (0 bytes)")
+    files["empty"][0].write_bytes(b"")
+    return files

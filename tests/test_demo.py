@@ -174,7 +174,7 @@ def test_builtin_weights_load_with_every_encoder_tensor_matched():
     cfg = load_settings().finetune_run_config()
     model = build_model(cfg.model, 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = load_pretrained(model, path, strict_encoder=True)
+    report = load_pretrained(model, path)  # strict by default: only the output layers may stay fresh
     encoder = [k for k in model.state_dict() if k.startswith(tuple(model.encoder_prefixes))]
     assert encoder and set(encoder) <= set(report.loaded)
     assert all(k.startswith(tuple(model.head_prefixes)) for k in report.missing + [s[0] for s in report.shape_skipped])

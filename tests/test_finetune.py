@@ -148,3 +148,26 @@ def test_a_run_folder_is_not_a_checkpoint(tmp_path):
     (tmp_path / "checkpoints" / "best.pt").write_bytes(b"")
     with pytest.raises(VolumeFusionError, match="is a folder.*checkpoints/best.pt"):
         load_checkpoint(tmp_path)
+
+
+def test_a_pretrained_tensor_that_does_not_fit_stops_finetune_before_any_work(pretrained, phantom_dataset,
+                                                                             tmp_path, capsys):
+    import torch
+
+    from volumefusion.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(pretrained)
+    ckpt["model"]["stem.proj.weight"] = torch.zeros(4, 1, 1, 1, 1)  # another kernel size than the config's
+    broken = tmp_path / "broken.pt"
+    save_checkpoint(broken, ckpt)
+    args = ["finetune", "--data", str(phantom_dataset), "--pretrained", str(broken), "--out", str(tmp_path / "a"),
+            "--max-steps", "1"] + [a for o in FT for a in ("--set", o)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {broken}: 1 pretrained tensor(s)" in err and "stem.proj.weight: [4, 1, 1, 1, 1]" in err
+    assert not (tmp_path / "a" / "store").exists()  # refused before the dataset was prepared
+    args[args.index(str(tmp_path / "a"))] = str(tmp_path / "b")
+    assert main([*args, "--partial-load", "stem.proj"]) == 0
+    report = json.loads((tmp_path / "b" / "load_report.json").read_text())
+    assert ["stem.proj.weight", [4, 1, 1, 1, 1], [4, 1, 1, 3, 3]] in report["shape_skipped"]
+    assert "shape-skipped: stem.proj.weight [4, 1, 1, 1, 1] vs model [4, 1, 1, 3, 3]" in capsys.readouterr().out

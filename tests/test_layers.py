@@ -10,7 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "volumefusion"
 
 # Lowest first; a module may import from its own layer or any layer below.
 LAYERS = [
-    {"volumefusion", "log", "io", "config", "checkpoint", "device", "preprocess", "metrics", "augment", "viz"},
+    {"volumefusion", "log", "io", "processes", "config", "checkpoint", "device", "preprocess", "metrics", "augment",
+     "viz"},
     {"data", "fusion", "nets"},
     {"train", "infer", "evaluate"},
     {"api", "demo", "integrations"},

@@ -84,24 +84,26 @@ def test_label_map_against_itself_is_perfect():
         assert out[name]["nsd"] == 1.0
 
 
-def test_both_empty_is_a_perfect_score():
+def test_both_empty_is_a_perfect_score_or_undefined_by_choice():
     empty = np.zeros((6, 7, 8), dtype=bool)
     m = binary_metrics(empty, empty, SPACING)
     assert (m["dice"], m["hd95"], m["assd"], m["nsd"]) == (1.0, 0.0, 0.0, 1.0)
+    m = binary_metrics(empty, empty, SPACING, both_empty="nan")  # nnU-Net's Dice, MONAI's ignore_empty
+    assert all(np.isnan(m[k]) for k in ("dice", "hd95", "assd", "nsd"))
 
 
 @pytest.mark.parametrize("empty_side", ["pred", "ref"])
-def test_one_empty_mask_scores_zero_and_the_largest_distance_in_the_image(empty_side):
+def test_one_empty_mask_scores_zero_and_leaves_distances_undefined(empty_side):
     shape = (6, 7, 8)
     full = _cube(shape, (1, 1, 1), 3)
     empty = np.zeros(shape, dtype=bool)
     pred, ref = (empty, full) if empty_side == "pred" else (full, empty)
     m = binary_metrics(pred, ref, SPACING)
-    diagonal = np.linalg.norm((np.array(shape) - 1) * np.array(SPACING))
     assert (m["dice"], m["nsd"]) == (0.0, 0.0)
-    assert m["hd95"] == pytest.approx(diagonal)
-    assert m["assd"] == pytest.approx(diagonal)
+    assert np.isnan(m["hd95"]) and np.isnan(m["assd"])
     assert m["pred_voxels" if empty_side == "pred" else "ref_voxels"] == 0
+    monai = _monai(pred, ref, SPACING, 1.0)  # MONAI: HD95 NaN, ASSD inf (undefined either way), NSD 0
+    assert np.isnan(monai["hd95"]) and not np.isfinite(monai["assd"]) and monai["nsd"] == 0.0
 
 
 def test_evaluate_case_reports_absent_classes_with_the_empty_conventions():
@@ -169,6 +171,19 @@ def test_summary_gives_mean_std_median_per_class_and_metric():
     assert s["a"]["nsd"]["n"] == 3
 
 
+def test_summary_averages_defined_values_and_counts_the_undefined():
+    nan = float("nan")
+    rows = [{"label": "a", "dice": d, "hd95": h, "assd": h, "nsd": 0.0}
+            for d, h in [(0.8, 2.0), (0.0, nan), (0.6, 4.0)]]
+    rows.append({"label": "b", "dice": nan, "hd95": nan, "assd": nan, "nsd": nan})
+    s = summarise(rows)
+    assert s["a"]["hd95"] == {"mean": 3.0, "std": 1.0, "median": 3.0, "min": 2.0, "max": 4.0, "n": 2,
+                              "undefined": 1}
+    assert s["a"]["dice"]["mean"] == pytest.approx(1.4 / 3) and s["a"]["dice"]["undefined"] == 0
+    assert s["b"]["dice"] == {"mean": None, "std": None, "median": None, "min": None, "max": None, "n": 0,
+                              "undefined": 1}
+
+
 # --------------------------------------------------------------------------------------------------
 # volumefusion evaluate
 
@@ -221,13 +236,16 @@ def test_evaluate_writes_a_row_per_case_and_class_a_summary_and_box_plots(folder
     assert all(float(by["case0", n]["dice"]) == 1.0 and float(by["case0", n]["hd95"]) == 0.0 for n in "abc")
     assert float(by["case1", "b"]["dice"]) < 1.0 and float(by["case1", "b"]["hd95"]) > 0
     assert float(by["case2", "c"]["dice"]) == 0.0 and int(by["case2", "c"]["pred_voxels"]) == 0
+    assert by["case2", "c"]["hd95"] == "nan" and by["case2", "c"]["assd"] == "nan"  # a miss has no distance
 
     summary = json.loads(out.with_suffix(".json").read_text())
     dice_a = [float(by[f"case{i}", "a"]["dice"]) for i in range(3)]
     assert summary["cases"] == 3 and summary["nsd_tolerance_mm"] == 2.0
     assert summary["per_class"]["a"]["dice"]["mean"] == pytest.approx(np.mean(dice_a))
     assert summary["per_class"]["c"]["hd95"]["median"] == pytest.approx(
-        np.median([float(by[f"case{i}", "c"]["hd95"]) for i in range(3)]))
+        np.median([float(by[f"case{i}", "c"]["hd95"]) for i in range(2)]))
+    assert summary["per_class"]["c"]["hd95"]["n"] == 2 and summary["per_class"]["c"]["hd95"]["undefined"] == 1
+    assert summary["both_empty"] == "one"
     for metric in ("dice", "hd95", "assd", "nsd"):
         png = out.with_name(f"metrics_{metric}.png")
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -265,6 +283,20 @@ def test_without_labels_every_class_found_is_scored_in_every_case(folders):
     assert float(absent["dice"]) == 1.0 and int(absent["ref_voxels"]) == 0
 
 
+def test_both_empty_nan_leaves_absent_classes_out_of_the_means(folders, capsys):
+    ref = np.zeros((6, 8, 8), dtype=np.uint8)
+    ref[1:4, 2:5, 2:5] = 9  # class 9 exists only in this case, predicted perfectly
+    _write_labels(folders / "gt", "extra", ref)
+    _write_labels(folders / "pred", "extra", ref)
+    out = folders / "m.csv"
+    assert _evaluate("--pred", folders / "pred", "--gt", folders / "gt", "--out", out, "--both-empty", "nan") == 0
+    absent = next(r for r in _read_csv(out) if r["case"] == "case1" and r["label"] == "9")
+    assert absent["dice"] == "nan"
+    nine = json.loads(out.with_suffix(".json").read_text())["per_class"]["9"]["dice"]
+    assert (nine["mean"], nine["n"], nine["undefined"]) == (1.0, 1, 3)
+    assert "(undefined: dice in 3, hd95 in 3, assd in 3, nsd in 3 of 4 cases)" in capsys.readouterr().out
+
+
 def test_a_missing_prediction_is_an_error_naming_the_case(folders, capsys):
     (folders / "pred" / "case1.nii.gz").unlink()
     assert _evaluate("--pred", folders / "pred", "--gt", folders / "gt") == 2
@@ -291,3 +323,14 @@ def test_evaluate_matches_a_ground_truth_name_to_predicts_safe_output_name(folde
     out = folders / "metrics.csv"
     assert _evaluate("--pred", folders / "pred", "--gt", folders / "gt", "--out", out) == 0
     assert {r["case"] for r in _read_csv(out)} == {"case_0", "case1", "case2"}
+
+
+def test_an_unwritable_out_is_refused_before_any_case_is_evaluated(folders, capsys, unwritable_folder):
+    (folders / "pred" / "case1.nii.gz").write_bytes(b"corrupt")  # evaluating first would fail on this
+    out = unwritable_folder / "results" / "metrics.csv"
+    assert _evaluate("--pred", folders / "pred", "--gt", folders / "gt", "--out", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"volumefusion evaluate: error: {out.parent}: --out folder is not writable")
+    assert "\n" not in err
+    assert _evaluate("--pred", folders / "pred", "--gt", folders / "gt", "--out", folders / "gt") == 2
+    assert f"{folders / 'gt'}: is a folder; --out takes a file name" in capsys.readouterr().err

@@ -169,9 +169,13 @@ def test_channels_last_3d_gives_the_same_outputs():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_bf16_autocast_runs_forward_and_backward():
+def test_bf16_autocast_runs_forward_and_backward(monkeypatch):
     model = tiny_pctnet()
     x = torch.randn(2, 1, 8, 16, 32)
+    # oneDNN's bf16 conv3d backward on CPU (torch 2.13) returns a few non-finite weight gradients in
+    # about half of identical runs, whatever the thread count; the native kernels are deterministic.
+    # What is tested here is the network under autocast, so the test runs without oneDNN.
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = model(x)
     assert outputs[0].dtype == torch.bfloat16

@@ -131,11 +131,54 @@ def test_a_corrupt_input_is_reported_and_skipped(tmp_path, capsys):
         np.testing.assert_allclose(getattr(geometry, field), getattr(original, field), rtol=1e-6, atol=1e-4)
 
 
+def test_a_symlink_loop_among_the_inputs_is_reported_and_the_rest_predicted(tmp_path, capsys):
+    checkpoint = _checkpoint(tmp_path / "native.pt", PrepareSettings().to_dict())
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    shutil.copy(chest_ct()[0], inputs / "good.nrrd")
+    (inputs / "loop.nii.gz").symlink_to("loop.nii.gz")
+    assert _predict("-m", checkpoint, "-i", inputs, "-o", tmp_path / "out", "--patch-size", "16", "64", "64",
+                    "--overlap", "0") == 1
+    assert (tmp_path / "out" / "good.nii.gz").is_file()
+    out = capsys.readouterr().out
+    assert f"failed: {inputs / 'loop.nii.gz'}: symbolic link loop" in out
+    # given directly, and a missing folder: said as they are, not "file not found"
+    nowhere = f"{tmp_path}/nowhere/"
+    assert _predict("-m", checkpoint, "-i", inputs / "loop.nii.gz", nowhere, "-o", tmp_path / "o2") == 1
+    out = capsys.readouterr().out
+    assert f"{inputs / 'loop.nii.gz'}: symbolic link loop" in out and f"{nowhere}: folder not found" in out
+
+
+@pytest.mark.parametrize("problem", ["existing file", "unwritable"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_model_is_loaded(tmp_path, capsys, problem,
+                                                                             unwritable_folder):
+    out = tmp_path / "out.nii.gz" if problem == "existing file" else unwritable_folder / "preds"
+    if problem == "existing file":
+        out.write_bytes(b"an earlier result")
+    # the checkpoint does not exist: the output check comes first, before any expensive step
+    assert _predict("-m", tmp_path / "missing.pt", "-i", chest_ct()[0], "-o", out) == 2
+    err = capsys.readouterr().err.strip()
+    expected = "is a file; -o takes a folder" if problem == "existing file" else "-o folder is not writable"
+    assert err.startswith(f"volumefusion predict: error: {out}: ")
+    assert expected in err and "\n" not in err
+
+
 def test_a_checkpoint_without_task_is_refused_with_a_clear_message(tmp_path, capsys):
     path = tmp_path / "weights_only.pt"
     save_checkpoint(path, {"model": {}})
     assert _predict("-m", path, "-i", chest_ct()[0], "-o", tmp_path / "out") == 2
     assert "not a volumefusion checkpoint" in capsys.readouterr().err
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_names_the_tensor_and_shapes(checkpoint, tmp_path, capsys):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["model"]["stem.proj.weight"] = torch.zeros(4, 1, 1, 1, 1)
+    path = tmp_path / "wrong.pt"
+    save_checkpoint(path, ckpt)
+    assert _predict("-m", path, "-i", chest_ct()[0], "-o", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"{path}: the weights do not fit the network its config describes (1 tensors): stem.proj.weight: " \
+           "[4, 1, 1, 1, 1] in the checkpoint vs [4, 1, 1, 3, 3] in the network" in err
 
 
 def test_a_patch_size_the_network_cannot_take_is_refused(checkpoint, tmp_path, capsys):

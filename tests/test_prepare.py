@@ -62,7 +62,7 @@ def snapshot(store_path) -> dict:
     """Everything a store holds per case: record and array contents."""
     store = Store.open(store_path)
     out = {}
-    for record in store.cases:
+    for record in map(store.case, store.ids):
         label = store.label(record.id)
         out[record.id] = (record.to_dict(), store.image(record.id).read(),
                           None if label is None else label.read())
@@ -222,7 +222,7 @@ def test_prepare_resumes_after_a_kill(tmp_path):
     (store / "cases" / ".case2.json.k1ll3d.tmp.json").write_text('{"id": "ca')
     (store / "arrays" / "case3" / "image.b2nd").write_bytes(b"stale garbage")  # no record
     (store / "cases" / "case3.json").unlink()
-    assert [c.id for c in Store.open(store).cases] == ["case1"]
+    assert Store.open(store).ids == ["case1"]
     summary = prepare([str(tmp_path / "in")], store)
     assert summary.ok and sorted(summary.prepared) == ["case2", "case3"] and summary.skipped == ["case1"]
     assert sorted(p.name for p in (store / "arrays" / "case2").iterdir()) == ["image.b2nd"]
@@ -277,7 +277,7 @@ def test_each_bad_input_is_reported_while_good_cases_land(tmp_path):
                      r"empty: folder holds no NIfTI"]:
         assert len(re.findall(expected, reasons)) == 1, expected
     assert len(summary.failed) == 9 and summary.total == 10
-    assert [c.id for c in Store.open(tmp_path / "store").cases] == ["case2"]
+    assert Store.open(tmp_path / "store").ids == ["case2"]
     assert "FAILED" in summary.format() and "9 failed" in summary.format()
 
 
@@ -320,7 +320,7 @@ def test_a_source_replaced_in_place_is_prepared_again(tmp_path, caplog, monkeypa
     stored = Store.open(store)
     np.testing.assert_array_equal(stored.image("case1").read(), expected.image)
     assert stored.case("case1").restore == expected.restore
-    assert all(stored.verify(c.id) for c in stored.cases)
+    assert all(stored.verify(c) for c in stored.ids)
     third = prepare([str(tmp_path / "in")], store)
     assert third.prepared == [] and sorted(third.skipped) == ["case1", "case2"]
 
@@ -375,7 +375,7 @@ def test_a_case_id_already_stored_from_another_file_is_a_duplicate(tmp_path):
 def test_unwritable_output_folder_is_an_error(tmp_path):
     write_cases(tmp_path / "in", [1])
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(VolumeFusionError, match="output folder is not writable"):
+    with pytest.raises(VolumeFusionError, match="store: cannot be created for --out: .*file is a file"):
         prepare([str(tmp_path / "in")], tmp_path / "file" / "store")
     with pytest.raises(VolumeFusionError, match="is a file"):
         prepare([str(tmp_path / "in")], tmp_path / "file")
@@ -427,32 +427,84 @@ def _live_processes_in_group(group: int) -> list[int]:
     return alive
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
-@pytest.mark.parametrize("whole_group", [True, False], ids=["group", "parent"])
-def test_sigterm_stops_prepare_and_its_workers_with_status_143(tmp_path, whole_group):
-    write_cases(tmp_path / "in", range(12), shape=(48, 160, 160))
+def _blocking_input(folder: Path, pipe_folder: Path) -> Path:
+    """``folder/blocked.mhd``, a MetaImage header whose data file is a named pipe: a worker reading it
+    waits until the pipe is opened for writing (:func:`_release`), so a run is still busy with this
+    case for as long as a test needs, however fast or slow the machine. Returns the pipe."""
+    pipe_folder.mkdir(parents=True)
+    pipe = pipe_folder / "data.raw"
+    os.mkfifo(pipe)
+    (folder / "blocked.mhd").write_text(
+        "ObjectType = Image\nNDims = 3\nDimSize = 48 40 12\nElementType = MET_SHORT\n"
+        f"ElementSpacing = 0.8 0.8 2.5\nElementDataFile = {pipe}\n")
+    return pipe
+
+
+def _release(pipe: Path) -> None:
+    """Let a reader waiting on ``pipe`` go on (it reads end-of-file: a truncated case); no-op without one."""
+    with contextlib.suppress(OSError):  # ENXIO: nobody is reading
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def _start_blocked_prepare(tmp_path, cases: int = 11):
+    """``prepare --workers 2`` in its own process group over ``cases`` cases and one that blocks
+    (sorted first, so one worker holds it); returns ``(process, pipe)`` once every other case is in
+    the store, i.e. with one worker blocked and the run unable to finish."""
+    write_cases(tmp_path / "in", range(cases), shape=(24, 64, 64))
+    pipe = _blocking_input(tmp_path / "in", tmp_path / "pipe")
     store = tmp_path / "store"
     command = [sys.executable, "-m", "volumefusion", "prepare", str(tmp_path / "in"), "--out", str(store),
                "--workers", "2", "--no-crop"]
     with open(tmp_path / "stderr.txt", "w") as stderr:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 600  # a bound for a hung run, not a speed requirement
+    while len(list((store / "cases").glob("*.json"))) < cases:
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr.txt").read_text()
+        time.sleep(0.05)
+    return proc, pipe
+
+
+def _wait_until_gone(group: int, bound_s: float = 60.0) -> None:
+    deadline = time.monotonic() + bound_s
+    while _live_processes_in_group(group):
+        assert time.monotonic() < deadline, f"processes outlived prepare: {_live_processes_in_group(group)}"
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+@pytest.mark.parametrize("whole_group", [True, False], ids=["group", "parent"])
+def test_sigterm_stops_prepare_and_its_workers_with_status_143(tmp_path, whole_group):
+    proc, pipe = _start_blocked_prepare(tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while not list((store / "cases").glob("*.json")):  # the workers are busy
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         if whole_group:  # what SLURM and `timeout --foreground`-less job runners do
             os.killpg(proc.pid, signal.SIGTERM)
         else:
             proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 143, (tmp_path / "stderr.txt").read_text()
+        deadline = time.monotonic() + 120
+        while proc.poll() is None:  # a signalled parent waits for its busy worker's case to end
+            assert time.monotonic() < deadline, "prepare did not stop"
+            _release(pipe)
+            time.sleep(0.05)
+        assert proc.returncode == 143, (tmp_path / "stderr.txt").read_text()
         assert "terminated" in (tmp_path / "stderr.txt").read_text()
-        while _live_processes_in_group(proc.pid):  # workers and resource tracker follow the parent
-            assert time.monotonic() < deadline + 30, "worker processes outlived prepare"
-            time.sleep(0.1)
-        assert len(list((store / "cases").glob("*.json"))) < 12
+        _wait_until_gone(proc.pid)  # workers and resource tracker follow the parent
+        assert len(list((tmp_path / "store" / "cases").glob("*.json"))) == 11  # the blocked case never finished
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads processes from /proc")
+def test_kill_9_of_prepare_takes_its_workers_and_resource_tracker_with_it(tmp_path):
+    proc, pipe = _start_blocked_prepare(tmp_path, cases=3)
+    try:
+        assert len(_live_processes_in_group(proc.pid)) >= 3  # parent, two workers (one blocked), tracker
+        proc.kill()  # SIGKILL: no handler runs, nothing is shut down
+        proc.wait()
+        _wait_until_gone(proc.pid)
+    finally:
+        _release(pipe)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
 
@@ -536,3 +588,90 @@ def test_cli_help_explains_inputs_resume_and_sharding(capsys):
     text = capsys.readouterr().out
     for phrase in ("dataset.json", "--shard", "SLURM_ARRAY_TASK_ID", "re-run", "::SERIES_UID", "--spacing"):
         assert phrase in text
+
+
+def test_names_without_an_ascii_form_keep_distinct_readable_case_ids(tmp_path):
+    image, _ = ct_case(1)
+    for name in ("肝臓", "脾臓", "Müller_3"):
+        write_image(tmp_path / "in" / f"{name}.nii.gz", image, GEOMETRY)
+    summary = prepare([str(tmp_path / "in")], tmp_path / "store")
+    assert not summary.failed  # no "duplicate case id 'case'"
+    ids = sorted(summary.prepared)
+    assert "Muller_3" in ids and len(ids) == 3
+    assert all(re.fullmatch(r"case_[0-9a-f]{8}", i) for i in ids if i != "Muller_3")
+
+
+def test_an_unknown_flag_after_the_command_shows_that_commands_usage(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["prepare", "in/", "--out", "store", "--workerz", "2"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: volumefusion prepare") and "unrecognized arguments: --workerz 2" in err
+
+
+def test_prepare_logs_a_line_per_case_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    write_cases(tmp_path / "in", [1, 2])
+    assert cli_main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "store"), "--workers", "2"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"INFO case[12]: prepared \(1 of 2\)", err) and re.search(r"case[12]: prepared \(2 of 2\)", err)
+
+
+def test_suspicious_values_are_warned_naming_file_and_value_and_listed_in_the_summary(tmp_path, capsys):
+    image, _ = ct_case(1)
+    folder = tmp_path / "in"
+    write_cases(folder, [0])  # a plausible CT: no warning
+    huge = image.astype(np.float32)
+    huge[0, 0, :2] = (-1e9, 1e9)
+    write_image(folder / "huge.nii.gz", huge, GEOMETRY)
+    noise = np.random.default_rng(0).integers(-128, 128, SHAPE).astype(np.int8)
+    write_image(folder / "noise.nii.gz", noise, GEOMETRY)
+    write_image(folder / "fine.nii.gz", image, dataclasses.replace(GEOMETRY, spacing_zyx=(0.1, 0.1, 0.1)))
+    write_image(folder / "coarse.nii.gz", image, dataclasses.replace(GEOMETRY, spacing_zyx=(50.0, 0.8, 0.8)))
+    assert cli_main(["prepare", str(folder), "--out", str(tmp_path / "store"), "--workers", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "5 prepared, 0 already done, 0 failed, 4 warning(s)" in out  # kept going: every case is stored
+    expected = {
+        "huge": "values -1e+09..1e+09 HU exceed int16 and are clipped to -32768..32767",
+        "noise": "lowest value -128: no air (about -1000 HU) anywhere; is this CT in Hounsfield units?",
+        "fine": "voxel spacing 0.1 x 0.1 x 0.1 mm (z y x) is outside the usual 0.2..10 mm of CT",
+        "coarse": "voxel spacing 50 x 0.8 x 0.8 mm (z y x)",
+    }
+    for name, phrase in expected.items():
+        line = f"{folder / name}.nii.gz: {phrase}"
+        assert f"  WARNING {line}" in out and line in err  # in the summary, and logged as it happened
+    assert "case0" not in out.split("\n", 1)[1]
+
+
+def test_a_label_map_on_a_grid_of_another_size_fails_naming_the_label(tmp_path):
+    image, label = ct_case(1)
+    write_image(tmp_path / "img" / "a.nii.gz", image, GEOMETRY)
+    write_image(tmp_path / "lab" / "a.nii.gz", label[:, :-2],
+                dataclasses.replace(GEOMETRY, shape_zyx=(SHAPE[0], SHAPE[1] - 2, SHAPE[2])))
+    write_cases(tmp_path / "img", [2], label_folder=tmp_path / "lab")
+    summary = prepare([str(tmp_path / "img")], tmp_path / "store", label_dir=tmp_path / "lab")
+    assert summary.prepared == ["case2"]  # the good case beside it lands
+    [(_, reason)] = summary.failed
+    label_path, image_path = tmp_path / "lab" / "a.nii.gz", tmp_path / "img" / "a.nii.gz"
+    assert reason == (f"{label_path}: label grid does not match image {image_path}: "
+                      "shape_zyx (12, 38, 48) vs the image's (12, 40, 48)")
+
+
+def test_the_channel_is_part_of_a_cases_record_so_another_channel_is_prepared_again(tmp_path, capsys):
+    volumes = np.stack([ct_case(1)[0], ct_case(2)[0]])  # (t, z, y, x): two different CTs
+    fourd = sitk.GetImageFromArray(volumes, isVector=False)
+    sitk.WriteImage(fourd, str(tmp_path / "fourd.nii.gz"))
+    args = ["prepare", str(tmp_path / "fourd.nii.gz"), "--out", str(tmp_path / "store"), "--no-crop"]
+
+    def stored():
+        return Store.open(tmp_path / "store").image("fourd").read()
+
+    assert cli_main([*args, "--channel", "0"]) == 0
+    np.testing.assert_array_equal(stored(), volumes[0])
+    assert cli_main([*args, "--channel", "1"]) == 0
+    assert "1 prepared, 0 already done" in capsys.readouterr().out
+    np.testing.assert_array_equal(stored(), volumes[1])
+    assert cli_main([*args, "--channel", "1"]) == 0
+    assert "0 prepared, 1 already done" in capsys.readouterr().out
+    assert cli_main([*args, "--channel", "5"]) == 1
+    assert f"FAILED {tmp_path / 'fourd.nii.gz'}: channel 5 out of range; the image has 2 volumes" in \
+        capsys.readouterr().out

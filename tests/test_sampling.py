@@ -12,6 +12,7 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from volumefusion import VolumeFusionError
+from volumefusion.data.index import CaseIndex
 from volumefusion.data.phantoms import make_phantom, write_msd_dataset, write_phantoms
 from volumefusion.data.prepare import prepare
 from volumefusion.data.sampling import PretrainLoader, SegmentationLoader
@@ -146,8 +147,8 @@ def test_grid_mode_takes_both_crops_from_one_case(store):
 
 
 def test_crops_lie_inside_the_body_box(store):
-    images = {c.id: store.image(c.id).read() for c in store.cases}
-    records = {c.id: c for c in store.cases}
+    images = {i: store.image(i).read() for i in store.ids}
+    records = {i: store.info(i) for i in store.ids}
     starts = []
     for batch in _take(PretrainLoader(store, CROP, 4, seed=2), 5):
         for i, (bg, fg) in enumerate(batch["case_ids"]):
@@ -163,7 +164,7 @@ def test_crops_lie_inside_the_body_box(store):
 
 def test_small_case_is_padded_and_fully_contained(tmp_path):
     store = _store(tmp_path / "store", write_phantoms(tmp_path / "raw", seeds=[1], shape=(6, 12, 12)))
-    case = store.image(store.cases[0].id).read()
+    case = store.image(store.ids[0]).read()
     for batch in _take(PretrainLoader(store, CROP, 2, seed=0, pad_value=-3000), 3):
         for crop in batch["background"][:, 0].numpy():
             found = _locate(crop, case)  # the whole case sits inside the crop ...
@@ -178,7 +179,7 @@ def test_small_case_is_padded_and_fully_contained(tmp_path):
 
 def test_empty_store_is_an_error(store):
     with pytest.raises(VolumeFusionError, match="no cases"):
-        PretrainLoader(Store(store.path, store.meta, []), CROP, 2, seed=0)
+        PretrainLoader(Store(store.path, store.meta, CaseIndex(store.index.rows[:0], None)), CROP, 2, seed=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def test_empty_store_is_an_error(store):
 
 
 def test_segmentation_crops_are_aligned_image_and_label(labelled_store):
-    ids = [c.id for c in labelled_store.cases]
+    ids = labelled_store.ids
     batches = _take(SegmentationLoader(labelled_store, ids, CROP, 3, seed=0), 3)
     for batch in batches:
         assert batch["image"].dtype == torch.int16 and batch["label"].dtype == torch.uint8
@@ -199,7 +200,7 @@ def test_segmentation_crops_are_aligned_image_and_label(labelled_store):
 
 
 def test_segmentation_stream_is_resumable_across_workers(labelled_store):
-    ids = [c.id for c in labelled_store.cases]
+    ids = labelled_store.ids
     main = _take(SegmentationLoader(labelled_store, ids, CROP, 2, seed=4, foreground_ratio=0.5), 5)
     workers = _take(SegmentationLoader(labelled_store, ids, CROP, 2, seed=4, foreground_ratio=0.5, workers=2,
                                        start_step=1), 4)
@@ -207,7 +208,7 @@ def test_segmentation_stream_is_resumable_across_workers(labelled_store):
 
 
 def _foreground_share(store: Store, ratio: float, steps: int = 75) -> float:
-    loader = SegmentationLoader(store, [store.cases[0].id], CROP, 4, seed=0, foreground_ratio=ratio)
+    loader = SegmentationLoader(store, store.ids[:1], CROP, 4, seed=0, foreground_ratio=ratio)
     hits = [bool(crop.any()) for b in _take(loader, steps) for crop in b["label"]]
     return float(np.mean(hits))
 
@@ -222,9 +223,11 @@ def test_foreground_oversampling_share_follows_the_ratio(spot_store):
 
 def test_segmentation_errors_name_the_problem(store, labelled_store):
     with pytest.raises(VolumeFusionError, match="no label"):
-        SegmentationLoader(store, [store.cases[0].id], CROP, 2, seed=0)
-    with pytest.raises(VolumeFusionError, match="not in the store"):
+        SegmentationLoader(store, store.ids[:1], CROP, 2, seed=0)
+    with pytest.raises(VolumeFusionError, match="no case 'nope' in the store"):
         SegmentationLoader(labelled_store, ["nope"], CROP, 2, seed=0)
+    with pytest.raises(VolumeFusionError, match="2 requested cases are not in the store"):
+        SegmentationLoader(labelled_store, ["nope", "nix"], CROP, 2, seed=0)
     with pytest.raises(VolumeFusionError, match="foreground_ratio"):
-        SegmentationLoader(labelled_store, [labelled_store.cases[0].id], CROP, 2, seed=0,
+        SegmentationLoader(labelled_store, labelled_store.ids[:1], CROP, 2, seed=0,
                            foreground_ratio=1.5)

@@ -47,7 +47,7 @@ def store(tmp_path):
 def test_open_lists_finished_cases_sorted_with_their_records(store):
     path, cases = store
     s = Store.open(path)
-    assert len(s) == 2 and [c.id for c in s.cases] == ["a_case", "b_case"]
+    assert len(s) == 2 and s.ids == ["a_case", "b_case"]
     record = s.case("b_case")
     assert record.shape == (40, 150, 140) and record.spacing_zyx == (2.0, 0.8, 0.8)
     assert record.body_box == ((1, 39), (2, 148), (3, 137))
@@ -97,7 +97,7 @@ def test_rewriting_a_case_clears_leftovers_of_a_killed_writer(store):
     folder = path / "arrays" / "b_case"
     (folder / ".image.b2nd.abc123.tmp.b2nd").write_bytes(b"half")
     (path / "cases" / ".b_case.json.x1.tmp.json").write_text("{")
-    assert [c.id for c in Store.open(path).cases] == ["a_case", "b_case"]  # temp record ignored
+    assert Store.open(path).ids == ["a_case", "b_case"]  # temp record ignored
     write_case(path, cases["b_case"], case_id="b_case", source="s", label_source="l", settings=SETTINGS)
     assert sorted(p.name for p in folder.iterdir()) == ["image.b2nd", "label.b2nd"]
 
@@ -156,7 +156,7 @@ def test_name_found_labels_names_the_classes_of_labelled_cases(tmp_path):
 def test_a_case_record_written_last_defines_a_finished_case(store):
     path, _ = store
     (path / "cases" / "b_case.json").unlink()  # arrays exist, record missing: not a case
-    assert [c.id for c in Store.open(path).cases] == ["a_case"]
+    assert Store.open(path).ids == ["a_case"]
     with pytest.raises(VolumeFusionError, match="no case 'b_case'"):
         Store.open(path).image("b_case")
 
@@ -179,6 +179,7 @@ def test_store_json_from_a_newer_version_is_refused(store):
 
 
 @pytest.mark.parametrize("name, safe", [("liver_3", "liver_3"), ("a b/c", "a_b_c"), (".hidden", "hidden"),
-                                         ("ü", "case"), ("", "case")])
+                                         ("ü", "u"), ("Müller", "Muller"), ("", "case"),
+                                         ("肝臓", "case_9816ce92"), ("肝臓_3", "3_bcdd7455")])
 def test_safe_case_id(name, safe):
     assert safe_case_id(name) == safe

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import CONFORMANCE
+from tests.conftest import CONFORMANCE, write_bad_checkpoints
 from volumefusion import VolumeFusionError, config
 from volumefusion.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from volumefusion.cli import main
@@ -144,12 +144,56 @@ def test_foreign_checkpoints_are_clear_errors(tmp_path):
         load_pretrained(tiny(), torch.nn.Linear(3, 4).state_dict())
 
 
-def test_strict_encoder_rejects_a_mismatched_encoder():
+def test_an_encoder_tensor_that_does_not_load_is_an_error_naming_it():
     source = tiny(seed=1)
     model = PCTNet(feature_channels=(4, 8, 16, 32, 128), num_heads=(2, 2, 4), window_size=2)
-    assert load_pretrained(model, source.state_dict()).shape_skipped
-    with pytest.raises(VolumeFusionError, match="encoder"):
-        load_pretrained(model, source.state_dict(), strict_encoder=True)
+    with pytest.raises(VolumeFusionError) as error:
+        load_pretrained(model, source.state_dict(), name="pre.pt")
+    message = str(error.value)
+    assert message.startswith("pre.pt: 43 pretrained tensor(s)")
+    assert "pyramid.down4.conv.weight: [64, 32, 3, 3, 3] in the checkpoint vs [128, 32, 3, 3, 3] in the model" \
+        in message
+    assert message.endswith("--partial-load pyramid.down4 pyramid.e4 pyramid.up4 (finetune.partial_load)")
+
+
+def test_partial_loading_by_name_accepts_exactly_the_named_tensors():
+    source = tiny(seed=1)
+    source_state = source.state_dict()
+    source_state["stem.proj.weight"] = torch.zeros(4, 1, 1, 1, 1)  # the wrong kernel size
+    model = tiny(seed=2)
+    fresh = model.state_dict()["stem.proj.weight"].clone()
+    with pytest.raises(VolumeFusionError, match=r"stem\.proj\.weight: \[4, 1, 1, 1, 1\] in the checkpoint"):
+        load_pretrained(model, source_state)
+    report = load_pretrained(model, source_state, partial=["stem.proj"])
+    assert [k for k, _, _ in report.shape_skipped] == ["stem.proj.weight"]
+    assert "stem.proj.weight [4, 1, 1, 1, 1] vs model [4, 1, 1, 3, 3]" in report.format()
+    assert torch.equal(model.state_dict()["stem.proj.weight"], fresh)
+    with pytest.raises(VolumeFusionError, match="stem.projection names no tensor"):
+        load_pretrained(tiny(), source_state, partial=["stem.projection"])
+
+
+def test_checkpoint_errors_say_what_the_file_is_and_never_suggest_an_unsafe_load(tmp_path):
+    import warnings
+
+    for path, phrase in write_bad_checkpoints(tmp_path).values():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch's pickle-protocol warning stays silent
+            with pytest.raises(VolumeFusionError) as error:
+                load_checkpoint(path, expected="a test checkpoint")
+        message = str(error.value)
+        assert message.startswith(f"{path}: ") and phrase in message, message
+        assert message.endswith("expected a test checkpoint") and "weights_only" not in message
+
+
+def test_predict_and_convert_say_what_they_expect_of_a_wrong_file(tmp_path, capsys):
+    image = tmp_path / "files" / "ct.nii.gz"
+    write_bad_checkpoints(tmp_path / "files")
+    assert main(["predict", "-m", str(image), "-i", str(image), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"volumefusion predict: error: {image}: a gzip-compressed image file (NIfTI); expected a "
+                   "checkpoint written by `volumefusion finetune`")
+    assert main(["convert", str(image), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "expected a MIS-FM / PyMIC PCT-Net checkpoint" in capsys.readouterr().err
 
 
 @needs_conformance
@@ -234,8 +278,22 @@ def test_convert_set_corrects_what_the_weights_cannot_show(tmp_path):
     assert main([*args, "--set", "optim.lr=1"]) == 2  # only model fields
 
 
-def test_convert_rejects_a_non_misfm_checkpoint(tmp_path):
+def test_convert_rejects_a_non_misfm_checkpoint(tmp_path, capsys):
     path = tmp_path / "ours.pt"
     save_checkpoint(path, {"model": tiny().state_dict()})
     assert main(["convert", str(path), "--out", str(tmp_path / "x.pt")]) == 2
     assert not (tmp_path / "x.pt").exists()
+    unet = tmp_path / "pymic_unet.pt"  # a PyMIC checkpoint of another network
+    torch.save({"model_state_dict": UNet3D(1, 2, (4, 8, 8, 16, 16)).state_dict()}, unet)
+    assert main(["convert", str(unet), "--out", str(tmp_path / "x.pt")]) == 2
+    assert f"error: {unet}: not a MIS-FM PCT-Net state dict" in capsys.readouterr().err
+
+
+def test_convert_checks_its_outputs_before_reading_the_checkpoint(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["convert", str(tmp_path / "random.pt"), "--out", str(tmp_path / "file" / "ours.pt")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'file' / 'ours.pt'}: cannot be created for --out: {tmp_path / 'file'} is a file" in err
+    assert main(["convert", str(tmp_path / "random.pt"), "--out", str(tmp_path / "ours.pt"),
+                 "--safetensors", str(tmp_path)]) == 2
+    assert f"error: {tmp_path}: is a folder; --safetensors takes a file name" in capsys.readouterr().err

@@ -39,7 +39,7 @@ from volumefusion.infer import Predictor, PredictSummary, predict_files
 from volumefusion.io import Geometry
 from volumefusion.metrics import evaluate_case
 from volumefusion.nets import build_model
-from volumefusion.nets.weights import model_from_misfm
+from volumefusion.nets.weights import load_exactly, model_from_misfm
 from volumefusion.preprocess import PrepareSettings
 from volumefusion.train import runs
 from volumefusion.train.engine import FitResult
@@ -138,18 +138,14 @@ def load_model(path: str | Path) -> LoadedModel:
     else:
         ckpt = load_checkpoint(path)
         if "model_state_dict" in ckpt:  # MIS-FM / PyMIC
-            model, cfg, num_classes, _ = model_from_misfm(ckpt)
+            model, cfg, num_classes, _ = model_from_misfm(ckpt, name=str(path))
             return LoadedModel(model.eval(), cfg, num_classes)
         if not {"model", "config", "task"} <= set(ckpt):
             raise VolumeFusionError(f"{path}: neither a volumefusion nor a MIS-FM checkpoint "
                                     "(expected keys 'model', 'config' and 'task', or 'model_state_dict')")
         cfg, num_classes, state = config.from_dict(ckpt["config"]), int(ckpt["task"]["num_classes"]), ckpt["model"]
     model = build_model(cfg.model, num_classes)
-    try:
-        model.load_state_dict(clean_state_dict(state))
-    except RuntimeError as exc:
-        raise VolumeFusionError(f"{path}: weights do not fit the network in its config: "
-                                f"{str(exc).splitlines()[0][:300]}") from None
+    load_exactly(model, clean_state_dict(state), path)
     return LoadedModel(model.eval(), cfg, num_classes)
 
 

@@ -15,7 +15,8 @@ import sys
 from volumefusion import VolumeFusionError, __version__
 from volumefusion.log import setup
 
-COMMANDS = ["demo", "prepare", "pretrain", "finetune", "predict", "evaluate", "show", "convert", "config"]
+COMMANDS = ["demo", "prepare", "pretrain", "finetune", "predict", "evaluate", "show", "convert", "export",
+            "config"]
 
 DESCRIPTION = """\
 Volume Fusion self-supervised pretraining of PCT-Net for 3D CT segmentation (MIS-FM),
@@ -58,12 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not part of this build
             raise
         module.register(sub)
+    parser.commands = sub.choices  # {name: its parser}, for errors in the command's own usage
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would answer with the top-level usage; the command's is the helpful one
+        command = parser.commands.get(getattr(args, "command", None) or "", parser)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -73,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     except VolumeFusionError as exc:
         print(f"volumefusion {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the system refused: a full disk, a file that vanished, permissions
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"volumefusion {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"volumefusion {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -74,7 +74,11 @@ class FusionConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("pctnet", "network architecture", choices=("pctnet", "unet"))
+    name: str = _f("pctnet", "network architecture; nnunet: the network an nnU-Net plans file describes (extra "
+                   "volumefusion[nnunet])", choices=("pctnet", "unet", "nnunet"))
+    plans: str | None = _f(None, "nnunet: an nnU-Net plans file (nnUNetPlans.json, nnUNetResEncUNetLPlans.json); "
+                           "data.crop_size defaults to its patch size")
+    configuration: str = _f("3d_fullres", "nnunet: the plans' configuration to build")
     in_channels: int = _f(1, "input channels", min=1)
     feature_channels: tuple[int, ...] = _f((24, 48, 128, 256, 512), "channels per resolution level", min=1)
     dropout: tuple[float, ...] = _f((0.0, 0.0, 0.2, 0.2, 0.2), "dropout per level", min=0, max=1)
@@ -92,7 +96,8 @@ class ModelConfig:
         "exact", "relative-position index: exact (collision-free) or reference (MIS-FM weights)",
         choices=("exact", "reference"),
     )
-    deep_supervision: bool = _f(True, "return outputs at full, 1/2, 1/4, 1/8 resolution")
+    deep_supervision: bool = _f(True, "return outputs at full, 1/2, 1/4, 1/8 resolution (nnunet: one per "
+                                "decoder stage)")
     activation_checkpointing: bool = _f(
         False, "recompute the transformer blocks and the stem/head convolutions in backward: ~4.7x less "
         "activation memory (paper net, bf16: 3.45 -> 0.73 GB/sample) for ~10% more FLOPs")
@@ -153,6 +158,9 @@ class FinetuneConfig:
         "right apart (left/right organ labels)", min=0, max=2)
     overlap: float = _f(0.5, "sliding-window overlap for validation and prediction", min=0, max=0.95)
     window_batch: int = _f(4, "windows per forward pass in sliding-window inference", min=1)
+    partial_load: tuple[str, ...] = _f(
+        (), "pretrained tensors (names or module paths, e.g. stem.proj) allowed to start untrained when the "
+        "checkpoint's do not fit; any other tensor outside the output layers that does not load is an error")
 
 
 @dataclass
@@ -277,6 +285,11 @@ def validate(cfg: Config) -> Config:
         for c, h in zip(m.feature_channels[2:], m.num_heads):
             if c % h:
                 raise ConfigError(f"model.num_heads: {h} heads do not divide {c} channels")
+    if m.name == "nnunet":
+        if not m.plans:
+            raise ConfigError("model.plans: model.name nnunet builds the network of an nnU-Net plans file; set "
+                              "model.plans=PATH (e.g. $nnUNet_preprocessed/Dataset001_X/nnUNetPlans.json)")
+        plans_configuration(m.plans, m.configuration)
     for i, (lo, hi) in enumerate(zip(fu.box_size_min, fu.box_size_max)):
         if lo > hi:
             raise ConfigError(f"fusion.box_size_min: {list(fu.box_size_min)} exceeds box_size_max on axis {i}")
@@ -294,6 +307,35 @@ def validate(cfg: Config) -> Config:
     if len(set(ft.mirror_axes)) != len(ft.mirror_axes):
         raise ConfigError(f"finetune.mirror_axes: {list(ft.mirror_axes)} names an axis twice")
     return cfg
+
+
+def plans_configuration(path: str | Path, name: str) -> dict[str, Any]:
+    """Configuration ``name`` of the nnU-Net plans file ``path`` as a dict, with the entries it
+    inherits (``inherits_from``) filled in; errors name ``model.plans`` / ``model.configuration``.
+
+    Only the JSON is read (no nnU-Net import): ``patch_size`` (z, y, x voxels of nnU-Net's
+    preprocessed arrays), ``spacing``, ``architecture`` (``network_class_name``, ``arch_kwargs``).
+    """
+    import json
+
+    try:
+        plans = json.loads(Path(path).read_text())
+        configurations = plans["configurations"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"model.plans: {path} is not a readable nnU-Net plans file ({exc})") from None
+    if name not in configurations:
+        raise ConfigError(f"model.configuration: {name!r} is not in {path}; it has: {', '.join(configurations)}")
+    merged: dict[str, Any] = {}
+    seen = []
+    while name is not None and name not in seen:  # the parent first, so the child's entries win
+        seen.append(name)
+        merged = {**configurations[name], **merged}
+        name = configurations[name].get("inherits_from")
+    merged.pop("inherits_from", None)
+    if len(merged.get("patch_size", [])) != 3 or "architecture" not in merged:
+        raise ConfigError(f"model.configuration: {seen[0]!r} of {path} is not a 3D configuration with an "
+                          "architecture (nnU-Net v2 plans); choose a 3d one such as 3d_fullres")
+    return merged
 
 
 def to_dict(obj: Any) -> Any:
@@ -366,10 +408,11 @@ def resolve_path(path: str | Path) -> Path:
 
 def load(paths: list[str | Path] | str | Path | None = None, overrides: list[str] | None = None,
          base: dict[str, Any] | None = None) -> Config:
-    """Defaults, then ``base`` (e.g. a checkpoint's config), then each YAML file, then overrides."""
-    data: dict[str, Any] = to_dict(Config())
-    if base:
-        data = merge(data, base)
+    """Defaults, then ``base`` (e.g. a checkpoint's config), then each YAML file, then overrides.
+
+    With ``model.name: nnunet`` and no ``data.crop_size`` given anywhere, the crop is the plans' patch size.
+    """
+    data: dict[str, Any] = base or {}
     if isinstance(paths, (str, Path)):
         paths = [paths]
     for path in paths or []:
@@ -384,7 +427,10 @@ def load(paths: list[str | Path] | str | Path | None = None, overrides: list[str
         data = merge(data, content)
     for text in overrides or []:
         data = merge(data, parse_override(text))
-    return from_dict(data)
+    cfg = from_dict(merge(to_dict(Config()), data))
+    if cfg.model.name == "nnunet" and "crop_size" not in (data.get("data") or {}):
+        cfg.data.crop_size = tuple(plans_configuration(cfg.model.plans, cfg.model.configuration)["patch_size"])
+    return validate(cfg)
 
 
 def changed_fields(saved: dict[str, Any], cfg: Config, sections: tuple[str, ...] | None = None,

@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +18,10 @@ from scipy import ndimage
 from volumefusion import VolumeFusionError
 from volumefusion.data.datasets import read_dataset_description
 from volumefusion.data.store import safe_case_id
-from volumefusion.io import Geometry, atomic_write_text, case_id_from_path, is_image_file, read_image
+from volumefusion.io import Geometry, atomic_write_text, case_id_from_path, is_image_file, missing_reason, read_image
 from volumefusion.log import get_logger, progress
-from volumefusion.metrics import BOTH_EMPTY, METRICS, evaluate_case, summarise
+from volumefusion.metrics import METRICS, both_empty_metrics, evaluate_case, summarise
+from volumefusion.processes import worker_pool
 from volumefusion.viz import save_boxplot
 
 log = get_logger(__name__)
@@ -36,11 +35,13 @@ metrics (per case and class; distances in mm from the image spacing):
   nsd    share of surface voxels of P and R within --tolerance mm of the other surface
   surface = voxels with a face neighbour outside the mask (as MONAI without sub-voxel areas)
 
-empty masks:
-  class absent from both prediction and reference:  dice 1, hd95 0, assd 0, nsd 1
-  class absent from exactly one of them:            dice 0, nsd 0, hd95 = assd = the largest
-      distance in the image (between opposite corner voxels), so a miss counts as the worst
-      boundary error while means and box plots stay finite.
+empty masks (the conventions of MONAI and nnU-Net):
+  class absent from exactly one of prediction and reference:  dice 0, nsd 0; hd95 and assd are
+      undefined (no surface to measure to): NaN in the CSV, left out of the means, and counted
+      as "undefined" in the summary, so a miss shows as dice 0 without a made-up distance.
+  class absent from both (--both-empty):  one (default): dice 1, nsd 1, hd95 0, assd 0, a correct
+      absence counts as perfect;  nan: every metric NaN, the case left out of that class's
+      means (nnU-Net's choice for Dice).
   ref_voxels / pred_voxels in the CSV find these cases."""
 
 def read_label_names(path: Path) -> dict[int, str]:
@@ -56,7 +57,11 @@ def list_cases(folder: Path, role: str) -> dict[str, Path]:
         raise VolumeFusionError(f"--{role} {folder}: folder not found")
     cases: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or not is_image_file(path):
+        if path.name.startswith(".") or not is_image_file(path):
+            continue
+        if path.is_symlink() and not path.exists():
+            raise VolumeFusionError(f"{path}: {missing_reason(path)}")
+        if not path.is_file():
             continue
         case = safe_case_id(case_id_from_path(path))
         if case in cases:
@@ -100,7 +105,7 @@ def _read_label_map(case: str, what: str, path: Path):
 
 
 def evaluate_pair(case: str, pred_path: Path, ref_path: Path, names: dict[int, str] | None,
-                  tolerance_mm: float) -> list[dict]:
+                  tolerance_mm: float, both_empty: str = "one") -> list[dict]:
     """CSV rows of one case; without ``names``, every non-zero value present in either map."""
     pred, pred_geometry = _read_label_map(case, "prediction", pred_path)
     ref, ref_geometry = _read_label_map(case, "reference", ref_path)
@@ -108,16 +113,19 @@ def evaluate_pair(case: str, pred_path: Path, ref_path: Path, names: dict[int, s
     if names is None:  # find_objects lists every non-zero value present, without copying the arrays
         present = {v for a in (pred, ref) for v, box in enumerate(ndimage.find_objects(a), start=1) if box}
         names = {v: str(v) for v in sorted(present)}
-    results = evaluate_case(pred, ref, ref_geometry.spacing_zyx, names, tolerance_mm)
+    results = evaluate_case(pred, ref, ref_geometry.spacing_zyx, names, tolerance_mm, both_empty)
     return [{"case": case, "label": name, "value": value, **results[name]} for value, name in names.items()]
 
 
 def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out: str | Path, names: dict[int, str] | None,
-                     tolerance_mm: float, workers: int = 1) -> dict:
-    """Evaluate every reference case; write the CSV ``out``, the summary ``out.json`` and box plots
-    ``out_<metric>.png``. Every reference case needs a prediction; predictions without a reference
-    are ignored with a warning. Returns the JSON summary: ``cases``, ``per_class`` (``{name: {metric:
-    {mean, std, median, min, max}}}``), ``mean_over_classes`` (``{metric: mean}``), ``conventions``.
+                     tolerance_mm: float, workers: int = 1, both_empty: str = "one") -> dict:
+    """Evaluate every reference case; write the CSV ``out`` (NaN where a metric is undefined), the
+    summary ``out.json`` and box plots ``out_<metric>.png``. Every reference case needs a prediction;
+    predictions without a reference are ignored with a warning. ``both_empty``: the convention for a
+    class absent from both maps, "one" or "nan" (:mod:`volumefusion.metrics`). Returns the JSON
+    summary: ``cases``, ``per_class`` (``{name: {metric: {mean, std, median, min, max, n,
+    undefined}}}``, statistics over the defined values, None where none is), ``both_empty``,
+    ``mean_over_classes`` (``{metric: mean of the defined class means}``), ``conventions``.
 
     Example: ``evaluate_folders("preds", "labelsTs", "results/metrics.csv", {1: "spleen"}, 2.0)``.
     """
@@ -132,20 +140,19 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out: str | Path, 
         log.warning("%d predictions have no reference in %s and are ignored: %s", len(extra), gt_dir,
                     ", ".join(extra[:5]))
     cases = sorted(refs)
-    jobs = [(c, preds[c], refs[c], names, tolerance_mm) for c in cases]
+    jobs = [(c, preds[c], refs[c], names, tolerance_mm, both_empty) for c in cases]
     if workers > 1 and len(jobs) > 1:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        with worker_pool(min(workers, len(jobs))) as pool:
             per_case = list(progress(pool.map(evaluate_pair, *zip(*jobs)), total=len(jobs), desc="evaluate"))
     else:
         per_case = [evaluate_pair(*job) for job in progress(jobs, desc="evaluate")]
 
-    if names is None:  # a class found in any case is scored in every case (perfect where absent from both)
+    if names is None:  # a class found in any case is scored in every case (as absent from both where absent)
         found = sorted({row["value"] for rows in per_case for row in rows})
+        absent = {**both_empty_metrics(both_empty), "ref_voxels": 0.0, "pred_voxels": 0.0}
         for case, rows in zip(cases, per_case):
             have = {row["value"] for row in rows}
-            rows.extend({"case": case, "label": str(v), "value": v, **BOTH_EMPTY, "ref_voxels": 0.0,
-                         "pred_voxels": 0.0} for v in found if v not in have)
+            rows.extend({"case": case, "label": str(v), "value": v, **absent} for v in found if v not in have)
             rows.sort(key=lambda row: row["value"])
     rows = [row for case_rows in per_case for row in case_rows]
     if not rows:
@@ -165,9 +172,9 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out: str | Path, 
         "cases": len(cases),
         "nsd_tolerance_mm": tolerance_mm,
         "per_class": per_class,
-        "mean_over_classes": {
-            m: sum(stats[m]["mean"] for stats in per_class.values()) / len(per_class) for m in METRICS
-        },
+        "both_empty": both_empty,
+        "mean_over_classes": {m: _mean_of_defined([stats[m]["mean"] for stats in per_class.values()])
+                              for m in METRICS},
         "conventions": CONVENTIONS,
     }
     atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=1) + "\n")
@@ -177,3 +184,9 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, out: str | Path, 
         save_boxplot(out.with_name(f"{out.stem}_{metric}.png"), data,
                      f"{metric} per class, {len(cases)} cases", ylabel=f"{metric}{unit}")
     return summary
+
+
+def _mean_of_defined(values: list[float | None]) -> float | None:
+    """Mean of the values that are not None; None if there are none."""
+    defined = [v for v in values if v is not None]
+    return sum(defined) / len(defined) if defined else None

@@ -39,14 +39,23 @@ from volumefusion.io import (
     IMAGE_SUFFIXES,
     SERIES_SEPARATOR,
     case_id_from_path,
+    check_writable_folder,
     discover_inputs,
     read_image,
+    resolved,
     write_image,
 )
 from volumefusion.log import get_logger
 from volumefusion.log import progress as progress_bar
-from volumefusion.nets import build_model, main_output
-from volumefusion.preprocess import PrepareSettings, normalise_hu, preprocess_case, restore_to_original
+from volumefusion.nets import build_model, deep_supervision_owner, main_output
+from volumefusion.nets.weights import load_exactly
+from volumefusion.preprocess import (
+    PrepareSettings,
+    normalise_hu,
+    preprocess_case,
+    restore_to_original,
+    suspicious_values,
+)
 
 log = get_logger(__name__)
 
@@ -116,18 +125,18 @@ def _unwrap(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Evaluation mode with deep supervision off (one full-resolution output); restored on exit."""
-    core = _unwrap(model)
+    owner = deep_supervision_owner(_unwrap(model))
     was_training = model.training
-    deep_supervision = getattr(core, "deep_supervision", None)
+    deep_supervision = getattr(owner, "deep_supervision", None)
     model.eval()
-    if deep_supervision is not None:
-        core.deep_supervision = False
+    if owner is not None:
+        owner.deep_supervision = False
     try:
         yield
     finally:
         model.train(was_training)
-        if deep_supervision is not None:
-            core.deep_supervision = deep_supervision
+        if owner is not None:
+            owner.deep_supervision = deep_supervision
 
 
 def _forward_probabilities(model: nn.Module, x: torch.Tensor, num_classes: int, flips: list[tuple[int, ...]],
@@ -354,7 +363,7 @@ class Predictor:
     def from_checkpoint(cls, path, device: str | torch.device = "auto", **options) -> Predictor:
         """Load a volumefusion checkpoint (model, config, task); ``options`` as in the constructor."""
 
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, expected="a checkpoint written by `volumefusion finetune`")
         missing = [k for k in ("model", "config", "task") if k not in ckpt]
         if missing:
             raise VolumeFusionError(
@@ -370,11 +379,7 @@ class Predictor:
             raise VolumeFusionError(f"{path}: the model takes {cfg.model.in_channels} input channels; "
                                     "predict handles single-channel CT")
         model = build_model(cfg.model, int(task["num_classes"]))
-        try:
-            model.load_state_dict(clean_state_dict(ckpt["model"]))
-        except RuntimeError as exc:
-            raise VolumeFusionError(f"{path}: weights do not fit the network in its config: "
-                                    f"{str(exc).splitlines()[0][:300]}") from None
+        load_exactly(model, clean_state_dict(ckpt["model"]), path)
         return cls(model, cfg, task, resolve_device(device, setting="device"), **options)
 
     def predict(self, image, geometry, *, probabilities: bool = False, progress: bool | str = False):
@@ -422,15 +427,18 @@ class Predictor:
 @dataclass
 class PredictSummary:
     """What :func:`predict_files` did: ``written`` case ids; ``failed`` ``(input, reason)`` pairs whose
-    reason names the input."""
+    reason names the input; ``warnings`` about suspicious values of cases segmented anyway, each
+    naming the input (:func:`~volumefusion.preprocess.suspicious_values`)."""
 
     out_dir: Path
     written: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def format(self) -> str:
         lines = [f"{len(self.written)} of {len(self.written) + len(self.failed)} cases written to {self.out_dir}"]
         lines += [f"  failed: {reason}" for _, reason in self.failed]
+        lines += [f"  warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
 
@@ -445,8 +453,8 @@ def output_path(out_dir: Path, source: Path, case: str, fmt: str) -> Path:
 
 def check_outputs_spare_inputs(inputs: list[Path], outputs: list[Path]) -> None:
     """VolumeFusionError if any output path is one of the input files (``-o`` = ``-i`` folder)."""
-    sources = {Path(str(p).split(SERIES_SEPARATOR)[0]).resolve() for p in inputs}
-    clash = [p for p in outputs if p.resolve() in sources]
+    sources = {resolved(str(p).split(SERIES_SEPARATOR)[0]) for p in inputs}
+    clash = [p for p in outputs if resolved(p) in sources]
     if clash:
         raise VolumeFusionError(f"{clash[0]}: the output would overwrite this input image "
                                 f"({len(clash)} in all); pass another -o folder")
@@ -467,7 +475,8 @@ def predict_files(model: str | Path | Predictor, inputs: Sequence[str | Path], o
     Writes ``CASE.nii.gz`` (``fmt="same"``: the input's format), uint8 class indices on the input's
     grid, and with ``save_probabilities`` ``probabilities/CASE_classK.nii.gz`` (uint8, probability =
     value / 255). ``channel`` picks one channel of 4D inputs. A case that fails is recorded in the
-    summary and skipped; an ``out_dir`` where an output would replace an input is refused up front.
+    summary and skipped; an ``out_dir`` where an output would replace an input, or that cannot be
+    written, is refused up front, before the model is loaded.
 
     Example::
 
@@ -480,6 +489,14 @@ def predict_files(model: str | Path | Predictor, inputs: Sequence[str | Path], o
     out_dir = Path(out_dir)
     outputs = {c.case_id: output_path(out_dir, Path(c.image), c.case_id, fmt) for c in cases}
     check_outputs_spare_inputs(found, list(outputs.values()))
+    # before the model is loaded and any case segmented: a run must not end in unwritable outputs
+    check_writable_folder(out_dir, "-o")
+    if save_probabilities:
+        check_writable_folder(out_dir / "probabilities", "-o")
+    folders = [p for p in outputs.values() if p.is_dir()]
+    if folders:
+        raise VolumeFusionError(f"{folders[0]}: a folder has the name of this output ({len(folders)} in all); "
+                                "move it, or pass another -o folder")
     predictor = model if isinstance(model, Predictor) else Predictor.from_checkpoint(
         model, device, patch_size=patch_size, overlap=overlap, window_batch=window_batch, tta=tta,
         precision=precision,
@@ -494,11 +511,17 @@ def predict_files(model: str | Path | Predictor, inputs: Sequence[str | Path], o
         started = time.perf_counter()
         try:
             image, geometry = read_image(source, channel=channel)
+            for warning in suspicious_values(image, geometry.spacing_zyx):
+                summary.warnings.append(f"{source}: {warning}")
+                log.warning("%s", summary.warnings[-1])
             labels, probs = predictor.predict(image, geometry, probabilities=save_probabilities, progress=case)
             del image
-            write_image(outputs[case], labels, geometry)
-            for k, class_probs in enumerate(probs if probs is not None else []):
-                write_image(out_dir / "probabilities" / f"{case}_class{k}.nii.gz", class_probs, geometry)
+            try:
+                write_image(outputs[case], labels, geometry)
+                for k, class_probs in enumerate(probs if probs is not None else []):
+                    write_image(out_dir / "probabilities" / f"{case}_class{k}.nii.gz", class_probs, geometry)
+            except OSError as exc:  # a full disk: this case's outputs are not written (atomic writes)
+                raise VolumeFusionError(f"{exc.filename}: cannot write ({exc.strerror})") from None
         except Exception as exc:  # one bad case must not stop the others; it is reported in the summary
             reason = str(exc) if isinstance(exc, VolumeFusionError) else f"{type(exc).__name__}: {exc}"
             reason = reason.splitlines()[0] if reason else type(exc).__name__

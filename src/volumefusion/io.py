@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import glob
 import gzip
 import hashlib
@@ -54,17 +55,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     at the extension choose the right format.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the final file the usual mode
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        suffix = "".join(path.suffixes)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the final file the usual mode
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as exc:
+        if exc.filename is None or Path(exc.filename) in (tmp_path, path.parent):
+            # name the file being written, not its temporary twin (disk full, permissions)
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+        raise
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
 
 
@@ -75,6 +82,65 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def check_writable_folder(folder: str | Path, what: str) -> None:
+    """Create ``folder`` if needed and make sure files can be created in it, before a command does its
+    expensive part; VolumeFusionError naming the folder and the option ``what`` (``"--out"``) if not."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise VolumeFusionError(f"{folder}: is a file; {what} takes a folder")
+    blocker = next((p for p in folder.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise VolumeFusionError(f"{folder}: cannot be created for {what}: {blocker} is a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test.{os.getpid()}"
+        atomic_write_text(probe, "ok")
+        probe.unlink()
+    except OSError as exc:
+        raise VolumeFusionError(f"{folder}: {what} folder is not writable ({exc.strerror or exc})") from None
+
+
+def check_writable_file(path: str | Path, what: str) -> None:
+    """Make sure a file can be written (atomically) at ``path``: not a folder, its folder writable;
+    VolumeFusionError naming the path and the option ``what`` if not. An existing file is fine: it is
+    replaced."""
+    path = Path(path)
+    if path.is_dir():
+        raise VolumeFusionError(f"{path}: is a folder; {what} takes a file name")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise VolumeFusionError(f"{path}: cannot be created for {what}: {path.parent} is a file")
+    check_writable_folder(path.parent, what)
+
+
+def resolved(path: str | Path) -> Path:
+    """``path`` made absolute with symbolic links resolved, as far as they resolve: a link loop is
+    kept as it is instead of raising (the read that follows reports it)."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # RuntimeError: "Symlink loop" before Python 3.13
+        return Path(os.path.abspath(path))
+
+
+def missing_reason(path: str | Path) -> str:
+    """Why ``path`` does not exist, for messages: a plain ``"file not found"``, ``"folder not
+    found"`` when it was written as a folder, or what is wrong with the symbolic link it is."""
+    as_folder = str(path).endswith(("/", os.sep))
+    path = Path(path)
+    if os.path.islink(path):
+        try:
+            os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return "symbolic link loop (following it leads back to itself)"
+            return f"symbolic link to a missing {os.readlink(path)}"
+    parent = path.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if parent != path.parent:
+        return f"not found (no folder {path.parent})"
+    return "folder not found" if as_folder else "file not found"
 
 
 @dataclass(frozen=True)
@@ -220,18 +286,25 @@ def _truncated_error(path, actual: int, expected: int) -> VolumeFusionError:
     return VolumeFusionError(f"{path}: truncated file: {actual} bytes, the header needs {expected}")
 
 
-def _check_nifti(path: Path) -> None:
+def _check_nifti(path: Path, written: bool = False) -> None:
     """Raise if a NIfTI file is shorter than its header says, or holds NaN or infinite float voxels:
-    ITK would silently read zeros for both."""
+    ITK would silently read zeros for both. ``written``: a file just written, which must also have
+    a complete NIfTI header (for reading, an unreadable one is left to SimpleITK to report)."""
     compressed = path.name.lower().endswith(".gz")
     try:
         with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
             layout = _nifti_layout(f.read(544))
-    except (OSError, EOFError):
+    except (OSError, EOFError, zlib.error):
+        if written:
+            raise VolumeFusionError(f"{path}: truncated or corrupt gzip data") from None
         return  # not gzip / unreadable: SimpleITK reports it
     if layout is None:
+        if written:
+            raise VolumeFusionError(f"{path}: no complete NIfTI header")
         return
     offset, nbytes, dtype = layout
+    if written:
+        dtype = None  # only completeness: NaN voxels are the writer's to choose
     expected, bad = offset + nbytes, 0
     if dtype is not None:
         actual, bad = _scan_nifti(path, compressed, offset, nbytes, dtype)
@@ -256,9 +329,10 @@ _METAIO_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2,
                  "MET_DOUBLE": 8}
 
 
-def _check_mha_complete(path: Path) -> None:
-    """Raise if a MetaImage file with its data inside (``ElementDataFile = LOCAL``) is shorter than its
-    header says: MetaIO would print to the console and ITK blame a missing file."""
+def _check_metaimage_complete(path: Path) -> None:
+    """Raise if a MetaImage's voxel data is shorter than its header says, inside the file
+    (``ElementDataFile = LOCAL``, ``.mha``) or in the one data file beside a ``.mhd``: MetaIO would
+    print to the console and ITK blame a missing file."""
     with open(path, "rb") as f:
         head = f.read(1 << 16)
     fields: dict[str, str] = {}
@@ -271,8 +345,6 @@ def _check_mha_complete(path: Path) -> None:
             break
     else:
         return
-    if fields["ElementDataFile"] != "LOCAL":
-        return
     try:
         if fields.get("CompressedData", "False").lower() == "true":
             nbytes = int(fields.get("CompressedDataSize", 0))  # absent: MetaIO reads to the end
@@ -281,8 +353,22 @@ def _check_mha_complete(path: Path) -> None:
                       * int(fields.get("ElementNumberOfChannels", 1)) * _METAIO_BYTES[fields["ElementType"]])
     except (KeyError, ValueError):
         return  # a header ITK may still understand (or report)
-    if path.stat().st_size < start + nbytes:
-        raise _truncated_error(path, path.stat().st_size, start + nbytes)
+    name = fields["ElementDataFile"]
+    if name == "LOCAL":
+        data, start_in_data = path, start
+    elif name == "LIST" or " " in name or "%" in name:
+        return  # a list of slice files: ITK reports those itself
+    else:
+        data, start_in_data = path.parent / name, 0
+        if not os.path.lexists(data):
+            raise VolumeFusionError(f"{path}: its data file {data}: {missing_reason(data)}")
+        if not data.is_file():
+            return  # a pipe or device: its length is not known beforehand
+    size = data.stat().st_size
+    if size < start_in_data + nbytes:
+        if data == path:
+            raise _truncated_error(path, size, start_in_data + nbytes)
+        raise VolumeFusionError(f"{path}: truncated data file {data.name}: {size} bytes, the header needs {nbytes}")
 
 
 def _check_slice_gaps(folder: Path, reader, image) -> None:
@@ -314,7 +400,7 @@ def _read_sitk(path: str | Path):
 
     folder, uid = _split_series(path)
     if not folder.exists():
-        raise VolumeFusionError(f"{folder}: file not found")
+        raise VolumeFusionError(f"{folder}: {missing_reason(folder)}")
     try:
         if folder.is_dir():
             reader = sitk.ImageSeriesReader()
@@ -328,8 +414,8 @@ def _read_sitk(path: str | Path):
             raise VolumeFusionError(f"{folder}: file is empty (0 bytes)")
         if folder.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti(folder)
-        if folder.name.lower().endswith(".mha"):
-            _check_mha_complete(folder)
+        if folder.name.lower().endswith((".mha", ".mhd")):
+            _check_metaimage_complete(folder)
         with _quiet_itk():
             return sitk.ReadImage(str(folder))
     except RuntimeError as exc:
@@ -421,21 +507,56 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, *, comp
         _write_detached(path, image, compress)
         return
     with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), compress)
+        _sitk_write(image, tmp, path, compress)
+
+
+def _sitk_write(image, target: Path, path: Path, compress: bool) -> None:
+    """``sitk.WriteImage`` to ``target``; its failures (a full disk, say) as OSError naming ``path``."""
+    import SimpleITK as sitk
+
+    try:
+        sitk.WriteImage(image, str(target), compress)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[-1].replace("sitk::ERROR: ", "")
+        raise OSError(errno.EIO, f"cannot write the image: {detail}", str(path)) from None
+    # ITK does not notice failed writes (a full disk): check the file holds what its header says
+    try:
+        if target.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti(target, written=True)
+        elif target.name.lower().endswith((".mha", ".mhd")):
+            _check_metaimage_complete(target)
+        else:
+            with _quiet_itk():
+                sitk.ReadImage(str(target))
+    except (VolumeFusionError, RuntimeError):
+        raise OSError(errno.EIO, "the image could not be written completely (disk full?)", str(path)) from None
 
 
 def _write_detached(path: Path, image, compress: bool) -> None:
     """Header + data file formats: write both in a private folder, move the data file, then the header."""
-    import SimpleITK as sitk
-
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        sitk.WriteImage(image, str(staging / path.name), compress)
+        _sitk_write(image, staging / path.name, path, compress)
         for item in sorted(staging.iterdir(), key=lambda p: p.name == path.name):
             os.replace(item, path.parent / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def sniff_image_format(head: bytes) -> str | None:
+    """The image format a file's first bytes (at least 544, gzip already undone) show: ``"NIfTI"``,
+    ``"NRRD"``, ``"MetaImage"`` or ``"DICOM"``; None for anything else. For messages about files given
+    in the wrong place, e.g. a CT passed as a checkpoint."""
+    if len(head) >= 4 and _nifti_layout(head[:544]) is not None:
+        return "NIfTI"
+    if head.startswith(b"NRRD"):
+        return "NRRD"
+    if head.lstrip().startswith((b"ObjectType", b"NDims")):
+        return "MetaImage"
+    if head[128:132] == b"DICM":
+        return "DICOM"
+    return None
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -517,7 +638,7 @@ def _discover_one(item: str | Path) -> list[Path]:
         if not found:
             raise VolumeFusionError(f"{text}: pattern matches no images")
         return found
-    raise VolumeFusionError(f"{path}: file not found")
+    raise VolumeFusionError(f"{text}: {missing_reason(text)}")
 
 
 def discover_inputs(inputs: list[str | Path], errors: list[tuple[str, str]] | None = None) -> list[Path]:

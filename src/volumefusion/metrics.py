@@ -19,16 +19,19 @@ sub-voxel areas, so numbers are comparable with papers that use MONAI):
   distance to the other surface is ``<= tau``, divided by the number of surface voxels of both
   (every surface voxel weighs the same; no sub-voxel surface areas).
 
-Conventions for empty masks, chosen so that every value is finite and means, medians and box plots
-of a whole test set stay meaningful while an error still costs the most it can:
+Conventions for empty masks (those of MONAI and nnU-Net, which report undefined values as NaN
+and average over the defined ones):
 
-- prediction and reference both empty (class correctly absent): Dice 1, HD95 0, ASSD 0, NSD 1;
-- exactly one of them empty (organ missed, or predicted where there is none): Dice 0, NSD 0, and
-  HD95 = ASSD = the largest distance possible in the image, ``|(shape - 1) * spacing_zyx|`` in mm
-  (the distance between opposite corner voxels), so a miss counts as the worst possible boundary.
+- exactly one of prediction and reference empty (organ missed, or predicted where there is none):
+  Dice 0 and NSD 0; HD95 and ASSD are undefined (no surface to measure to) and are NaN. (MONAI gives
+  NaN for HD95 and inf for ASSD; NaN for both keeps every mean finite and says the same thing.)
+- both empty (class correctly absent), ``both_empty``: ``"one"`` (default) scores it as perfect,
+  Dice 1, NSD 1, HD95 0, ASSD 0, so a correct absence counts; ``"nan"`` makes every metric NaN, so
+  the case is left out of that class's means, as nnU-Net (Dice NaN) and MONAI (``ignore_empty``) do.
+- :func:`summarise` takes mean, std, median, min and max over the defined values and reports the
+  number of undefined ones beside them (``undefined``), so a miss is never hidden.
 
-``ref_voxels`` and ``pred_voxels`` are reported beside the metrics so empty cases can be found and
-filtered, e.g. to reproduce a convention that leaves them out.
+``ref_voxels`` and ``pred_voxels`` are reported beside the metrics so empty cases can be found.
 """
 
 from __future__ import annotations
@@ -39,8 +42,19 @@ import numpy as np
 from scipy import ndimage
 
 METRICS = ("dice", "hd95", "assd", "nsd")
-BOTH_EMPTY = {"dice": 1.0, "hd95": 0.0, "assd": 0.0, "nsd": 1.0}
-"""The metrics of a class absent from both prediction and reference."""
+NAN = float("nan")
+BOTH_EMPTY = {"one": {"dice": 1.0, "hd95": 0.0, "assd": 0.0, "nsd": 1.0},
+              "nan": {"dice": NAN, "hd95": NAN, "assd": NAN, "nsd": NAN}}
+"""The metrics of a class absent from both prediction and reference, per ``both_empty`` convention."""
+ONE_EMPTY = {"dice": 0.0, "hd95": NAN, "assd": NAN, "nsd": 0.0}
+"""The metrics when exactly one of prediction and reference is empty: distances are undefined."""
+
+
+def both_empty_metrics(convention: str) -> dict[str, float]:
+    """The metrics of a class absent from both masks under ``convention`` ("one" or "nan")."""
+    if convention not in BOTH_EMPTY:
+        raise ValueError(f"both_empty {convention!r}: choose one of {', '.join(BOTH_EMPTY)}")
+    return dict(BOTH_EMPTY[convention])
 
 _CROSS = ndimage.generate_binary_structure(3, 1)
 
@@ -92,22 +106,20 @@ def _union_box(a: slice | None, b: slice | None, shape: tuple[int, ...], margin:
 
 
 def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float],
-                   nsd_tolerance_mm: float = 1.0, max_distance: float | None = None) -> dict[str, float]:
+                   nsd_tolerance_mm: float = 1.0, both_empty: str = "one") -> dict[str, float]:
     """Dice, HD95 (mm), ASSD (mm) and NSD of two boolean (z, y, x) masks on the same grid.
 
-    ``max_distance``: the value of HD95/ASSD when exactly one mask is empty (default: the largest
-    distance in the image). See the module docstring for the definitions and conventions.
+    See the module docstring for the definitions and the empty-mask conventions (``both_empty``:
+    "one" or "nan"); undefined values are NaN.
     """
     if pred.shape != ref.shape:
         raise ValueError(f"pred and ref shapes differ: {pred.shape} vs {ref.shape}")
     n_pred, n_ref = int(pred.sum()), int(ref.sum())
     counts = {"ref_voxels": float(n_ref), "pred_voxels": float(n_pred)}
     if n_pred == 0 and n_ref == 0:
-        return {**BOTH_EMPTY, **counts}
+        return {**both_empty_metrics(both_empty), **counts}
     if n_pred == 0 or n_ref == 0:
-        if max_distance is None:
-            max_distance = _largest_distance(pred.shape, spacing_zyx)
-        return {"dice": 0.0, "hd95": max_distance, "assd": max_distance, "nsd": 0.0, **counts}
+        return {**ONE_EMPTY, **counts}
     dice = 2.0 * np.count_nonzero(pred & ref) / (n_pred + n_ref)
     d_pr, d_rp = surface_distances(pred, ref, spacing_zyx)
     hd95 = max(np.percentile(d_pr, 95), np.percentile(d_rp, 95))
@@ -118,28 +130,23 @@ def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[floa
     return {"dice": float(dice), "hd95": float(hd95), "assd": float(assd), "nsd": float(nsd), **counts}
 
 
-def _largest_distance(shape: Sequence[int], spacing_zyx: Sequence[float]) -> float:
-    """Distance in mm between the centres of opposite corner voxels of an image."""
-    extent = (np.asarray(shape, dtype=np.float64) - 1) * np.asarray(spacing_zyx, dtype=np.float64)
-    return float(np.sqrt((extent**2).sum()))
-
-
 def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float],
-                  labels: Mapping[int, str] | Sequence[int], nsd_tolerance_mm: float = 1.0
-                  ) -> dict[str, dict[str, float]]:
+                  labels: Mapping[int, str] | Sequence[int], nsd_tolerance_mm: float = 1.0,
+                  both_empty: str = "one") -> dict[str, dict[str, float]]:
     """Per-class metrics of a predicted label map against the reference.
 
     ``pred``, ``ref``: (z, y, x) integer label maps on the same grid; ``spacing_zyx``: voxel size in
-    mm; ``labels``: ``{value: name}`` or a list of values (named by their value) to evaluate.
+    mm; ``labels``: ``{value: name}`` or a list of values (named by their value) to evaluate;
+    ``both_empty``: the convention for a class absent from both ("one" or "nan", module docstring).
     Returns ``{name: {"dice", "hd95", "assd", "nsd", "ref_voxels", "pred_voxels": float}}`` with
-    distances in mm; empty-mask conventions are in the module docstring.
+    distances in mm, NaN where undefined.
     """
     if pred.shape != ref.shape:
         raise ValueError(f"pred and ref shapes differ: {pred.shape} vs {ref.shape}")
     if len(spacing_zyx) != pred.ndim:
         raise ValueError(f"spacing_zyx {tuple(spacing_zyx)} needs one value per axis of shape {pred.shape}")
     names = label_names(labels)
-    max_distance = _largest_distance(pred.shape, spacing_zyx)
+    absent = both_empty_metrics(both_empty)
     # One pass over each volume finds every label's bounding box, so each class is then
     # compared on its own small crop instead of the whole image.
     boxes_p = _label_boxes(pred, max(names, default=0))
@@ -148,11 +155,11 @@ def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float
     for value, name in names.items():
         box_p, box_r = boxes_p.get(value), boxes_r.get(value)
         if box_p is None and box_r is None:
-            out[name] = {**BOTH_EMPTY, "ref_voxels": 0.0, "pred_voxels": 0.0}
+            out[name] = {**absent, "ref_voxels": 0.0, "pred_voxels": 0.0}
             continue
         box = _union_box(box_p, box_r, pred.shape, margin=1)
         out[name] = binary_metrics(pred[box] == value, ref[box] == value, spacing_zyx, nsd_tolerance_mm,
-                                   max_distance)
+                                   both_empty)
     return out
 
 
@@ -171,11 +178,13 @@ def _label_boxes(labels: np.ndarray, max_label: int) -> dict[int, tuple[slice, .
 
 
 def summarise(rows: Sequence[Mapping[str, object]], metrics: Sequence[str] = METRICS
-              ) -> dict[str, dict[str, dict[str, float]]]:
-    """Mean, std (population), median, min, max and count of each metric per class.
+               ) -> dict[str, dict[str, dict[str, float | int | None]]]:
+    """Mean, std (population), median, min and max of each metric per class over its defined values,
+    with their count ``n`` and the count of undefined (NaN) values ``undefined``.
 
     ``rows``: dicts with a ``"label"`` key and one float per metric (the CSV rows of ``evaluate``).
-    Returns ``{label: {metric: {"mean", "std", "median", "min", "max", "n"}}}`` in first-seen order.
+    Returns ``{label: {metric: {"mean", "std", "median", "min", "max", "n", "undefined"}}}`` in
+    first-seen order; the statistics are None when no value of a metric is defined.
     """
     by_label: dict[str, dict[str, list[float]]] = {}
     for row in rows:
@@ -187,6 +196,11 @@ def summarise(rows: Sequence[Mapping[str, object]], metrics: Sequence[str] = MET
         out[label] = {}
         for m, values in per_metric.items():
             v = np.asarray(values, dtype=np.float64)
-            out[label][m] = {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v)),
-                             "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
+            defined = v[~np.isnan(v)]
+            stats: dict[str, float | int | None] = dict.fromkeys(("mean", "std", "median", "min", "max"))
+            if defined.size:
+                stats = {"mean": float(defined.mean()), "std": float(defined.std()),
+                         "median": float(np.median(defined)), "min": float(defined.min()),
+                         "max": float(defined.max())}
+            out[label][m] = {**stats, "n": int(defined.size), "undefined": int(v.size - defined.size)}
     return out

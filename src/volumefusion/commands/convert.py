@@ -33,16 +33,22 @@ def run(args) -> int:
 
     from volumefusion import VolumeFusionError
     from volumefusion.checkpoint import load_checkpoint, save_checkpoint
-    from volumefusion.io import atomic_path
+    from volumefusion.io import atomic_path, check_writable_file
     from volumefusion.nets.weights import model_from_misfm
 
-    ckpt = load_checkpoint(args.checkpoint)
+    check_writable_file(args.out, "--out")
+    if args.safetensors:
+        check_writable_file(args.safetensors, "--safetensors")
+    ckpt = load_checkpoint(args.checkpoint, expected="a MIS-FM / PyMIC PCT-Net checkpoint (.pt)")
     if not isinstance(ckpt.get("model_state_dict") if isinstance(ckpt, dict) else None, dict):
+        ours = isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt
         raise VolumeFusionError(f"{args.checkpoint}: not a MIS-FM/PyMIC checkpoint (no 'model_state_dict'); "
-                                "volumefusion checkpoints need no conversion")
+                                + ("it is a volumefusion checkpoint, which needs no conversion" if ours else
+                                   "convert reads MIS-FM / PyMIC PCT-Net checkpoints"))
     if any(not o.startswith("model.") for o in args.overrides):
         raise VolumeFusionError("convert --set changes model fields only (model.FIELD=VALUE)")
-    model, cfg, num_classes, report = model_from_misfm(ckpt, args.overrides, args.resolution_mode)
+    model, cfg, num_classes, report = model_from_misfm(ckpt, args.overrides, args.resolution_mode,
+                                                       name=args.checkpoint, partial=None)  # checked below
     print(report.format())
     if report.missing or report.shape_skipped or report.adapted:
         bad = len(report.missing) + len(report.shape_skipped)

@@ -8,8 +8,9 @@ from pathlib import Path
 from volumefusion import VolumeFusionError
 
 OUTPUTS = """\
-outputs (beside --out): CSV (one row per case and class), JSON summary (mean, std, median,
-min, max per class and metric) and one box plot PNG per metric."""
+outputs (beside --out): CSV (one row per case and class; nan where a metric is undefined), JSON
+summary (mean, std, median, min, max per class and metric over the defined values, with the count
+of undefined ones) and one box plot PNG per metric. --out is checked before any case is evaluated."""
 
 
 _CONVENTIONS = "{conventions}"
@@ -48,6 +49,9 @@ def register(sub) -> None:
     p.add_argument("--out", metavar="CSV",
                    help="per-case CSV; the JSON summary and PNG box plots go beside it "
                         "(default: PRED/metrics.csv)")
+    p.add_argument("--both-empty", choices=("one", "nan"), default="one",
+                   help="metrics of a class absent from both prediction and reference: one = perfect scores "
+                        "(default), nan = undefined, left out of the means (see below)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="cases evaluated in parallel processes (default 1)")
     p.set_defaults(func=run)
@@ -59,17 +63,23 @@ def run(args) -> int:
     if args.workers < 1:
         raise VolumeFusionError(f"--workers {args.workers}: must be >= 1")
     from volumefusion.evaluate import evaluate_folders, read_label_names
+    from volumefusion.io import check_writable_file
 
     out = Path(args.out) if args.out else Path(args.pred) / "metrics.csv"
+    check_writable_file(out, "--out")  # before the cases are evaluated, not after
     names = read_label_names(Path(args.labels)) if args.labels else None
-    summary = evaluate_folders(Path(args.pred), Path(args.gt), out, names, args.tolerance, args.workers)
+    summary = evaluate_folders(Path(args.pred), Path(args.gt), out, names, args.tolerance, args.workers,
+                               both_empty=args.both_empty)
     metrics = ("dice", "hd95", "assd", "nsd")
     width = max([5, *(len(name) for name in summary["per_class"])])
     print(f"{summary['cases']} cases, NSD tolerance {args.tolerance:g} mm -> {out}")
     print(f"{'class':<{width}}  " + "  ".join(f"{h + ' mean±std':>15}" for h in metrics))
     for name, stats in summary["per_class"].items():
-        cells = "  ".join(f"{stats[m]['mean']:>8.3f}±{stats[m]['std']:<6.3f}" for m in metrics)
-        print(f"{name:<{width}}  {cells}")
+        cells = "  ".join(f"{'undefined':>15}" if stats[m]["mean"] is None else
+                          f"{stats[m]['mean']:>8.3f}±{stats[m]['std']:<6.3f}" for m in metrics)
+        undefined = [f"{m} in {stats[m]['undefined']}" for m in metrics if stats[m]["undefined"]]
+        note = f"  (undefined: {', '.join(undefined)} of {summary['cases']} cases)" if undefined else ""
+        print(f"{name:<{width}}  {cells}{note}")
     return 0
 
 

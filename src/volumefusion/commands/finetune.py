@@ -21,7 +21,8 @@ examples:
 DATASET is an MSD / nnU-Net raw folder (dataset.json, imagesTr, labelsTr), prepared into
 RUN_DIR/store with the pretrained model's preparation settings, or a labelled store from
 `volumefusion prepare`. Architecture and intensity window come from the pretrained checkpoint; only
-the class-dependent output layers start fresh (the load report says what was loaded). Validation
+the class-dependent output layers start fresh (the load report says what was loaded); any other
+tensor that does not load is an error before any work starts, unless named with --partial-load. Validation
 runs sliding-window inference on whole validation cases every run.val_every steps; best.pt keeps the
 best mean foreground Dice. Splits: 5-fold by case with a fixed seed (--fold), or --split FILE.
 A config that changes the pretrained architecture is an error (dropout, drop_path and
@@ -41,11 +42,17 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (created)")
     p.add_argument("--fold", type=int, help="validation fold of the k-fold split (finetune.fold)")
     p.add_argument("--split", metavar="JSON", help='{"train": [ids], "val": [ids]} (finetune.split_file)')
+    p.add_argument("--partial-load", nargs="+", metavar="NAME",
+                   help="let these pretrained tensors (names or module paths, e.g. stem.proj) start untrained "
+                        "when the checkpoint's do not fit; without it any tensor outside the output layers that "
+                        "does not load is an error (finetune.partial_load)")
     add_training_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import json
+
     from volumefusion.train.runs import finetune
 
     overrides = training_overrides(args)
@@ -53,5 +60,7 @@ def run(args) -> int:
         overrides.append(f"finetune.fold={args.fold}")
     if args.split:
         overrides.append(f"finetune.split_file={args.split}")
+    if args.partial_load:
+        overrides.append(f"finetune.partial_load={json.dumps(args.partial_load)}")
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
     return finetune(args.config, overrides, args.data, args.out, pretrained, resume=args.resume).exit_status

@@ -20,7 +20,9 @@ outputs (in OUT_DIR):
 memory: windows run slab by slab along z and only labels are kept for the whole volume: a
 512x512x600 CT with the paper PCT-Net and window batch 4 peaks at about 6.5 GB of RAM on CPU
 (--window-batch 1 saves about 3 GB). --save-probabilities adds about 3 bytes per voxel and class.
-A case that fails is reported and skipped; the exit status is 1 if any case failed."""
+OUT_DIR is checked before the model is loaded. A case that fails is reported and skipped; the exit
+status is 1 if any case failed. Suspicious values (HU beyond int16, no air, a constant image, a
+spacing outside 0.2..10 mm) are warned about and listed at the end."""
 
 
 def register(sub) -> None:

@@ -23,11 +23,13 @@ folder path as a prefix. Label maps given with --labels (not a dataset) have the
 label_1, label_2, ... (0 is background) in the store.
 
 Safe to interrupt (Ctrl-C: exit status 130, SIGTERM: 143) and re-run: finished cases are skipped
-(unless their image or label file changed since: size or modification time), every file is written
-under a temporary name and renamed, and a case counts as finished only once its record
-cases/<id>.json exists. STORE must be a new or empty folder, or a store.
+(unless their image or label file changed since: size or modification time; or another --channel
+is asked for), every file is written under a temporary name and renamed, and a case counts as
+finished only once its record cases/<id>.json exists. STORE must be a new or empty folder, or a store.
 Bad inputs (unreadable, 2D, 4D without --channel, NaN, label grid mismatch, undeclared label values,
 duplicate ids) are reported, skipped and listed at the end; the exit status is 1 if any failed.
+Suspicious values (HU beyond int16, no air, a constant image, spacing outside 0.2..10 mm) are
+prepared anyway and listed at the end as warnings. Without a terminal, one line is logged per case.
 
 examples:
   volumefusion prepare /data/ct/ --out store/
@@ -38,6 +40,12 @@ examples:
   # a SLURM job array of 16 tasks filling one store (each task prepares disjoint cases):
   #   sbatch --array=0-15 --wrap 'volumefusion prepare /data/ct --out /scratch/store \\
   #          --shard $SLURM_ARRAY_TASK_ID/16 --workers $SLURM_CPUS_PER_TASK'
+  volumefusion prepare --reindex /scratch/store   # after editing or deleting cases/*.json by hand
+
+The store's index (STORE/cases.index) holds what training needs of every case in one file, so a
+store of 100k cases opens in a second on every GPU process and loader worker. Every run and every
+shard merges its cases into it when it ends (shards ending together take turns); training rebuilds
+it when it is missing or older than cases/ (a warning says so). --reindex brings it up to date now.
 """
 
 
@@ -63,9 +71,12 @@ def register(sub) -> None:
         "prepare", help="raw CT (NIfTI/NRRD/MHA/DICOM, datasets) -> chunked int16 store",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders, globs, lists or datasets")
-    p.add_argument("--out", "-o", required=True, metavar="STORE",
-                   help="store folder: new, empty, or an existing store to add cases to")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="images, folders, globs, lists or datasets")
+    p.add_argument("--out", "-o", metavar="STORE",
+                   help="store folder: new, empty, or an existing store to add cases to (required)")
+    p.add_argument("--reindex", metavar="STORE",
+                   help="only bring STORE's case index up to date with its records (re-reads the records "
+                        "that changed), then exit; takes no INPUT")
     p.add_argument("--spacing", nargs=3, type=_positive_float, metavar=("Z", "Y", "X"),
                    help="resample to this voxel spacing in mm (default: keep each image's spacing)")
     p.add_argument("--no-crop", action="store_true", help="store the whole volume, not just the body box")
@@ -86,9 +97,22 @@ def register(sub) -> None:
 def run(args) -> int:
     import signal
     import sys
+    import time
 
+    from volumefusion import VolumeFusionError
     from volumefusion.data.prepare import prepare
+    from volumefusion.data.store import reindex
     from volumefusion.preprocess import PrepareSettings
+
+    if args.reindex is not None:
+        if args.inputs or args.out:
+            raise VolumeFusionError("--reindex STORE takes no INPUT and no --out")
+        start = time.perf_counter()
+        index = reindex(args.reindex)
+        print(f"{args.reindex}: index of {len(index)} cases up to date ({time.perf_counter() - start:.1f} s)")
+        return 0
+    if not args.inputs or args.out is None:
+        raise VolumeFusionError("give the INPUT images and --out STORE (or --reindex STORE)")
 
     settings = PrepareSettings(
         spacing_zyx=tuple(args.spacing) if args.spacing else None,

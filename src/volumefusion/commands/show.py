@@ -47,30 +47,43 @@ def register(sub) -> None:
 def _volumes(inputs: list[str]):
     """``[(name, array-like (z, y, x) HU, body box ((z0, z1), (y0, y1), (x0, x1)))]``; store cases are
     read lazily, crop by crop. Inputs that are not stores name images as every other command takes
-    them (files, folders, globs, lists: :func:`volumefusion.io.discover_inputs`)."""
+    them (files, folders, globs, lists: :func:`volumefusion.io.discover_inputs`). Images that cannot
+    be read are skipped with a warning naming them; an error if nothing is left."""
     from pathlib import Path
 
     import numpy as np
 
+    from volumefusion import VolumeFusionError
     from volumefusion.data.samples import chest_ct
     from volumefusion.data.store import Store
     from volumefusion.io import case_id_from_path, discover_inputs, read_image
+    from volumefusion.log import get_logger
 
     volumes, images = [], []
     for item in inputs or [str(chest_ct()[0])]:
         if (Path(item) / "store.json").is_file():
             store = Store.open(item)
-            volumes += [(c.id, store.image(c.id), c.body_box) for c in store.cases]
+            volumes += [(i, store.image(i), store.info(i).body_box) for i in store.ids]
         else:
             images.append(item)
-    for path in discover_inputs(images) if images else []:
-        array, _ = read_image(path)
+    failures: list[tuple[str, str]] = []
+    for path in discover_inputs(images, failures) if images else []:
+        try:
+            array, _ = read_image(path)
+        except VolumeFusionError as exc:
+            failures.append((str(path), str(exc)))
+            continue
         body = array > -600  # same threshold as prepare's body crop
         box = []
         for axis in range(3):
             hit = np.nonzero(body.any(tuple(a for a in range(3) if a != axis)))[0]
             box.append((int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, array.shape[axis]))
         volumes.append((case_id_from_path(path), array, tuple(box)))
+    for _, reason in failures:
+        get_logger(__name__).warning("skipped %s", reason)
+    if not volumes:
+        raise VolumeFusionError(f"no readable image among the inputs ({len(failures)} skipped: "
+                                + "; ".join(reason for _, reason in failures[:3]) + ")")
     return volumes
 
 
@@ -94,6 +107,7 @@ def run_fusion(args) -> int:
 
     from volumefusion import VolumeFusionError, config
     from volumefusion.fusion import fuse, fusion_pair, source_shape
+    from volumefusion.io import check_writable_file
     from volumefusion.log import get_logger
     from volumefusion.preprocess import normalise_hu
     from volumefusion.viz import save_montage
@@ -103,6 +117,7 @@ def run_fusion(args) -> int:
     fusion = dataclasses.replace(cfg.fusion, mode=args.mode or cfg.fusion.mode)
     if args.samples < 1:
         raise VolumeFusionError(f"--samples {args.samples}: need at least 1")
+    check_writable_file(args.out, "--out")
     volumes = _volumes(args.input)
     smallest = np.min([v[1].shape for v in volumes], axis=0).tolist()
     # At most 3/4 of the smallest volume, so that two crops of one volume differ.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from volumefusion import VolumeFusionError
 from volumefusion.data.store import safe_case_id
-from volumefusion.io import SERIES_SEPARATOR, case_id_from_path, discover_inputs
+from volumefusion.io import SERIES_SEPARATOR, case_id_from_path, discover_inputs, resolved
 
 
 @dataclass
@@ -36,8 +36,8 @@ def absolute_source(path: str | Path) -> str:
     text = str(path)
     if SERIES_SEPARATOR in text:
         folder, uid = text.rsplit(SERIES_SEPARATOR, 1)
-        return f"{Path(folder).resolve()}{SERIES_SEPARATOR}{uid}"
-    return str(Path(text).resolve())
+        return f"{resolved(folder)}{SERIES_SEPARATOR}{uid}"
+    return str(resolved(text))
 
 
 def read_dataset_description(path: Path) -> tuple[dict, dict[int, str]]:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import multiprocessing
 import os
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +21,12 @@ import numpy as np
 
 from volumefusion import VolumeFusionError
 from volumefusion.data.datasets import CaseTask, absolute_source, collect_cases
+from volumefusion.data.index import update_index
 from volumefusion.data.store import STORE_ENTRIES, CaseRecord, init_store, name_found_labels, read_record, write_case
-from volumefusion.io import SERIES_SEPARATOR, Geometry, atomic_write_text, read_image
+from volumefusion.io import SERIES_SEPARATOR, Geometry, check_writable_folder, missing_reason, read_image
 from volumefusion.log import get_logger, progress
-from volumefusion.preprocess import PrepareSettings, preprocess_case
+from volumefusion.preprocess import PrepareSettings, preprocess_case, suspicious_values
+from volumefusion.processes import worker_pool
 
 log = get_logger(__name__)
 
@@ -40,6 +41,8 @@ class PrepareSummary:
     prepared: list[str] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
     failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    """suspicious values in cases that were prepared anyway, each naming the file."""
     seconds: float = 0.0
 
     @property
@@ -50,9 +53,11 @@ class PrepareSummary:
         shard = f" (shard {self.shard[0]}/{self.shard[1]})" if self.shard[1] > 1 else ""
         lines = [
             f"{self.store}{shard}: {self.total} cases: {len(self.prepared)} prepared, "
-            f"{len(self.skipped)} already done, {len(self.failed)} failed ({self.seconds:.1f} s)"
+            f"{len(self.skipped)} already done, {len(self.failed)} failed"
+            + (f", {len(self.warnings)} warning(s)" if self.warnings else "") + f" ({self.seconds:.1f} s)"
         ]
         lines += [f"  FAILED {reason}" for _, reason in self.failed]
+        lines += [f"  WARNING {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
 
@@ -68,7 +73,7 @@ def _grid_difference(image: Geometry, label: Geometry) -> str | None:
 
     tolerance = 1e-2 * min(image.spacing_zyx)  # mm; headers may store float32: demand closeness only
     checks = [
-        ("shape", image.shape_zyx == label.shape_zyx),
+        ("shape_zyx", image.shape_zyx == label.shape_zyx),
         ("spacing_zyx", np.allclose(image.spacing_zyx, label.spacing_zyx, rtol=1e-4, atol=0)),
         ("origin", np.allclose(image.origin, label.origin, rtol=0, atol=tolerance)),
         ("direction", np.allclose(image.direction, label.direction, rtol=0, atol=1e-4)),
@@ -114,14 +119,18 @@ def _source_changed(record: CaseRecord, task: CaseTask) -> bool:
         return True  # gone since discovery: preparing it again reports the problem
 
 
-def prepare_case(task: CaseTask, store: str | Path, settings: PrepareSettings) -> None:
-    """Read, preprocess and store one case; VolumeFusionError (naming the file) if the input is bad."""
+def prepare_case(task: CaseTask, store: str | Path, settings: PrepareSettings) -> list[str]:
+    """Read, preprocess and store one case; VolumeFusionError (naming the file) if the input is bad.
+    Returns warnings about suspicious values (:func:`~volumefusion.preprocess.suspicious_values`),
+    each naming the file."""
     # Taken before reading: a file replaced while it is read then differs on the next run.
     try:
         version = _task_version(task)
     except OSError as exc:
-        raise VolumeFusionError(f"{exc.filename}: cannot read ({exc.strerror})") from None
+        problem = exc.strerror if os.path.exists(exc.filename) else missing_reason(exc.filename)
+        raise VolumeFusionError(f"{exc.filename}: cannot read ({problem})") from None
     image, geometry = read_image(task.image, channel=task.channel)
+    warnings = [f"{task.image}: {w}" for w in suspicious_values(image, geometry.spacing_zyx)]
     label = None
     if task.label is not None:
         label, label_geometry = read_image(task.label)
@@ -143,40 +152,41 @@ def prepare_case(task: CaseTask, store: str | Path, settings: PrepareSettings) -
     # the record is written last, so a recorded version always belongs to the arrays beside it
     label_source = None if task.label is None else absolute_source(task.label)
     write_case(store, prepared, case_id=task.case_id, source=absolute_source(task.image), label_source=label_source,
-               settings=settings.to_dict(), source_version=version)
+               settings=settings.to_dict(), source_version=version, channel=task.channel)
+    return warnings
 
 
-def _run_task(task: CaseTask, store: str, settings: PrepareSettings) -> str | None:
-    """Worker entry point: None on success, else the failure reason (never raises for bad input)."""
+def _run_task(task: CaseTask, store: str, settings: PrepareSettings) -> tuple[str | None, list[str]]:
+    """Worker entry point: ``(None, warnings)`` on success, else ``(the failure reason, [])`` (never
+    raises for bad input)."""
     try:
-        prepare_case(task, store, settings)
+        return None, prepare_case(task, store, settings)
     except VolumeFusionError as exc:
-        return str(exc)
+        return str(exc), []
     except MemoryError:
-        return f"{task.image}: out of memory while preparing; retry with fewer --workers"
+        return f"{task.image}: out of memory while preparing; retry with fewer --workers", []
+    except OSError as exc:  # the system refused: a full disk, a file that vanished, permissions
+        where = f"{exc.filename}: " if exc.filename and str(exc.filename) != task.image else ""
+        return f"{task.image}: {where}{exc.strerror or exc}", []
     except Exception as exc:  # a bug or an exotic file must not stop the other cases
-        return f"{task.image}: unexpected {type(exc).__name__}: {exc}"
-    return None
+        return f"{task.image}: unexpected {type(exc).__name__}: {exc}", []
 
 
 def _execute(tasks: list[CaseTask], store: str, settings: PrepareSettings, workers: int, on_done) -> None:
-    """Run ``_run_task`` over ``tasks`` with up to ``workers`` processes, calling ``on_done(task, error)``."""
+    """Run ``_run_task`` over ``tasks`` with up to ``workers`` processes (which die with this one),
+    calling ``on_done(task, (error, warnings))``."""
     if workers <= 1:
         for task in tasks:
             on_done(task, _run_task(task, store, settings))
         return
-    def new_pool():
-        # spawn: no inherited threads or CUDA state in workers
-        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-
     pending = list(reversed(tasks))
     running: dict = {}
-    pool, broken = new_pool(), False
+    pool, broken = worker_pool(workers), False
     try:
         while pending or running:
             if broken and not running:
                 pool.shutdown(wait=True)
-                pool, broken = new_pool(), False
+                pool, broken = worker_pool(workers), False
             while pending and not broken and len(running) < workers:
                 task = pending.pop()
                 running[pool.submit(_run_task, task, store, settings)] = task
@@ -184,12 +194,12 @@ def _execute(tasks: list[CaseTask], store: str, settings: PrepareSettings, worke
             for future in done:
                 task = running.pop(future)
                 try:
-                    error = future.result()
+                    outcome = future.result()
                 except BrokenProcessPool:
                     broken = True
-                    error = (f"{task.image}: a worker process died (out of memory or a crash in the image "
-                             "reader) while this case was running; re-run to retry")
-                on_done(task, error)
+                    outcome = (f"{task.image}: a worker process died (out of memory or a crash in the image "
+                               "reader) while this case was running; re-run to retry", [])
+                on_done(task, outcome)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -207,13 +217,7 @@ def check_writable(out: Path) -> None:
                 f"{out}: folder holds other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) "
                 "and is not a store; give --out a new or empty folder"
             )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test.{os.getpid()}"
-        atomic_write_text(probe, "ok")
-        probe.unlink()
-    except OSError as exc:
-        raise VolumeFusionError(f"{out}: output folder is not writable ({exc.strerror or exc})") from None
+    check_writable_folder(out, "--out")
 
 
 def prepare(
@@ -258,6 +262,10 @@ def prepare(
         label_source = None if task.label is None else absolute_source(task.label)
         if record is None:
             todo.append(task)
+        elif record.source == absolute_source(task.image) and record.channel != task.channel:
+            log.info("%s: prepared from channel %s, now channel %s is asked for: re-preparing", task.case_id,
+                     record.channel, task.channel)
+            todo.append(task)
         elif record.source == absolute_source(task.image) and record.label_source == label_source:
             if _source_changed(record, task):
                 log.info("%s: source changed since it was prepared: re-preparing", task.case_id)
@@ -273,10 +281,18 @@ def prepare(
     for _, reason in summary.failed:
         log.warning("%s", reason)
     bar = progress(total=len(todo), desc="prepare", unit="case")
+    already_failed = len(summary.failed)
 
-    def on_done(task: CaseTask, error: str | None) -> None:
+    def on_done(task: CaseTask, outcome: tuple[str | None, list[str]]) -> None:
+        error, warnings = outcome
+        for warning in warnings:
+            log.warning("%s", warning)
+        summary.warnings += warnings
         if error is None:
             summary.prepared.append(task.case_id)
+            if bar.disable:  # no bar (a batch job's log file): one line per case shows progress
+                done = len(summary.prepared) + len(summary.failed) - already_failed
+                log.info("%s: prepared (%d of %d)", task.case_id, done, len(todo))
         else:
             summary.failed.append((task.image, error))
             log.warning("%s", error)
@@ -287,7 +303,13 @@ def prepare(
         _execute(todo, str(out), settings, workers, on_done)
     finally:
         bar.close()
-    if label_dir is not None and not (dataset_names or label_names):
-        name_found_labels(out)
+    try:  # merge this run's cases into the store's index (naming found label classes reads it)
+        if label_dir is not None and not (dataset_names or label_names):
+            name_found_labels(out)
+        else:
+            update_index(out)
+    except VolumeFusionError as exc:  # the cases are stored; the next Store.open rebuilds the index
+        summary.failed.append((str(out), str(exc)))
+        log.warning("%s", exc)
     summary.seconds = time.perf_counter() - start
     return summary

@@ -12,9 +12,12 @@ and each DDP rank draws its own samples. With ``workers=W`` worker ``w`` builds 
 the same for any number of workers.
 
 Cost: a crop reads only the store chunks it touches (no whole case is read per sample); nothing loops
-over voxels in Python. The segmentation loader additionally reads each case's whole label once per
-worker process, the first time that case is drawn for a foreground crop, and keeps up to
-``FOREGROUND_SAMPLES`` voxel positions per class (12 bytes each: about 120 kB per class and case).
+over voxels in Python. A loader holds its cases as one int64 array of rows of the store's index (a
+memory-mapped file, see :mod:`volumefusion.data.index`), never as Python objects per case, so
+starting it costs no per-case work and forked workers share all of it. The segmentation loader
+additionally reads each case's whole label once per worker process, the first time that case is
+drawn for a foreground crop, and keeps up to ``FOREGROUND_SAMPLES`` voxel positions per class
+(12 bytes each: about 120 kB per class and case).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from volumefusion import VolumeFusionError
-from volumefusion.data.store import CaseRecord, Store
+from volumefusion.data.index import CaseInfo
+from volumefusion.data.store import Store
 from volumefusion.log import get_logger
 
 log = get_logger(__name__)
@@ -131,7 +135,7 @@ class _Loader:
     def __init__(self, store: Store, case_ids: Sequence[str] | None, crop_size, batch_size: int, *, seed: int,
                  rank: int, world_size: int, workers: int, start_step: int, pad_value: float,
                  allow_padding: bool, pin_memory: bool | None, prefetch: int):
-        if len(store.cases) == 0:
+        if len(store) == 0:
             raise VolumeFusionError(f"{store.path}: the store holds no cases; run `volumefusion prepare`")
         crop = tuple(int(c) for c in crop_size)
         if len(crop) != 3 or min(crop) < 1:
@@ -144,36 +148,36 @@ class _Loader:
             raise VolumeFusionError(f"workers ({workers}) and start_step ({start_step}) must be >= 0, "
                                     f"prefetch ({prefetch}) >= 1")
         if case_ids is None:
-            records = list(store.cases)
+            rows = np.arange(len(store), dtype=np.int64)
         else:
-            known = {c.id for c in store.cases}
-            unknown = [c for c in case_ids if c not in known]
-            if unknown:
-                raise VolumeFusionError(f"{store.path}: {len(unknown)} requested cases are not in the store, "
-                                        f"e.g. {unknown[:3]}; check the case ids or the split file")
             if not case_ids:
                 raise VolumeFusionError("the loader was given an empty list of cases")
-            records = [store.case(c) for c in case_ids]
+            rows = store.rows(case_ids)
         if not allow_padding:
-            fits = [r for r in records if all(s >= c for s, c in zip(r.shape, crop))]
-            if not fits:
+            fits = (store.index.rows["shape"][rows] >= np.array(crop)).all(axis=1)
+            if not fits.any():
+                first = store.index.info(rows[0])
                 raise VolumeFusionError(
-                    f"{store.path}: crop {list(crop)} is larger than every case (e.g. {records[0].id} is "
-                    f"{list(records[0].shape)}); use a smaller data.crop_size or allow padding")
-            if len(fits) < len(records):
+                    f"{store.path}: crop {list(crop)} is larger than every case (e.g. {first.id} is "
+                    f"{list(first.shape)}); use a smaller data.crop_size or allow padding")
+            if not fits.all():
                 log.warning("%d of %d cases are smaller than the crop %s: skipped (padding not allowed)",
-                            len(records) - len(fits), len(records), list(crop))
-            records = fits
-        self.store, self.records, self.crop, self.batch_size = store, records, crop, int(batch_size)
+                            int((~fits).sum()), len(rows), list(crop))
+            rows = rows[fits]
+        self.store, self.rows, self.crop, self.batch_size = store, rows, crop, int(batch_size)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.workers, self.start_step, self.prefetch = int(workers), int(start_step), int(prefetch)
         self.pad_value = int(np.clip(round(pad_value), -32768, 32767))
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
 
-    def _crop_image(self, arrays: _Arrays, record: CaseRecord, start, out: np.ndarray) -> None:
+    def _case(self, index: int) -> CaseInfo:
+        """The ``index``-th case of this loader."""
+        return self.store.index.info(self.rows[index])
+
+    def _crop_image(self, arrays: _Arrays, record: CaseInfo, start, out: np.ndarray) -> None:
         _read_crop(arrays.image(record.id), record.shape, start, out, self.pad_value)
 
-    def _uniform_crop_start(self, rng: np.random.Generator, record: CaseRecord) -> list[int]:
+    def _uniform_crop_start(self, rng: np.random.Generator, record: CaseInfo) -> list[int]:
         return [_uniform_start(rng, box, size, crop)
                 for box, size, crop in zip(record.body_box, record.shape, self.crop)]
 
@@ -224,22 +228,24 @@ class PretrainLoader(_Loader):
                          workers=workers, start_step=start_step, pad_value=pad_value,
                          allow_padding=allow_padding, pin_memory=pin_memory, prefetch=prefetch)
         self.same_case = bool(same_case)
-        if len(self.records) == 1 and not same_case:
+        if len(self.rows) == 1 and not same_case:
             log.warning("the store has one case: Volume Fusion will fuse crops of that case with each other")
 
     def batch(self, step: int, arrays: _Arrays) -> dict:
         rng = _step_rng(self.seed, self.rank, step)
-        n, count = self.batch_size, len(self.records)
+        n, count = self.batch_size, len(self.rows)
         background = np.empty((n, 1, *self.crop), dtype=np.int16)
         foreground = np.empty_like(background)
         ids = []
         for i in range(n):
             b = int(rng.integers(count))
             f = b if self.same_case or count == 1 else (b + int(rng.integers(1, count))) % count
+            pair = []
             for index, out in ((b, background), (f, foreground)):
-                record = self.records[index]
+                record = self._case(index)
                 self._crop_image(arrays, record, self._uniform_crop_start(rng, record), out[i, 0])
-            ids.append([self.records[b].id, self.records[f].id])
+                pair.append(record.id)
+            ids.append(pair)
         return {"background": torch.from_numpy(background), "foreground": torch.from_numpy(foreground),
                 "case_ids": ids, "step": step}
 
@@ -250,7 +256,7 @@ class SegmentationLoader(_Loader):
     Iterating yields, per step, ``{"image": int16 (N, 1, D, H, W) HU, "label": uint8 (N, 1, D, H, W),
     "case_ids": [id] * N, "step": int}`` without end. Cases are drawn uniformly from ``case_ids``.
     Each crop is, with probability ``foreground_ratio``, centred on a random voxel of a random class
-    present in the case (``CaseRecord.label_classes``), kept inside the array where it fits; otherwise
+    present in the case (``CaseInfo.label_classes``), kept inside the array where it fits; otherwise
     it is uniform inside the body box. Labels are padded with 0.
 
     Arguments as :class:`PretrainLoader`, plus ``case_ids`` (the training cases) and
@@ -264,10 +270,11 @@ class SegmentationLoader(_Loader):
         super().__init__(store, list(case_ids), crop_size, batch_size, seed=seed, rank=rank,
                          world_size=world_size, workers=workers, start_step=start_step, pad_value=pad_value,
                          allow_padding=allow_padding, pin_memory=pin_memory, prefetch=prefetch)
-        unlabelled = [r.id for r in self.records if r.label_source is None]
+        labelled = store.index.rows["labelled"][self.rows]
+        unlabelled = [store.index.info(r).id for r in self.rows[~labelled][:3]]
         if unlabelled:
             raise VolumeFusionError(
-                f"{store.path}: {len(unlabelled)} cases have no label (e.g. {unlabelled[:3]}); fine-tuning "
+                f"{store.path}: {int((~labelled).sum())} cases have no label (e.g. {unlabelled}); fine-tuning "
                 "needs a labelled store: prepare a dataset with labels (dataset.json, imagesTr, labelsTr)")
         if not 0 <= foreground_ratio <= 1:
             raise VolumeFusionError(f"foreground_ratio {foreground_ratio}: must be in [0, 1]")
@@ -279,7 +286,7 @@ class SegmentationLoader(_Loader):
         Computed once per process and case from the whole label; the subsample depends only on the
         seed and the case, so every worker and every resumed run sees the same positions.
         """
-        record = self.records[index]
+        record = self._case(index)
         if record.id not in arrays.foreground:
             flat = arrays.label(record.id).read().ravel()
             where = np.flatnonzero(flat)
@@ -306,8 +313,8 @@ class SegmentationLoader(_Loader):
         label = np.empty((n, 1, *self.crop), dtype=np.uint8)
         ids = []
         for i in range(n):
-            index = int(rng.integers(len(self.records)))
-            record = self.records[index]
+            index = int(rng.integers(len(self.rows)))
+            record = self._case(index)
             start = None
             if rng.random() < self.foreground_ratio:
                 voxels = self._foreground_voxels(arrays, index)

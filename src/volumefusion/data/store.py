@@ -5,12 +5,15 @@ Layout::
     STORE/
       store.json              format version, preparation settings, label names
       cases/<id>.json         one record per finished case (a CaseRecord), written last
+      cases.index             what sampling needs of every record, in one file (see data/index.py)
       arrays/<id>/image.b2nd  int16 HU, (z, y, x), blosc2 NDArray
       arrays/<id>/label.b2nd  uint8 labels, (z, y, x) (only for labelled cases)
 
 A case exists once its record file exists: arrays are written first (each atomically), the record
 last, so a killed run never leaves a half case and shards writing into the same folder never touch
-the same file. Arrays are chunked ``(32, 128, 128)`` with ``(8, 32, 32)`` blocks, LZ4HC + bit
+the same file. :meth:`Store.open` reads the index, not the records (a record is read only when its
+case's :meth:`Store.case` is asked for, e.g. to restore a prediction), and rebuilds the index when
+it is missing or older than the records. Arrays are chunked ``(32, 128, 128)`` with ``(8, 32, 32)`` blocks, LZ4HC + bit
 shuffle: a ``[64, 128, 128]`` crop decompresses only the blocks it touches, LZ4 decodes fast, and
 bit shuffle brings the size within a few percent of ZSTD's (see ``benchmarks/store.py`` for the
 measurement behind this choice).
@@ -22,12 +25,15 @@ import hashlib
 import json
 import re
 import shutil
+import unicodedata
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from volumefusion import VolumeFusionError
+from volumefusion.data.index import INDEX_FILE, CaseIndex, CaseInfo, load_index, update_index
 from volumefusion.io import atomic_path, atomic_write_text, is_image_file
 
 FORMAT = "volumefusion-store"
@@ -35,13 +41,24 @@ VERSION = 1
 CHUNKS = (32, 128, 128)
 BLOCKS = (8, 32, 32)
 _CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-STORE_ENTRIES = ("store.json", "cases", "arrays")
+STORE_ENTRIES = ("store.json", "cases", "arrays", INDEX_FILE)
 """what a store folder holds (besides hidden temporary files)."""
 
 
 def safe_case_id(name: str) -> str:
-    """``name`` made usable as a file name: characters other than ``A-Za-z0-9._-`` become ``_``."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-")
+    """``name`` made usable as a file name, readable and without losing what tells names apart.
+
+    Accented letters lose their accents (``Müller`` -> ``Muller``); other characters outside
+    ``A-Za-z0-9._-`` become ``_`` (``a b`` -> ``a_b``). A name with letters that have no ASCII form
+    (``肝臓_3``) keeps what is left and gains 8 hex digits of a hash of the whole name
+    (``3_0c9d5b1e``), so two such names never become the same id.
+    """
+    name = unicodedata.normalize("NFC", name)
+    ascii_form = "".join(c for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c))
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", ascii_form).lstrip("._-")
+    if any(ord(c) > 127 for c in ascii_form):
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        cleaned = f"{cleaned.strip('_')}_{digest}" if cleaned.strip("_") else f"case_{digest}"
     return cleaned or "case"
 
 
@@ -55,7 +72,9 @@ class CaseRecord:
     :func:`volumefusion.preprocess.restore_to_original` needs to map results back onto the source
     grid; ``settings`` the :class:`~volumefusion.preprocess.PrepareSettings` used;
     ``source_version`` what identified the source files' version when they were read
-    (:func:`volumefusion.data.prepare.source_version`; empty in records written before it existed).
+    (:func:`volumefusion.data.prepare.source_version`; empty in records written before it existed);
+    ``channel`` the volume / component taken from a 4D or vector image (``prepare --channel``), None
+    for the default.
     """
 
     id: str
@@ -69,6 +88,7 @@ class CaseRecord:
     restore: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     source_version: dict = field(default_factory=dict)
+    channel: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,7 +100,7 @@ class CaseRecord:
             shape=tuple(d["shape"]), spacing_zyx=tuple(d["spacing_zyx"]),
             body_box=tuple(tuple(b) for b in d["body_box"]), label_classes=list(d.get("label_classes", [])),
             checksum=d.get("checksum", ""), restore=d.get("restore", {}), settings=d.get("settings", {}),
-            source_version=d.get("source_version", {}),
+            source_version=d.get("source_version", {}), channel=d.get("channel"),
         )
 
 
@@ -185,23 +205,28 @@ def name_found_labels(path: str | Path) -> None:
     ``{"0": "background", "K": "label_K"}``, the form a dataset.json's labels take, so a store of
     label maps given without names (``prepare --labels``) can be fine-tuned. No labelled case: no change.
 
-    Reads every record, so a run (or shard) finishing last names the classes of all cases.
+    Brings the index up to date first, so a run (or shard) finishing last names the classes of all cases.
     """
     path = Path(path)
     meta = _read_meta(path)
-    found: set[int] = set()
-    labelled = False
-    for f in (path / "cases").glob("*.json"):
-        if not f.name.startswith("."):  # skip temporary files of running writers
-            record = json.loads(f.read_text())
-            labelled = labelled or record.get("label_source") is not None
-            found.update(record.get("label_classes", []))
+    index = update_index(path)
     names = dict(meta.get("label_names") or {"0": "background"})
-    for k in found:
+    for k in index.label_classes():
         names.setdefault(str(k), f"label_{k}")
     names = dict(sorted(names.items(), key=lambda item: int(item[0])))
+    labelled = bool(len(index)) and bool(index.rows["labelled"].any())
     if labelled and names != meta.get("label_names"):
         atomic_write_text(_store_json(path), json.dumps({**meta, "label_names": names}, indent=1) + "\n")
+
+
+def reindex(path: str | Path) -> CaseIndex:
+    """``volumefusion prepare --reindex``: bring the index of the store at ``path`` up to date with
+    its records, looking at every record (see :func:`~volumefusion.data.index.update_index`)."""
+    path = Path(path)
+    if not _store_json(path).exists():
+        raise VolumeFusionError(f"{path}: not a volumefusion store (no store.json); {_prepare_hint(path)}")
+    _read_meta(path)
+    return update_index(path, full=True)
 
 
 def _prepare_hint(path: Path) -> str:
@@ -258,6 +283,7 @@ def write_case(
     label_source: str | None = None,
     settings: dict,
     source_version: dict | None = None,
+    channel: int | None = None,
 ) -> CaseRecord:
     """Write a :class:`~volumefusion.preprocess.PreparedCase` into the store and return its record.
 
@@ -283,48 +309,50 @@ def write_case(
         spacing_zyx=tuple(float(s) for s in prepared.spacing_zyx),
         body_box=tuple(tuple(int(v) for v in b) for b in prepared.body_box), label_classes=classes,
         checksum=array_checksum(prepared.image, prepared.label), restore=prepared.restore, settings=settings,
-        source_version=source_version or {},
+        source_version=source_version or {}, channel=channel,
     )
     atomic_write_text(record_file, json.dumps(record.to_dict(), indent=1) + "\n")
     return record
 
 
 class Store:
-    """Read access to a prepared store. Open with :meth:`Store.open`."""
+    """Read access to a prepared store. Open with :meth:`Store.open`.
 
-    def __init__(self, path: Path, meta: dict, cases: list[CaseRecord]):
+    ``index`` holds what sampling needs of every case as NumPy arrays (:class:`CaseIndex`, rows
+    sorted by id); :meth:`info` gives one case's entry, :meth:`case` its full record from disk.
+    """
+
+    def __init__(self, path: Path, meta: dict, index: CaseIndex):
         self.path = path
         self.meta = meta
-        self.cases = cases
-        self._by_id = {c.id: c for c in cases}
+        self.index = index
 
     @classmethod
     def open(cls, path: str | Path) -> Store:
-        """Open the store at ``path``; VolumeFusionError if it is missing, not a store, or empty."""
+        """Open the store at ``path``; VolumeFusionError if it is missing, not a store, or empty.
+
+        Reads ``store.json`` and the index (no per-case file), rebuilding the index first when it
+        is missing or older than the records (see :mod:`volumefusion.data.index`).
+        """
         path = Path(path)
         if not path.exists():
             raise VolumeFusionError(f"{path}: no such store folder; {_prepare_hint(path)}")
         if not _store_json(path).exists():
             raise VolumeFusionError(f"{path}: not a volumefusion store (no store.json); {_prepare_hint(path)}")
         meta = _read_meta(path)
-        cases = []
-        for f in sorted((path / "cases").glob("*.json")):
-            if f.name.startswith("."):
-                continue  # a temporary file of a running or killed writer
-            try:
-                cases.append(CaseRecord.from_dict(json.loads(f.read_text())))
-            except (OSError, ValueError, KeyError) as exc:
-                raise VolumeFusionError(
-                    f"{f}: unreadable case record ({exc}); delete it and re-run prepare"
-                ) from None
-        if not cases:
+        index = load_index(path)
+        if not len(index):
             raise VolumeFusionError(f"{path}: store holds no prepared cases; prepare cases into it with "
                                     f"`volumefusion prepare INPUT... --out {path}`")
-        cases.sort(key=lambda c: c.id)
-        return cls(path, meta, cases)
+        return cls(path, meta, index)
 
     def __len__(self) -> int:
-        return len(self.cases)
+        return len(self.index)
+
+    @property
+    def ids(self) -> list[str]:
+        """Every case id, sorted."""
+        return self.index.ids()
 
     @property
     def settings(self) -> dict:
@@ -336,20 +364,38 @@ class Store:
         names = self.meta.get("label_names")
         return {int(k): v for k, v in names.items()} if names else None
 
+    def rows(self, case_ids: Sequence[str]) -> np.ndarray:
+        """Index rows (int64) of ``case_ids``; VolumeFusionError naming the ids not in the store."""
+        rows = self.index.find(case_ids)
+        if (rows < 0).any():
+            unknown = [c for c, r in zip(case_ids, rows) if r < 0]
+            if len(unknown) == 1:
+                raise VolumeFusionError(f"{self.path}: no case {unknown[0]!r} in the store")
+            raise VolumeFusionError(f"{self.path}: {len(unknown)} requested cases are not in the store, "
+                                    f"e.g. {unknown[:3]}; check the case ids or the split file")
+        return rows
+
+    def info(self, case_id: str) -> CaseInfo:
+        """The index entry of one case (shape, spacing, body box, label classes, checksum)."""
+        return self.index.info(self.rows([case_id])[0])
+
     def case(self, case_id: str) -> CaseRecord:
-        try:
-            return self._by_id[case_id]
-        except KeyError:
-            raise VolumeFusionError(f"{self.path}: no case {case_id!r} in the store") from None
+        """The full record of one case (restore recipe, sources, settings), read from ``cases/<id>.json``."""
+        self.rows([case_id])
+        record = read_record(self.path, case_id)
+        if record is None:
+            raise VolumeFusionError(f"{record_path(self.path, case_id)}: record deleted since the store was "
+                                    "opened; re-run prepare")
+        return record
 
     def image(self, case_id: str) -> CaseArray:
         """int16 HU ``(z, y, x)``."""
-        self.case(case_id)
+        self.rows([case_id])
         return CaseArray(case_dir(self.path, case_id) / "image.b2nd")
 
     def label(self, case_id: str) -> CaseArray | None:
         """uint8 labels ``(z, y, x)``, or None for an unlabelled case."""
-        if self.case(case_id).label_source is None:
+        if not self.info(case_id).labelled:
             return None
         return CaseArray(case_dir(self.path, case_id) / "label.b2nd")
 
@@ -357,4 +403,4 @@ class Store:
         """True when the stored arrays still match the record's checksum (reads the whole case)."""
         label = self.label(case_id)
         actual = array_checksum(self.image(case_id).read(), None if label is None else label.read())
-        return actual == self.case(case_id).checksum
+        return actual == self.info(case_id).checksum

@@ -11,10 +11,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import multiprocessing
 import os
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,10 +28,11 @@ from volumefusion.demo.settings import ARMS, DemoSettings, load_settings
 from volumefusion.device import resolve_device
 from volumefusion.evaluate import evaluate_folders
 from volumefusion.infer import predict_files
-from volumefusion.io import atomic_write_text
+from volumefusion.io import atomic_write_text, check_writable_folder
 from volumefusion.log import get_logger, setup
 from volumefusion.nets import build_model, main_output
 from volumefusion.nets.weights import resolve_weights
+from volumefusion.processes import worker_pool
 from volumefusion.train.logging import read_metrics
 from volumefusion.train.runs import finetune, pretrain
 
@@ -248,6 +248,7 @@ def run_demo(out: str | Path = "vf-demo", *, quick: bool = False, seeds: list[in
     out = Path(out).resolve()
     if (out / "report.md").exists() or (out / "runs").exists():
         raise VolumeFusionError(f"{out} holds an earlier demo; remove it or choose another --out")
+    check_writable_folder(out, "--out")
     resolve_device(device)
     builtin = resolve_weights(settings.protocol.builtin)
     pretrain_cfg, finetune_cfg = settings.pretrain_run_config(), settings.finetune_run_config()
@@ -300,7 +301,7 @@ def _schedule(jobs: list[FinetuneJob], primary: int, pretrain_yaml: Path, overri
     waiting = [j for j in jobs if j.arm == "live"]
     first = [j for j in jobs if j.arm != "live" and j.labelled == primary]
     later = sorted((j for j in jobs if j.arm != "live" and j.labelled != primary), key=lambda j: j.arm != "scratch")
-    log.info("[demo %5.0f s] live pretraining on %d cases", progress.elapsed(), len(Store.open(store).cases))
+    log.info("[demo %5.0f s] live pretraining on %d cases", progress.elapsed(), len(Store.open(store).ids))
     if n_workers == 1:
         runs = []
         for job in first:
@@ -314,7 +315,7 @@ def _schedule(jobs: list[FinetuneJob], primary: int, pretrain_yaml: Path, overri
         return pretraining, runs
     verbosity = _verbosity()
     runs: list[RunResult] = []
-    with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with worker_pool(n_workers) as pool:
         pending: dict[Future, str] = {pool.submit(run_job, j, threads, verbosity): "run" for j in first}
         pending[pool.submit(run_pretraining, pretrain_yaml, overrides, store, pretrain_dir, threads,
                             verbosity)] = "pretrain"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,14 +202,46 @@ def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return torch.einsum("oi...,ij->oj...", weight, linked / linked.sum(1, keepdim=True))
 
 
-def load_pretrained(model: nn.Module, source: str | Path | dict, strict_encoder: bool = False) -> LoadReport:
+def state_dict_differences(model_state: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """Why ``state`` cannot be loaded exactly into a model with ``model_state``: one phrase per tensor,
+    ``"stem.proj.weight: [8, 1, 3, 3, 3] in the checkpoint vs [4, 1, 3, 3, 3] in the network"``,
+    ``"... missing"``, ``"... not in the network"``; empty when it fits."""
+    out = [f"{k}: {list(v.shape)} in the checkpoint vs {list(model_state[k].shape)} in the network"
+           for k, v in state.items() if k in model_state and v.shape != model_state[k].shape]
+    out += [f"{k}: missing from the checkpoint" for k in model_state if k not in state]
+    out += [f"{k}: not in the network" for k in state if k not in model_state]
+    return out
+
+
+def load_exactly(model: nn.Module, state: dict[str, torch.Tensor], name: str | Path) -> None:
+    """``model.load_state_dict(state)``, strict; a mismatch is a VolumeFusionError naming the file
+    ``name`` and the first tensors that differ, with their shapes (:func:`state_dict_differences`)."""
+    differences = state_dict_differences(model.state_dict(), state)
+    if differences:
+        more = f"; ... {len(differences) - 3} more" if len(differences) > 3 else ""
+        raise VolumeFusionError(f"{name}: the weights do not fit the network its config describes "
+                                f"({len(differences)} tensors): {'; '.join(differences[:3])}{more}")
+    model.load_state_dict(state)
+
+
+def _named_by(key: str, names: Sequence[str]) -> bool:
+    """Whether ``key`` is one of ``names`` or lies under one of them as a module path."""
+    return any(key == n or key.startswith(n.rstrip(".") + ".") for n in names)
+
+
+def load_pretrained(model: nn.Module, source: str | Path | dict, partial: Sequence[str] | None = (),
+                    name: str | None = None) -> LoadReport:
     """Copy matching tensors of ``source`` (a checkpoint path or an already loaded dict) into ``model``.
 
-    ``strict_encoder``: raise if any tensor under ``model.encoder_prefixes`` is not loaded (other than
-    an adapted first convolution). Raises :class:`VolumeFusionError` naming the file for corrupt,
-    foreign or entirely mismatched checkpoints.
+    Every model tensor outside ``model.head_prefixes`` (the class-dependent output convolutions) must
+    load, an adapted first convolution included, unless it is named in ``partial``: tensor names or
+    module paths (``"stem.proj"``) the caller accepts at their fresh initialisation. ``partial=None``
+    accepts any partial load (the report still lists what was left out). ``name``: the file a loaded
+    dict came from, for messages and the report. Raises :class:`VolumeFusionError` naming the file for
+    corrupt, foreign or mismatched checkpoints.
     """
-    state, layout, name = _read(source)
+    state, layout, read_name = _read(source)
+    name = name or read_name
     head_prefixes = tuple(getattr(model, "head_prefixes", ()))
     report = LoadReport(source=name, layout=layout, head_prefixes=head_prefixes)
     target = model.state_dict()
@@ -240,12 +273,8 @@ def load_pretrained(model: nn.Module, source: str | Path | dict, strict_encoder:
         raise VolumeFusionError(
             f"{name}: none of its {len(state)} tensors fit this {type(model).__name__} (another architecture "
             "or configuration?); first keys: " + ", ".join(list(state)[:3]))
-    if strict_encoder:
-        prefixes = tuple(getattr(model, "encoder_prefixes", ()))
-        bad = [k for k in report.missing + [s[0] for s in report.shape_skipped] if k.startswith(prefixes)]
-        if bad:
-            raise VolumeFusionError(f"{name}: {len(bad)} encoder tensors could not be loaded "
-                                    f"({_summary(bad, by_module=True)})")
+    if partial is not None:
+        _check_complete(report, list(target), partial)
     _check_indices(model, name)
     if hasattr(model, "rel_pos_index"):
         report.rel_pos_index = model.rel_pos_index
@@ -253,11 +282,35 @@ def load_pretrained(model: nn.Module, source: str | Path | dict, strict_encoder:
     return report
 
 
+def _check_complete(report: LoadReport, model_keys: list[str], partial: Sequence[str]) -> None:
+    """VolumeFusionError listing the tensors outside the output layers that did not load and are not
+    named in ``partial``; also for a name in ``partial`` that matches no tensor of the model (a typo)."""
+    unknown = [n for n in partial if not any(_named_by(k, [n]) for k in model_keys)]
+    if unknown:
+        raise VolumeFusionError(f"finetune.partial_load: {', '.join(unknown)} names no tensor of the model "
+                                f"(its tensors are named like {model_keys[0]})")
+    left = [(k, f"{src} in the checkpoint vs {dst} in the model") for k, src, dst in report.shape_skipped]
+    left += [(k, "not in the checkpoint") for k in report.missing]
+    left = [(k, why) for k, why in left if not k.startswith(report.head_prefixes) and not _named_by(k, partial)]
+    if left:
+        shown = "; ".join(f"{k}: {why}" for k, why in left[:4]) + (f"; ... {len(left) - 4} more" if len(left) > 4
+                                                                 else "")
+        modules = sorted({k.rsplit(".", 1)[0] for k, _ in left})
+        if len(modules) > 3:  # name the top-level blocks instead of a long list of layers
+            modules = sorted({".".join(k.split(".")[:2]) for k in modules})
+        raise VolumeFusionError(
+            f"{report.source}: {len(left)} pretrained tensor(s) outside the output layers cannot be loaded "
+            f"({shown}); they would start untrained. Use a checkpoint of this architecture, or accept them "
+            f"fresh by name: --partial-load {' '.join(modules)} (finetune.partial_load)")
+
+
 def _check_indices(model: nn.Module, name: str) -> None:
     """Loaded relative-position indices must address rows of their bias tables."""
     for module_name, module in model.named_modules():
         if isinstance(module, WindowAttention):
             index, rows = module.relative_position_index, module.relative_position_bias_table.shape[0]
+            if index.is_meta:  # a shape-only check (finetune's early one) has no values to check
+                continue
             if index.min() < 0 or index.max() >= rows:
                 raise VolumeFusionError(f"{name}: {module_name}.relative_position_index points outside its "
                                         f"bias table ({rows} rows); the checkpoint is corrupt")
@@ -359,20 +412,26 @@ def _one_if_equal(values: list) -> list:
 
 
 def model_from_misfm(ckpt: dict[str, Any], overrides: list[str] | None = None,
-                     resolution_mode: int | None = None) -> tuple[nn.Module, Config, int, LoadReport]:
+                     resolution_mode: int | None = None, *, name: str = "the checkpoint",
+                     partial: Sequence[str] | None = ()) -> tuple[nn.Module, Config, int, LoadReport]:
     """The network of an official MIS-FM / PyMIC checkpoint (``{"model_state_dict": ...}``), built from
     the architecture its weights show and loaded: ``(model, config, num_classes, load report)``.
 
     ``overrides`` (``model.FIELD=VALUE``) and ``resolution_mode`` set what the weights cannot show;
     ``config.model.rel_pos_index`` is the relative-position index the weights were trained with.
+    ``name``: the file, for messages; ``partial``: as in :func:`load_pretrained` (None: the caller
+    checks the report).
     """
     state = ckpt["model_state_dict"]
-    model_cfg = model_config_from_misfm(state)
+    try:
+        model_cfg = model_config_from_misfm(state)
+        num_classes = misfm_num_classes(state)
+    except VolumeFusionError as exc:
+        raise VolumeFusionError(f"{name}: {exc}") from None
     if resolution_mode is not None:
         model_cfg["resolution_mode"] = resolution_mode
     cfg = config.load(overrides=overrides, base={"model": model_cfg})
-    num_classes = misfm_num_classes(state)
     model = build_model(cfg.model, num_classes)
-    report = load_pretrained(model, ckpt)
+    report = load_pretrained(model, ckpt, partial, name=name)
     cfg.model.rel_pos_index = report.rel_pos_index
     return model, cfg, num_classes, report

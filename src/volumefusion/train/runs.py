@@ -13,7 +13,7 @@ from volumefusion.config import Config, changed_fields, load, save
 from volumefusion.data.prepare import prepare
 from volumefusion.data.store import Store
 from volumefusion.device import resolve_device
-from volumefusion.io import atomic_write_text
+from volumefusion.io import atomic_write_text, check_writable_folder
 from volumefusion.log import get_logger
 from volumefusion.nets.weights import load_pretrained, model_config_from_misfm, resolve_weights
 from volumefusion.preprocess import PrepareSettings
@@ -74,6 +74,7 @@ def write_config(cfg: Config, out_dir: str | Path) -> None:
 def pretrain(cfg: Config, data: str | Path, out_dir: str | Path, resume: bool | str = False) -> FitResult:
     """Volume Fusion pretraining on the store at ``data``; outputs in ``out_dir``."""
     check_run_folder(out_dir, resume)
+    check_writable_folder(out_dir, "--out")
     task = PretrainTask(cfg, Store.open(data))
     model = build_model(cfg, task.num_classes)
     n_params = sum(p.numel() for p in model.parameters())
@@ -89,8 +90,13 @@ def _pretrained_base(pretrained: str | Path | None) -> tuple[dict | None, dict]:
     if pretrained is None:
         return None, {}
     ckpt = load_checkpoint(resolve_weights(pretrained))
-    if "model_state_dict" in ckpt:  # an official MIS-FM / PyMIC checkpoint
-        return ckpt, {"model": model_config_from_misfm(ckpt["model_state_dict"])}
+    if not isinstance(ckpt, dict):
+        raise VolumeFusionError(f"{pretrained}: holds a {type(ckpt).__name__}, not a checkpoint dict")
+    if isinstance(ckpt.get("model_state_dict"), dict):  # an official MIS-FM / PyMIC checkpoint
+        try:
+            return ckpt, {"model": model_config_from_misfm(ckpt["model_state_dict"])}
+        except VolumeFusionError as exc:
+            raise VolumeFusionError(f"{pretrained}: {exc}") from None
     if "model" not in ckpt or "config" not in ckpt:
         raise VolumeFusionError(f"{pretrained}: neither a volumefusion nor a MIS-FM checkpoint "
                                 "(expected keys 'model' and 'config', or 'model_state_dict')")
@@ -132,6 +138,7 @@ def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_d
     """
     out_dir = Path(out_dir)
     check_run_folder(out_dir, resume)
+    check_writable_folder(out_dir, "--out")
     ckpt, base = _pretrained_base(pretrained)
     cfg = load(cfg_paths, overrides, base=base)
     if "model" in base:
@@ -150,18 +157,20 @@ def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_d
         cfg.model.in_channels = 1
     # what can fail without the data fails before the dataset is prepared (minutes to hours)
     check_model_settings(cfg)
+    if ckpt is not None:  # shapes only, on the meta device: no memory, no time
+        with torch.device("meta"):
+            load_pretrained(nets.build_model(cfg.model, 2), ckpt, cfg.finetune.partial_load, name=str(pretrained))
     resolve_device(cfg.run.device, setting="run.device")
     if cfg.finetune.split_file and not Path(cfg.finetune.split_file).is_file():
         raise VolumeFusionError(f"--split {cfg.finetune.split_file}: file not found")
     preprocessing = (ckpt or {}).get("task", {}).get("preprocessing") or None
     store = _segmentation_store(data, out_dir, preprocessing, cfg.data.workers)
     f = cfg.finetune
-    train_ids, val_ids = split_cases([c.id for c in store.cases], f.num_folds, f.fold, f.split_file)
+    train_ids, val_ids = split_cases(store.ids, f.num_folds, f.fold, f.split_file)
     task = SegmentationTask(cfg, store, train_ids, val_ids)
     model = build_model(cfg, task.num_classes)
     if ckpt is not None:
-        report = load_pretrained(model, ckpt)
-        report.source = str(pretrained)  # the file, not "the given state dict"
+        report = load_pretrained(model, ckpt, cfg.finetune.partial_load, name=str(pretrained))
         # the index travels in the weights; the saved config must say which one they use
         if report.rel_pos_index:
             cfg.model.rel_pos_index = report.rel_pos_index

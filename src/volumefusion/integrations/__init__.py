@@ -1,0 +1,1 @@
+"""Bridges to other frameworks; each needs an optional extra and imports it only when used."""
