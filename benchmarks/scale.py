@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.store import _drop_cache
 from volumefusion.data.index import INDEX_FILE, row_dtype, update_index
 from volumefusion.data.phantoms import write_phantoms
 from volumefusion.data.prepare import prepare
@@ -108,15 +109,6 @@ def grow(real: Path, out: Path, count: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------- probe
-
-
-def _drop_cache(paths) -> None:
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _memory_mb() -> tuple[float, float]:

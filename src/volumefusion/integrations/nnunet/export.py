@@ -135,7 +135,7 @@ def export_nnunet(checkpoint: str | Path, plans: str | Path, out_dir: str | Path
                   configuration: str = "3d_fullres") -> ExportResult:
     """Write nnU-Net pretrained weights and a plans variant for ``checkpoint`` (see the module docstring).
 
-    ``plans``: the dataset's plans file (``$nnUNet_preprocessed/DatasetXXX/nnUNetPlans.json``);
+    ``plans``: the dataset's plans file (e.g. ``$nnUNet_preprocessed/Dataset501_Organs/nnUNetPlans.json``);
     ``configuration``: the one to start from (its spacing, batch size and, for a network of the plans
     itself, its architecture). Refuses checkpoints the plans cannot hold, saying what to change.
     """
