@@ -23,7 +23,8 @@ Output layout::
     DIR/figures/*.png, DIR/report.md, DIR/report.json
 """
 
-from volumefusion.demo.run import DemoResult, RunResult, run_demo
+from volumefusion.demo.results import DemoResult, RunResult
+from volumefusion.demo.run import run_demo
 from volumefusion.demo.settings import ARMS, DemoSettings, load_settings
 
 __all__ = ["ARMS", "DemoResult", "DemoSettings", "RunResult", "load_settings", "run_demo"]

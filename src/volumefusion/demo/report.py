@@ -17,10 +17,11 @@ import numpy as np
 from volumefusion.checkpoint import load_checkpoint
 from volumefusion.config import to_dict
 from volumefusion.demo.data import DemoData
-from volumefusion.demo.run import PretrainResult, RunResult, cpu_count
+from volumefusion.demo.results import PretrainResult, RunResult
 from volumefusion.demo.settings import ARMS, DemoSettings
 from volumefusion.demo.stats import compare_paired
 from volumefusion.io import atomic_write_text, read_image
+from volumefusion.processes import cpu_count
 from volumefusion.viz import label_overlay, save_band_curves, save_curves, save_montage
 
 ARM_TEXT = {"scratch": "from scratch", "builtin": "built-in weights", "live": "live pretraining"}

@@ -11,10 +11,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,8 @@ from volumefusion import VolumeFusionError
 from volumefusion.config import load, save
 from volumefusion.data.store import Store
 from volumefusion.demo.data import DemoData, make_data
+from volumefusion.demo.report import write_report
+from volumefusion.demo.results import DemoResult, PretrainResult, RunResult
 from volumefusion.demo.settings import ARMS, DemoSettings, load_settings
 from volumefusion.device import resolve_device
 from volumefusion.evaluate import evaluate_folders
@@ -32,7 +33,7 @@ from volumefusion.io import atomic_write_text, check_writable_folder
 from volumefusion.log import get_logger, setup
 from volumefusion.nets import build_model, main_output
 from volumefusion.nets.weights import resolve_weights
-from volumefusion.processes import worker_pool
+from volumefusion.processes import cpu_count, worker_pool
 from volumefusion.train.logging import read_metrics
 from volumefusion.train.runs import finetune, pretrain
 
@@ -58,52 +59,6 @@ class FinetuneJob:
     test_labels: Path
     label_names: dict[int, str]
     device: str
-
-
-@dataclass
-class RunResult:
-    """What one fine-tuning run measured. ``dice``: ``{organ: {case: Dice}}`` on the held-out phantoms;
-    ``curve``: ``[(step, validation mean Dice), ...]`` on the validation phantom."""
-
-    seed: int
-    arm: str
-    labelled: int
-    seconds: float
-    best_score: float | None
-    dice: dict[str, dict[str, float]] = field(default_factory=dict)
-    curve: list[tuple[int, float]] = field(default_factory=list)
-
-    @property
-    def organ_dice(self) -> dict[str, float]:
-        """Mean Dice over the held-out phantoms, per organ."""
-        return {organ: float(np.mean(list(cases.values()))) for organ, cases in self.dice.items()}
-
-    @property
-    def mean_dice(self) -> float:
-        """Mean over organs of :attr:`organ_dice`."""
-        return float(np.mean(list(self.organ_dice.values())))
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "organ_dice": self.organ_dice, "mean_dice": self.mean_dice}
-
-
-@dataclass
-class PretrainResult:
-    """The live pretraining: its run folder and validation records (``metrics.jsonl`` rows with
-    ``val_score``, the pretext Dice, and ``val_dice_a<i>`` per fusion level)."""
-
-    run_dir: Path
-    seconds: float
-    validation: list[dict]
-
-
-@dataclass
-class DemoResult:
-    out: Path
-    report: Path
-    runs: list[RunResult]
-    pretraining: PretrainResult
-    seconds: float
 
 
 def evaluate_checkpoint(checkpoint: Path, images: Path, labels: Path, label_names: dict[int, str],
@@ -155,14 +110,6 @@ def run_pretraining(config: Path, overrides: tuple[str, ...], store: Path, run_d
     pretrain(load([config], list(overrides)), store, run_dir)
     return PretrainResult(run_dir, time.perf_counter() - t0,
                           [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_score" in r])
-
-
-def cpu_count() -> int:
-    """CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def plan_workers(device: str, workers: int | None, jobs: int) -> tuple[int, int | None]:
@@ -242,8 +189,6 @@ def run_demo(out: str | Path = "vf-demo", *, quick: bool = False, seeds: list[in
 
     ``workers``: processes (default: one per CPU core; one on a GPU).
     """
-    from volumefusion.demo.report import write_report
-
     settings = load_settings(config, quick, seeds)
     out = Path(out).resolve()
     if (out / "report.md").exists() or (out / "runs").exists():
