@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import resource
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import SimpleITK as sitk
 import torch
 
 from tests.conftest import CONFORMANCE, TINY_MODEL, write_bad_checkpoints
-from volumefusion import config
+from volumefusion import VolumeFusionError, config
 from volumefusion.checkpoint import save_checkpoint
 from volumefusion.cli import main
 from volumefusion.io import Geometry, write_image
@@ -274,6 +275,29 @@ def test_a_bad_checkpoint_is_refused_in_one_line_saying_what_it_is(tmp_path, cap
         assert err.startswith(f"volumefusion {command}: error: {path}: ") and phrase in err, (name, err)
         assert "\n" not in err and "weights_only" not in err, (name, err)
     assert not (tmp_path / "ours.pt").exists() and not any((tmp_path / "out").glob("*"))
+
+
+def test_a_checkpoint_with_nonfinite_weights_is_refused_by_every_reader(tmp_path, capsys, tiny_checkpoint):
+    """A diverged run's weights: predicting, fine-tuning or loading from them is refused in one line."""
+    from volumefusion import api
+    from volumefusion.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    name = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+    ckpt["model"][name][0] = float("nan")
+    diverged = tmp_path / "diverged.pt"
+    save_checkpoint(diverged, ckpt)
+    image = tmp_path / "ct.nii.gz"
+    write_image(image, _ct(0), GEOMETRY)
+    phrase = f"{diverged}: 1 of {len(ckpt['model'])} weight tensors hold NaN or infinite values ({name})"
+    for command in (["predict", "-m", str(diverged), "-i", str(image), "-o", str(tmp_path / "out")],
+                    ["finetune", "--data", str(tmp_path / "nowhere"), "--pretrained", str(diverged),
+                     "--out", str(tmp_path / "run")]):
+        assert main(["-q", *command]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and phrase in err, err
+    with pytest.raises(VolumeFusionError, match=re.escape(phrase)):
+        api.load_model(diverged)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from volumefusion import VolumeFusionError, config
-from volumefusion.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
+from volumefusion.checkpoint import check_finite_weights, clean_state_dict, load_checkpoint, save_checkpoint
 from volumefusion.config import Config
 from volumefusion.log import get_logger
 from volumefusion.nets import build_model
@@ -186,6 +186,7 @@ def export_weights(checkpoint: str | Path, out: str | Path, card: dict[str, Any]
     missing = [k for k in ("model", "config", "task") if k not in ckpt]
     if missing:
         raise VolumeFusionError(f"{checkpoint}: not a volumefusion training checkpoint (no {', '.join(missing)})")
+    check_finite_weights(ckpt["model"], checkpoint)
     model = {k: v.to(dtype) if v.is_floating_point() else v for k, v in clean_state_dict(ckpt["model"]).items()}
     save_checkpoint(out, {"model": model, "config": ckpt["config"], "task": ckpt["task"],
                           "step": ckpt.get("step"), "card": dict(card or {})})
@@ -215,7 +216,9 @@ def state_dict_differences(model_state: dict[str, torch.Tensor], state: dict[str
 
 def load_exactly(model: nn.Module, state: dict[str, torch.Tensor], name: str | Path) -> None:
     """``model.load_state_dict(state)``, strict; a mismatch is a VolumeFusionError naming the file
-    ``name`` and the first tensors that differ, with their shapes (:func:`state_dict_differences`)."""
+    ``name`` and the first tensors that differ, with their shapes (:func:`state_dict_differences`), and
+    so are non-finite weights (:func:`~volumefusion.checkpoint.check_finite_weights`)."""
+    check_finite_weights(state, name)
     differences = state_dict_differences(model.state_dict(), state)
     if differences:
         more = f"; ... {len(differences) - 3} more" if len(differences) > 3 else ""
@@ -238,10 +241,11 @@ def load_pretrained(model: nn.Module, source: str | Path | dict, partial: Sequen
     module paths (``"stem.proj"``) the caller accepts at their fresh initialisation. ``partial=None``
     accepts any partial load (the report still lists what was left out). ``name``: the file a loaded
     dict came from, for messages and the report. Raises :class:`VolumeFusionError` naming the file for
-    corrupt, foreign or mismatched checkpoints.
+    corrupt, foreign or mismatched checkpoints and for non-finite weights (a diverged run's).
     """
     state, layout, read_name = _read(source)
     name = name or read_name
+    check_finite_weights(state, name)
     head_prefixes = tuple(getattr(model, "head_prefixes", ()))
     report = LoadReport(source=name, layout=layout, head_prefixes=head_prefixes)
     target = model.state_dict()
