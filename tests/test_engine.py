@@ -280,3 +280,36 @@ def test_bf16_on_the_cpu_warns_at_start_up(phantom_store, tmp_path, caplog):
     task = PretrainTask(cfg, Store.open(phantom_store))
     engine.Trainer(cfg, build_model(cfg, task.num_classes), task, tmp_path)
     assert "run.precision=bf16 on the CPU" in caplog.text and "run.precision=fp32" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------
+# the store changes under a run
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_store_prepared_again_while_a_run_reads_it_stops_the_run_cleanly_with_a_checkpoint(
+        tmp_path, monkeypatch, workers):
+    from volumefusion.data.phantoms import write_phantoms
+    from volumefusion.data.prepare import prepare
+    from volumefusion.data.store import StoreChanged
+    from volumefusion.train.tasks import PretrainTask
+
+    sources = [str(p) for p in write_phantoms(tmp_path / "raw", seeds=[1, 2], shape=(24, 48, 48))]
+    store = tmp_path / "store"
+    assert prepare(sources, store).prepared
+    make_inputs, calls = PretrainTask.make_inputs, []
+
+    def prepare_again_after_the_first_step(self, batch, generator, device):
+        calls.append(None)
+        if len(calls) == 2:  # the sources are replaced (another size) and prepared again
+            write_phantoms(tmp_path / "raw", seeds=[1, 2], shape=(20, 40, 40))
+            assert len(prepare(sources, store).prepared) == 2
+        return make_inputs(self, batch, generator, device)
+    monkeypatch.setattr(PretrainTask, "make_inputs", prepare_again_after_the_first_step)
+    with pytest.raises(StoreChanged) as caught:
+        pretrain(_cfg("run.max_steps=20", "run.val_every=100", f"data.workers={workers}"), store, tmp_path / "run")
+    message = str(caught.value)
+    assert "\n" not in message and "Traceback" not in message, message
+    assert "was the store prepared again" in message and "--resume" in message, message
+    step = load_checkpoint(tmp_path / "run/checkpoints/latest.pt")["step"]
+    assert f"stopped at step {step}," in message and 2 <= step < 20

@@ -292,12 +292,14 @@ class _NotWritable(VolumeFusionError):
 
 
 @contextlib.contextmanager
-def _locked(store: Path) -> Iterator[None]:
-    """Hold the store's index lock (waits for another builder); unlocked where locks are unsupported."""
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold the exclusive lock of the file ``path`` (created if missing; waits for its holder), among
+    processes on this machine and, where the file system supports locks, on others. A killed holder's
+    lock is released by the system. Unlocked where locks are unsupported."""
     try:
         import fcntl
 
-        handle = open(store / LOCK_FILE, "a")
+        handle = open(path, "a")
     except (ImportError, OSError):
         yield
         return
@@ -305,7 +307,7 @@ def _locked(store: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError as exc:  # e.g. a parallel file system mounted without lock support
-            log.debug("%s: no index lock (%s); the atomic write still keeps the index whole", store, exc)
+            log.debug("%s: no lock (%s); atomic writes still keep each file whole", path, exc)
         yield
     finally:
         handle.close()
@@ -322,7 +324,7 @@ def update_index(store: str | Path, *, full: bool = False) -> CaseIndex:
     or the store is not writable.
     """
     store = Path(store)
-    with _locked(store):
+    with file_lock(store / LOCK_FILE):
         previous = read_index_file(store / INDEX_FILE)
         if not full and previous is not None and previous.stamp == _cases_stamp(store):
             return previous

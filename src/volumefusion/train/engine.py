@@ -35,6 +35,7 @@ from torch import nn
 from volumefusion import VolumeFusionError
 from volumefusion.checkpoint import check_finite_weights, clean_state_dict, load_checkpoint, save_checkpoint
 from volumefusion.config import Config, OptimConfig, changed_fields
+from volumefusion.data.store import StoreChanged
 from volumefusion.device import autocast, autocast_dtype, resolve_device
 from volumefusion.log import get_logger, progress
 from volumefusion.nets import main_output
@@ -377,6 +378,17 @@ class Trainer:
             self.save("best.pt")
         return metrics
 
+    def _stop_on_data_error(self, exc: StoreChanged, bar) -> None:
+        """The data changed under the run: write ``latest.pt`` (the weights of the last finished step)
+        and stop with the data's error and where to continue from."""
+        bar.close()
+        self.logger.close()
+        path = None
+        with contextlib.suppress(VolumeFusionError):  # non-finite weights are not saved
+            path = self.save("latest.pt")
+        saved = f"; stopped at step {self.step}, {path} written: continue with --resume" if path else ""
+        raise StoreChanged(f"{exc}{saved}") from None
+
     def fit(self) -> FitResult:
         run = self.cfg.run
         accumulate = self.cfg.optim.accumulate
@@ -400,6 +412,8 @@ class Trainer:
                         f"{list(self.cfg.data.crop_size)}): lower --batch-size (use optim.accumulate to keep "
                         "the global batch), set model.activation_checkpointing=true, or use a smaller "
                         "data.crop_size") from None
+                except StoreChanged as exc:
+                    self._stop_on_data_error(exc, bar)
                 self.step += 1
                 if loss is None:
                     skipped += 1
@@ -433,7 +447,11 @@ class Trainer:
                     self.task.save_images(self.out_dir / "images" / f"step_{self.step:08d}.png", x, y, pred)
                 if self.step % run.val_every == 0 or self.step == run.max_steps:
                     if self.dist.is_main:
-                        record = {"step": self.step, **{f"val_{k}": v for k, v in self.validate().items()}}
+                        try:
+                            metrics = self.validate()
+                        except StoreChanged as exc:
+                            self._stop_on_data_error(exc, bar)
+                        record = {"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}}
                         self.logger.log(record)
                         result.history.append(record)
                     self.logger.plot(force=False)
