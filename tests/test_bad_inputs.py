@@ -386,6 +386,63 @@ def test_a_full_disk_fails_in_one_line_and_leaves_no_half_written_file(tmp_path,
         assert not out.exists()
 
 
+# --------------------------------------------------------------------------------------------------
+# the Python API: one path where a list is expected, impossible arrays and spacings
+
+
+def test_the_api_takes_one_path_or_override_as_a_list_of_one_not_as_letters(tmp_path, tiny_checkpoint):
+    import volumefusion as vf
+
+    images = tmp_path / "images"
+    images.mkdir()
+    _write_good(images, None, ["good"])
+    summary = vf.prepare_collection(str(images), tmp_path / "store")
+    assert summary.prepared == ["good"] and not summary.failed
+    predicted = vf.predict_files(tiny_checkpoint, images / "good.nii.gz", tmp_path / "preds", device="cpu")
+    assert predicted.written == ["good"]
+    assert vf.load_config(overrides="run.max_steps=5").run.max_steps == 5
+    assert vf.load_config("pretrain_paper", "run.max_steps=5").run.max_steps == 5
+    with pytest.raises(VolumeFusionError, match=r"run\.max_stepz"):  # the override reached the config whole
+        vf.pretrain(tmp_path / "store", tmp_path / "run", overrides="run.max_stepz=5")
+    with pytest.raises(VolumeFusionError, match=r"run\.max_stepz"):
+        vf.finetune(tmp_path / "nowhere", tmp_path / "run", overrides="run.max_stepz=5")
+    with pytest.raises(VolumeFusionError, match="inputs: a int; expected a path or string"):
+        vf.prepare_collection(7, tmp_path / "store")
+
+
+@pytest.mark.parametrize("resample", [False, True])
+def test_predict_array_refuses_nonfinite_voxels_and_impossible_spacings_naming_the_argument(tiny_checkpoint,
+                                                                                             resample):
+    import volumefusion as vf
+    from volumefusion.preprocess import PrepareSettings
+
+    predictor = vf.load_predictor(tiny_checkpoint, device="cpu")
+    if resample:
+        predictor.settings = PrepareSettings(spacing_zyx=(2.0, 2.0, 2.0))
+    image = _ct(0)
+    spacing = GEOMETRY.spacing_zyx
+    bad = {
+        "image: 16384 of 16384 voxels are NaN or infinite": (np.full(SHAPE, np.nan, np.float32), spacing),
+        "image: 1 of 16384 voxels are NaN or infinite": (np.where(np.arange(image.size).reshape(SHAPE) == 5,
+                                                                   np.inf, image), spacing),
+        "spacing_zyx (0.0, 1.5, 1.5): voxel sizes must be positive": (image, (0, 1.5, 1.5)),
+        "spacing_zyx (-2.0, 1.5, 1.5): voxel sizes must be positive": (image, (-2, 1.5, 1.5)),
+        "spacing_zyx (nan, 1.5, 1.5): voxel sizes must be positive": (image, (float("nan"), 1.5, 1.5)),
+        "spacing_zyx: 2.5; expected 3 numbers (mm, z y x)": (image, 2.5),
+        "spacing_zyx: (2.0, 1.5); expected 3 numbers": (image, (2.0, 1.5)),
+        "spacing_zyx: '2.5'; expected 3 numbers": (image, "2.5"),
+    }
+    for phrase, (array, spacing_zyx) in bad.items():
+        with pytest.raises(VolumeFusionError, match=re.escape(phrase)):
+            vf.predict_array(predictor, array, spacing_zyx)
+    with pytest.raises(VolumeFusionError, match=re.escape("origin: (0, 0); expected 3 numbers")):
+        vf.predict_array(predictor, image, spacing, origin=(0, 0))
+    with pytest.raises(VolumeFusionError, match="direction .*: must be an invertible 3x3 matrix"):
+        vf.predict_array(predictor, image, spacing, direction=(0.0,) * 9)
+    with pytest.raises(VolumeFusionError, match=re.escape("spacing_zyx (0.0, 1.0, 1.0): voxel sizes must be")):
+        vf.evaluate_arrays(_label(), _label(), [1, 2], spacing_zyx=(0, 1, 1))
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny untrained segmentation checkpoint (3 classes, native spacing) for predict."""
