@@ -387,6 +387,59 @@ def test_a_full_disk_fails_in_one_line_and_leaves_no_half_written_file(tmp_path,
 
 
 # --------------------------------------------------------------------------------------------------
+# refused runs: one line, before any work, and no output folder left behind
+
+
+@pytest.mark.parametrize("argv", [["demo", "--workers", "-5"], ["demo", "--workers", "0"],
+                                  ["prepare", "in", "--out", "store", "--workers", "0"]])
+def test_workers_below_one_are_refused(capsys, argv):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and f"argument --workers/-j: {argv[-1]}: must be 1 or more" in err.replace(
+        "argument --workers:", "argument --workers/-j:"), err
+
+
+@pytest.mark.parametrize("command", ["prepare", "predict", "pretrain", "finetune"])
+def test_a_refused_run_leaves_no_output_folder(tmp_path, capsys, command):
+    out = tmp_path / "results" / "out"
+    (tmp_path / "empty").mkdir()
+    image = tmp_path / "ct.nii.gz"
+    write_image(image, _ct(0), GEOMETRY)
+    (tmp_path / "bad.pt").write_bytes(b"")
+    args = {"prepare": ["prepare", str(tmp_path / "empty"), "--out", str(out)],
+            "predict": ["predict", "-m", str(tmp_path / "bad.pt"), "-i", str(image), "-o", str(out)],
+            "pretrain": ["pretrain", "--data", str(tmp_path / "nowhere"), "--out", str(out)],
+            "finetune": ["finetune", "--data", str(tmp_path / "nowhere"), "--pretrained", "none", "--out", str(out)],
+            }[command]
+    if command == "prepare":  # a batch command: the input is skipped (and named), the run fails
+        assert main(["-q", *args]) == 1
+        assert f"FAILED {tmp_path / 'empty'}: folder holds no" in capsys.readouterr().out
+    else:
+        assert main(["-q", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith(f"volumefusion {command}: error: "), err
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_a_crop_that_leaves_one_voxel_at_the_coarsest_level_is_refused_naming_the_smallest(
+        tmp_path, capsys, phantom_store, command):
+    from volumefusion.train.runs import check_model_settings
+
+    out = tmp_path / "run"
+    settings = [a for o in [*TINY_MODEL, "data.crop_size=[8,16,16]"] for a in ("--set", o)]
+    args = {"pretrain": ["pretrain", "--data", str(phantom_store)],
+            "finetune": ["finetune", "--data", str(tmp_path / "nowhere"), "--pretrained", "none"]}[command]
+    assert main(["-q", *args, "--out", str(out), *settings, "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "data.crop_size: [8, 16, 16]" in err and "the smallest crop it takes" in err, err
+    assert "e.g. [16, 16, 16], or use run.batch_size 2 or more" in err, err
+    assert not out.exists()
+    check_model_settings(config.load(overrides=[*TINY_MODEL, "data.crop_size=[8,16,16]", "run.batch_size=2"]))
+
+
+# --------------------------------------------------------------------------------------------------
 # the Python API: one path where a list is expected, impossible arrays and spacings
 
 

@@ -286,10 +286,15 @@ def prepare(
     tasks, dataset_names, failures = collect_cases(inputs, channel=channel, label_dir=label_dir)
     if not tasks and not failures:
         raise VolumeFusionError(f"no images found in {' '.join(map(str, inputs))}")
-    init_store(out, settings.to_dict(), dataset_names or label_names)
     # Each input problem is reported by exactly one shard, so the shards' summaries add up.
     summary = PrepareSummary(store=out, shard=(index, count),
                              failed=[f for f in failures if shard_of(f[0], count) == index])
+    if not tasks:  # every input failed: no store is made for nothing
+        for _, reason in summary.failed:
+            log.warning("%s", reason)
+        summary.total, summary.seconds = len(summary.failed), time.perf_counter() - start
+        return summary
+    init_store(out, settings.to_dict(), dataset_names or label_names)
     mine = [t for t in tasks if shard_of(t.case_id, count) == index]
     summary.total = len(mine) + len(summary.failed)
     todo = []
