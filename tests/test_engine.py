@@ -313,3 +313,13 @@ def test_a_store_prepared_again_while_a_run_reads_it_stops_the_run_cleanly_with_
     assert "was the store prepared again" in message and "--resume" in message, message
     step = load_checkpoint(tmp_path / "run/checkpoints/latest.pt")["step"]
     assert f"stopped at step {step}," in message and 2 <= step < 20
+
+
+def test_compile_on_the_cpu_is_refused_before_any_work(phantom_store, tmp_path):
+    from volumefusion.train.runs import finetune
+
+    with pytest.raises(VolumeFusionError, match=r"run\.compile=true on the CPU: torch \S+'s compiled CPU code"):
+        pretrain(_cfg("run.compile=true"), phantom_store, tmp_path / "run")
+    with pytest.raises(VolumeFusionError, match=r"run\.compile=true on the CPU"):  # before preparing any data
+        finetune([], [*TINY_MODEL, "run.compile=true"], tmp_path / "nowhere", tmp_path / "run", None)
+    assert not (tmp_path / "run").exists()

@@ -96,6 +96,20 @@ class DistInfo:
                    int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def run_device(cfg: Config, local_rank: int = 0) -> torch.device:
+    """The device a run trains on (``run.device``), after refusing what cannot run there: ``run.compile``
+    on the CPU, where the code torch.compile generates (inductor, torch 2.13.0+cpu) aborts the process
+    with glibc heap corruption ("corrupted size vs. prev_size", exit 134) in the first training step
+    of PCT-Net; the network, a random batch, cross-entropy and Adam suffice, so it is PyTorch's bug."""
+    device = resolve_device(cfg.run.device, local_rank, setting="run.device")
+    if cfg.run.compile and device.type == "cpu":
+        raise VolumeFusionError(
+            f"run.compile=true on the CPU: torch {torch.__version__}'s compiled CPU code (inductor) corrupts memory "
+            "in these networks' training and aborts the process minutes in; set run.compile=false on the CPU "
+            "(compiling is for GPUs)")
+    return device
+
+
 def step_seed(seed: int, rank: int, micro_step: int) -> int:
     """Seed of the random draws of one micro-step (fusion, augmentation), independent of history."""
     return int(np.random.SeedSequence([seed, rank, micro_step]).generate_state(1, np.uint64)[0] >> 1)
@@ -197,7 +211,7 @@ class Trainer:
         if self.dist.world_size > 1 and not dist.is_initialized():
             backend = "nccl" if cfg.run.device != "cpu" and torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend)
-        self.device = resolve_device(cfg.run.device, self.dist.local_rank, setting="run.device")
+        self.device = run_device(cfg, self.dist.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True

@@ -19,7 +19,7 @@ from volumefusion.io import atomic_write_text, check_writable_folder
 from volumefusion.log import get_logger
 from volumefusion.nets.weights import load_exactly, load_pretrained, model_config_from_misfm, resolve_weights
 from volumefusion.preprocess import PrepareSettings
-from volumefusion.train.engine import DistInfo, FitResult, Trainer
+from volumefusion.train.engine import DistInfo, FitResult, Trainer, run_device
 from volumefusion.train.tasks import PretrainTask, SegmentationTask, split_cases
 
 log = get_logger(__name__)
@@ -198,7 +198,7 @@ def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_d
     if ckpt is not None:  # shapes only, on the meta device: no memory, no time
         with torch.device("meta"):
             load_pretrained(nets.build_model(cfg.model, 2), ckpt, cfg.finetune.partial_load, name=str(pretrained))
-    resolve_device(cfg.run.device, setting="run.device")
+    run_device(cfg)
     if cfg.finetune.split_file and not Path(cfg.finetune.split_file).is_file():
         raise VolumeFusionError(f"--split {cfg.finetune.split_file}: file not found")
     preprocessing = (ckpt or {}).get("task", {}).get("preprocessing") or None
