@@ -51,13 +51,12 @@ def _volumes(inputs: list[str]):
     be read are skipped with a warning naming them; an error if nothing is left."""
     from pathlib import Path
 
-    import numpy as np
-
     from volumefusion import VolumeFusionError
     from volumefusion.data.samples import chest_ct
     from volumefusion.data.store import Store
     from volumefusion.io import case_id_from_path, discover_inputs, read_image
     from volumefusion.log import get_logger
+    from volumefusion.preprocess import BODY_THRESHOLD_HU, body_box
 
     volumes, images = [], []
     for item in inputs or [str(chest_ct()[0])]:
@@ -73,12 +72,7 @@ def _volumes(inputs: list[str]):
         except VolumeFusionError as exc:
             failures.append((str(path), str(exc)))
             continue
-        body = array > -600  # same threshold as prepare's body crop
-        box = []
-        for axis in range(3):
-            hit = np.nonzero(body.any(tuple(a for a in range(3) if a != axis)))[0]
-            box.append((int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, array.shape[axis]))
-        volumes.append((case_id_from_path(path), array, tuple(box)))
+        volumes.append((case_id_from_path(path), array, body_box(array, BODY_THRESHOLD_HU)))
     for _, reason in failures:
         get_logger(__name__).warning("skipped %s", reason)
     if not volumes:
