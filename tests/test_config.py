@@ -156,3 +156,11 @@ def test_quiet_goes_before_or_after_the_command_and_hides_progress_bars(monkeypa
     assert not vf_log.progress(range(2)).disable
     vf_log.setup(-1)
     assert vf_log.progress(range(2), disable=None).disable
+
+
+def test_a_command_module_that_fails_to_import_is_an_error_not_a_missing_command(monkeypatch):
+    from volumefusion import cli
+
+    monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, "evalute"])  # a typo
+    with pytest.raises(ModuleNotFoundError, match="volumefusion.commands.evalute"):
+        cli.build_parser()
