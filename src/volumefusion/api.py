@@ -35,8 +35,8 @@ from volumefusion.checkpoint import clean_state_dict, load_checkpoint
 from volumefusion.config import Config
 from volumefusion.data.prepare import PrepareSummary, prepare
 from volumefusion.evaluate import evaluate_folders
+from volumefusion.geometry import Geometry
 from volumefusion.infer import Predictor, PredictSummary, predict_files
-from volumefusion.io import Geometry
 from volumefusion.metrics import evaluate_case
 from volumefusion.nets import build_model
 from volumefusion.nets.weights import load_exactly, model_from_misfm

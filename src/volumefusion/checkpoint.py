@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from volumefusion import VolumeFusionError, __version__
-from volumefusion.io import atomic_write_bytes
+from volumefusion.files import atomic_write_bytes
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from volumefusion import VolumeFusionError
-from volumefusion.io import atomic_write_text
+from volumefusion.files import atomic_write_text
 
 
 class ConfigError(VolumeFusionError):

@@ -33,18 +33,10 @@ from torch import nn
 from volumefusion import VolumeFusionError
 from volumefusion.checkpoint import clean_state_dict, load_checkpoint
 from volumefusion.config import Config, from_dict
-from volumefusion.data.datasets import CaseTask, unique_case_ids
+from volumefusion.data.datasets import CaseTask, case_id_from_path, discover_inputs, unique_case_ids
 from volumefusion.device import autocast, autocast_dtype, resolve_device
-from volumefusion.io import (
-    IMAGE_SUFFIXES,
-    SERIES_SEPARATOR,
-    case_id_from_path,
-    check_writable_folder,
-    discover_inputs,
-    read_image,
-    resolved,
-    write_image,
-)
+from volumefusion.files import check_writable_folder, resolved
+from volumefusion.io import IMAGE_SUFFIXES, SERIES_SEPARATOR, read_image, write_image
 from volumefusion.log import get_logger
 from volumefusion.log import progress as progress_bar
 from volumefusion.nets import build_model, deep_supervision_owner, main_output
@@ -386,7 +378,7 @@ class Predictor:
         """Segment one CT image.
 
         ``image``: (z, y, x) HU, any numeric dtype; ``geometry``: its
-        :class:`~volumefusion.io.Geometry`. The image goes through the checkpoint's
+        :class:`~volumefusion.geometry.Geometry`. The image goes through the checkpoint's
         :func:`~volumefusion.preprocess.preprocess_case` and ``normalise_hu``, is segmented in
         prepared space and mapped back with ``restore_to_original``. Returns ``(labels, probs)`` as
         numpy arrays on the original grid: ``labels`` (z, y, x) uint8 class indices; ``probs``
@@ -471,7 +463,7 @@ def predict_files(model: str | Path | Predictor, inputs: Sequence[str | Path], o
     ``model``: a checkpoint written by fine-tuning, or a :class:`Predictor` (then ``device``,
     ``patch_size``, ``overlap``, ``window_batch``, ``tta`` and ``precision`` are its own).
     ``inputs``: image files (NIfTI, NRRD, MHA), folders, DICOM series folders, globs or .txt/.csv
-    lists, as :func:`volumefusion.io.discover_inputs` takes them; case ids as ``prepare`` makes them.
+    lists, as :func:`volumefusion.data.datasets.discover_inputs` takes them; case ids as ``prepare`` makes them.
     Writes ``CASE.nii.gz`` (``fmt="same"``: the input's format), uint8 class indices on the input's
     grid, and with ``save_probabilities`` ``probabilities/CASE_classK.nii.gz`` (uint8, probability =
     value / 255). ``channel`` picks one channel of 4D inputs. A case that fails is recorded in the

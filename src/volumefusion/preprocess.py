@@ -33,7 +33,7 @@ import torch
 from scipy import ndimage
 
 from volumefusion import VolumeFusionError
-from volumefusion.io import Geometry
+from volumefusion.geometry import Geometry
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 BODY_THRESHOLD_HU = -600.0

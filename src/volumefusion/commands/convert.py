@@ -33,7 +33,7 @@ def run(args) -> int:
 
     from volumefusion import VolumeFusionError
     from volumefusion.checkpoint import load_checkpoint, save_checkpoint
-    from volumefusion.io import atomic_path, check_writable_file
+    from volumefusion.files import atomic_path, check_writable_file
     from volumefusion.nets.weights import model_from_misfm
 
     check_writable_file(args.out, "--out")

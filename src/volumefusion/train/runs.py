@@ -13,7 +13,7 @@ from volumefusion.config import Config, changed_fields, load, save
 from volumefusion.data.prepare import prepare
 from volumefusion.data.store import Store
 from volumefusion.device import resolve_device
-from volumefusion.io import atomic_write_text, check_writable_folder
+from volumefusion.files import atomic_write_text, check_writable_folder
 from volumefusion.log import get_logger
 from volumefusion.nets.weights import load_pretrained, model_config_from_misfm, resolve_weights
 from volumefusion.preprocess import PrepareSettings
