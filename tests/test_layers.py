@@ -10,8 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "volumefusion"
 
 # Lowest first; a module may import from its own layer or any layer below.
 LAYERS = [
-    {"volumefusion", "deprecated", "log", "files", "geometry", "io", "processes", "config", "checkpoint", "device",
-     "preprocess", "metrics", "augment", "viz"},
+    {"volumefusion", "deprecated", "log", "files", "geometry", "io", "processes", "typed_config", "nnunet_plans",
+     "config", "checkpoint", "device", "preprocess", "metrics", "augment", "viz"},
     {"data", "fusion", "nets"},
     {"train", "infer", "evaluate"},
     {"api", "demo", "integrations"},

@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from torch import nn
 
 from volumefusion import VolumeFusionError
-from volumefusion.config import ModelConfig, plans_configuration
+from volumefusion.config import ModelConfig
 from volumefusion.nets.blocks import PreActConv, scale_factors
 from volumefusion.nets.pctnet import PCTNet
+from volumefusion.nnunet_plans import plans_configuration
 
 NNUNET_EXTRA_HINT = "install the extra: pip install 'volumefusion[nnunet]'"
 

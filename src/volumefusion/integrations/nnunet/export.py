@@ -26,9 +26,10 @@ import torch
 
 from volumefusion import VolumeFusionError
 from volumefusion.checkpoint import clean_state_dict, load_checkpoint
-from volumefusion.config import ConfigError, ModelConfig, from_dict, plans_configuration
+from volumefusion.config import ConfigError, ModelConfig, from_dict
 from volumefusion.files import atomic_write_bytes, atomic_write_text
 from volumefusion.nets.nnunet import PCTNetForNNUNet, build_plans_network, pctnet_strides
+from volumefusion.nnunet_plans import plans_configuration
 
 SEG_KEY = ".seg_layers."  # nnU-Net's load_pretrained_weights skips the keys that contain it
 PCTNET_CLASS = "volumefusion.integrations.nnunet.PCTNetForNNUNet"  # the dotted path nnU-Net locates
