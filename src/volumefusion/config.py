@@ -67,6 +67,9 @@ class FusionConfig:
     box_size_max: tuple[float, float, float] = _f(
         (40, 80, 80), "largest box side (z, y, x): voxels, or fractions of the crop if <= 1", min=0
     )
+    views: bool = _f(False, "boxes mode: fuse augmented views of the two crops (random resized crop, flips, "
+                     "contrast, gamma, joint inversion, as grid mode does) rather than the crops as they are, so "
+                     "that a fused box differs from its surroundings even where two scans align")
     grid_block_min: tuple[int, int, int] = _f((5, 8, 8), "grid mode: smallest block (z, y, x)", min=1)
     grid_block_max: tuple[int, int, int] = _f((20, 32, 32), "grid mode: largest block (z, y, x)", min=1)
     grid_foreground_ratio: float = _f(0.7, "grid mode: share of blocks taken from the foreground", min=0, max=1)

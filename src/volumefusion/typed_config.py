@@ -3,8 +3,8 @@
 
 It knows no field of any config: :mod:`volumefusion.config` declares the run config with
 :func:`setting`, :mod:`volumefusion.demo.settings` the demo's. Each field may carry ``metadata`` with
-``choices`` (allowed values), ``min``/``max`` (inclusive bounds, applied to every element of a tuple)
-and ``help`` (documentation, shown by ``volumefusion config --fields``); :func:`build_dataclass`
+``choices`` (allowed values) and ``min``/``max`` (inclusive bounds), both applied to every element of
+a tuple, and ``help`` (documentation, shown by ``volumefusion config --fields``); :func:`build_dataclass`
 checks them and names the field in every error.
 
 A single value for a list field of any length (``tuple[X, ...]``) means a list of one: ``window_size: 6``
@@ -35,7 +35,8 @@ class ConfigError(VolumeFusionError):
 
 def setting(default, help: str, *, choices=None, min=None, max=None):  # noqa: A002 - mirrors metadata names
     """A dataclass field with the metadata :func:`build_dataclass` checks and ``--fields`` shows:
-    ``help``, ``choices`` (allowed values), ``min``/``max`` (inclusive bounds, on every element of a tuple)."""
+    ``help``, ``choices`` (allowed values), ``min``/``max`` (inclusive bounds); each applies to every
+    element of a tuple."""
     meta = {"help": help, "choices": choices, "min": min, "max": max}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -88,10 +89,11 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
 
 def _check_field(f: dataclasses.Field, value: Any, name: str) -> None:
     meta = f.metadata
-    if meta.get("choices") is not None and value not in meta["choices"]:
-        allowed = ", ".join(map(str, meta["choices"]))
-        raise ConfigError(f"{name}: {value!r} is not allowed; choose one of: {allowed}")
     values = value if isinstance(value, tuple) else (value,)
+    wrong = [v for v in values if meta.get("choices") is not None and v not in meta["choices"]]
+    if wrong:
+        allowed = ", ".join(map(str, meta["choices"]))
+        raise ConfigError(f"{name}: {wrong[0]!r} is not allowed; choose one of: {allowed}")
     for v in values:
         if not isinstance(v, (int, float)) or v is None:
             continue

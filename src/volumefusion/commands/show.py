@@ -102,7 +102,7 @@ def run_fusion(args) -> int:
 
     from volumefusion import VolumeFusionError, config
     from volumefusion.files import check_writable_file
-    from volumefusion.fusion import fuse, fusion_pair, source_shape
+    from volumefusion.fusion import fuse, fusion_pair, source_shape, uses_views
     from volumefusion.log import get_logger
     from volumefusion.preprocess import normalise_hu
     from volumefusion.viz import save_montage
@@ -134,7 +134,7 @@ def run_fusion(args) -> int:
                                            cfg.data.hu_window) for j in (0, 1))
     generator = torch.Generator().manual_seed(args.seed)
     background, foreground = fusion_pair(background, foreground, fusion, generator,
-                                         out_shape=crop if fusion.mode == "grid" else None)
+                                         out_shape=crop if uses_views(fusion) else None)
     fused, labels = fuse(background, foreground, fusion, generator)
 
     k = fusion.num_classes - 1

@@ -13,10 +13,10 @@ from volumefusion.checkpoint import Checkpoint, read_checkpoint
 from volumefusion.config import Config, changed_fields, load, save, to_dict
 from volumefusion.data.prepare import prepare
 from volumefusion.data.store import Store
-from volumefusion.device import resolve_device
+from volumefusion.device import autocast, resolve_device
 from volumefusion.files import atomic_write_text, check_writable_folder
 from volumefusion.log import get_logger
-from volumefusion.nets.weights import LoadReport, load_pretrained
+from volumefusion.nets.weights import LoadReport, load_pretrained, model_from_checkpoint
 from volumefusion.preprocess import PrepareSettings
 from volumefusion.train.engine import DistInfo, FitResult, Trainer
 from volumefusion.train.tasks import PretrainTask, SegmentationTask, split_cases
@@ -84,6 +84,28 @@ def pretrain(cfg: Config, data: str | Path, out_dir: str | Path, resume: bool | 
     trainer = Trainer(cfg, model, task, out_dir, resume=resume)
     write_config(cfg, out_dir)
     return trainer.fit()
+
+
+def evaluate_pretext(checkpoint: str | Path | Checkpoint, data: str | Path, *, samples: int = 64, seed: int = 0,
+                     device: str = "cpu") -> dict[str, float]:
+    """The Volume Fusion pretext Dice of a pretraining ``checkpoint`` (a file, ``builtin:NAME`` or a
+    :class:`~volumefusion.checkpoint.Checkpoint`) on fused crops of the store at ``data`` (e.g. volumes
+    no pretraining saw), under the checkpoint's own crop size and fusion settings.
+
+    ``samples`` fused crops are drawn from ``seed`` (the same crops for every checkpoint of one
+    config). Returns ``{"score": mean Dice over the K+1 fusion levels, "dice_a<i>": Dice of level i
+    (alpha = i / K), "loss": Dice + CE}``.
+    """
+    ckpt = read_checkpoint(checkpoint)
+    if ckpt.layout != "volumefusion" or ckpt.task.get("kind") != "pretrain":
+        raise ckpt.error("not a Volume Fusion pretraining checkpoint")
+    model, cfg, _ = model_from_checkpoint(ckpt)
+    cfg.run.val_samples, cfg.run.seed = samples, seed
+    dev = resolve_device(device, setting="device")
+    task = PretrainTask(cfg, Store.open(data))
+    model.to(dev).eval()
+    with torch.no_grad():
+        return task.validate(model, dev, lambda: autocast(dev, None))
 
 
 def _pretrained_base(pretrained: str | Path | None) -> tuple[Checkpoint | None, dict]:
