@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from volumefusion import VolumeFusionError
-from volumefusion.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
+from volumefusion.checkpoint import clean_state_dict, read_checkpoint, save_checkpoint
 from volumefusion.config import Config, OptimConfig, changed_fields
 from volumefusion.device import autocast, autocast_dtype, resolve_device
 from volumefusion.log import get_logger, progress
@@ -266,24 +266,25 @@ class Trainer:
                 log.info("no checkpoint at %s: starting from step 0", path)
                 return
             raise VolumeFusionError(f"--resume {path}: checkpoint not found")
-        ckpt = load_checkpoint(path)
-        if "config" not in ckpt or "optimizer" not in ckpt:
+        ckpt = read_checkpoint(path)
+        state = ckpt.payload
+        if ckpt.layout != "volumefusion" or not ckpt.config or "optimizer" not in state:
             raise VolumeFusionError(f"--resume {path}: not a checkpoint of a volumefusion run (no config or "
                                     "optimizer state); to start from its weights use finetune --pretrained")
-        changes = changed_fields(ckpt["config"], self.cfg, ignore=RESUMABLE_CHANGES)
+        changes = changed_fields(ckpt.config, self.cfg, ignore=RESUMABLE_CHANGES)
         if changes:
             raise VolumeFusionError(
                 f"--resume {path}: the settings differ from the run's ({'; '.join(changes)}); resume with "
                 f"the run's own config ({self.out_dir / 'config.yaml'}), or start a new run in another folder. "
                 f"Only these may change on resume: {', '.join(sorted(RESUMABLE_CHANGES))}")
-        self.model.load_state_dict(clean_state_dict(ckpt["model"]))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.step = int(ckpt["step"])
-        self.best_score = ckpt.get("extra", {}).get("best_score")
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        self.model.load_state_dict(ckpt.state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.best_score = state.get("extra", {}).get("best_score")
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         log.info("resumed from %s at step %d", path, self.step)
 
     # ---------------------------------------------------------------------------------------- loop

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 from volumefusion import VolumeFusionError
-from volumefusion.checkpoint import clean_state_dict, load_checkpoint
-from volumefusion.config import ConfigError, ModelConfig, from_dict, plans_configuration
-from volumefusion.io import atomic_write_bytes, atomic_write_text
+from volumefusion.checkpoint import Checkpoint, read_checkpoint
+from volumefusion.config import ConfigError, ModelConfig, from_dict
+from volumefusion.files import atomic_write_bytes, atomic_write_text
 from volumefusion.nets.nnunet import PCTNetForNNUNet, build_plans_network, pctnet_strides
+from volumefusion.nnunet_plans import plans_configuration
 
 SEG_KEY = ".seg_layers."  # nnU-Net's load_pretrained_weights skips the keys that contain it
 PCTNET_CLASS = "volumefusion.integrations.nnunet.PCTNetForNNUNet"  # the dotted path nnU-Net locates
@@ -131,32 +132,35 @@ def _plans_network_variant(cfg, state: dict[str, torch.Tensor], num_classes: int
     return copy.deepcopy(base["architecture"]), list(base["patch_size"]), state
 
 
-def export_nnunet(checkpoint: str | Path, plans: str | Path, out_dir: str | Path,
+def export_nnunet(checkpoint: str | Path | Checkpoint, plans: str | Path, out_dir: str | Path,
                   configuration: str = "3d_fullres") -> ExportResult:
-    """Write nnU-Net pretrained weights and a plans variant for ``checkpoint`` (see the module docstring).
+    """Write nnU-Net pretrained weights and a plans variant for ``checkpoint`` (a file, ``builtin:NAME``, or
+    a :class:`~volumefusion.checkpoint.Checkpoint`; see the module docstring).
 
     ``plans``: the dataset's plans file (e.g. ``$nnUNet_preprocessed/Dataset501_Organs/nnUNetPlans.json``);
     ``configuration``: the one to start from (its spacing, batch size and, for a network of the plans
     itself, its architecture). Refuses checkpoints the plans cannot hold, saying what to change.
     """
-    checkpoint, plans, out_dir = Path(checkpoint), Path(plans), Path(out_dir)
-    ckpt = load_checkpoint(checkpoint)
-    if "model_state_dict" in ckpt:
-        raise VolumeFusionError(f"{checkpoint}: an official MIS-FM checkpoint; turn it into a volumefusion one "
-                                "first: volumefusion convert MISFM.pt --out OURS.pt")
-    if "model" not in ckpt or "config" not in ckpt:
-        raise VolumeFusionError(f"{checkpoint}: not a volumefusion checkpoint (no 'model' and 'config')")
-    saved = copy.deepcopy(ckpt["config"])
+    plans, out_dir = Path(plans), Path(out_dir)
+    ckpt = read_checkpoint(checkpoint)
+    if ckpt.layout == "misfm":
+        raise ckpt.error("an official MIS-FM checkpoint; turn it into a volumefusion one first: volumefusion "
+                         "convert MISFM.pt --out OURS.pt")
+    ckpt.require("export nnunet takes a checkpoint of volumefusion pretraining", "config")
+    saved = copy.deepcopy(ckpt.config)
     if saved.get("model", {}).get("name") == "nnunet":
         saved["model"]["plans"] = str(plans)  # the recorded path need not exist here; --plans is checked below
-    cfg = from_dict(saved)
-    state = clean_state_dict(ckpt["model"])
-    num_classes = int(ckpt.get("task", {}).get("num_classes", cfg.fusion.num_classes))
+    try:
+        cfg = from_dict(saved)
+    except ConfigError as exc:
+        raise ckpt.error(f"its config is not valid: {exc}") from None
+    state = ckpt.state
+    num_classes = ckpt.num_classes or cfg.fusion.num_classes
     plans_dict, base = _read_plans(plans, configuration)
     _check_ct_plans(plans_dict, base, plans, configuration)
     if cfg.model.in_channels != 1:
-        raise VolumeFusionError(f"{checkpoint}: the network takes {cfg.model.in_channels} input channels; nnU-Net "
-                                "gives it one CT channel: pretrain with model.in_channels=1")
+        raise ckpt.error(f"the network takes {cfg.model.in_channels} input channels; nnU-Net gives it one CT "
+                         "channel: pretrain with model.in_channels=1")
     if cfg.model.name == "pctnet":
         architecture, patch, weights = _pctnet_variant(cfg, state, num_classes, base)
         name = f"{configuration}_pctnet"
@@ -164,8 +168,8 @@ def export_nnunet(checkpoint: str | Path, plans: str | Path, out_dir: str | Path
         architecture, patch, weights = _plans_network_variant(cfg, state, num_classes, base, plans, configuration)
         name = f"{configuration}_volumefusion"
     else:
-        raise VolumeFusionError(f"{checkpoint}: model.name {cfg.model.name!r} has no nnU-Net counterpart; pretrain "
-                                "with model.name pctnet, or nnunet with model.plans set to the dataset's plans")
+        raise ckpt.error(f"model.name {cfg.model.name!r} has no nnU-Net counterpart; pretrain with model.name "
+                         "pctnet, or nnunet with model.plans set to the dataset's plans")
 
     plans_name = f"{plans_dict.get('plans_name', plans.stem)}_volumefusion"
     intensity = {"0": {**plans_dict["foreground_intensity_properties_per_channel"]["0"],
@@ -188,7 +192,7 @@ def export_nnunet(checkpoint: str | Path, plans: str | Path, out_dir: str | Path
              "plans variant)"]
     if patch != list(base["patch_size"]):
         notes.append(f"patch size {list(base['patch_size'])} -> {patch} (multiples of the network's down-sampling)")
-    spacing = (ckpt.get("task", {}).get("preprocessing") or {}).get("spacing_zyx")
+    spacing = ckpt.preprocessing.get("spacing_zyx")
     if spacing and sorted(spacing) != sorted(base.get("spacing", [])):
         notes.append(f"pretraining spacing {list(spacing)} mm differs from the plans' {base.get('spacing')} mm "
                      "(nnU-Net resamples to the plans' spacing)")
