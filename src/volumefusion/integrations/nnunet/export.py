@@ -1,15 +1,16 @@
 """Export a volumefusion checkpoint for fine-tuning in nnU-Net v2.
 
-Writes, into one folder:
-- ``<plans_name>_volumefusion_<configuration>.pth``: ``{"network_weights": state_dict}``, the form nnU-Net's
-  ``-pretrained_weights`` loads (every key but the segmentation layers' must be in it, same shape);
+Writes, into one folder (the dataset's in ``nnUNet_preprocessed``, where nnU-Net looks for plans):
 - ``<plans_name>_volumefusion.json``: a plans variant holding one new configuration per export
   (``3d_fullres_pctnet`` for PCT-Net, ``3d_fullres_volumefusion`` for a network of the plans itself)
   whose architecture, patch size and pooling are the network's and whose CT normalisation is the
   pretraining's HU window. A later export into the same folder adds its configuration to the file;
   one that would replace a configuration (or its weights) is refused unless ``force``, which keeps the
   configuration's hand-edited ``batch_size``. One plans variant has one CT normalisation: a checkpoint
-  of another HU window goes into another variant (``plans_name``).
+  of another HU window goes into another variant (``plans_name``);
+- ``<variant>_<configuration>.pth`` (e.g. ``nnUNetPlans_volumefusion_3d_fullres_pctnet.pth``):
+  ``{"network_weights": state_dict}``, the form nnU-Net's ``-pretrained_weights`` loads (every key but
+  the segmentation layers' must be in it, same shape).
 
 Both files are written to temporaries first and renamed into place together, so a failed export
 leaves the folder as it was.
@@ -104,21 +105,26 @@ def _read_plans(plans: Path, configuration: str) -> tuple[dict, dict]:
     return plans_dict, base
 
 
+def _variant_problem(variant) -> str | None:
+    """What in a plans variant read from JSON the export cannot use, or None."""
+    if not isinstance(variant, dict):
+        return f"the file holds {describe_json(variant)}"
+    for key in ("configurations", "foreground_intensity_properties_per_channel"):
+        if not isinstance(variant.get(key), dict):
+            return f"{key!r} is {describe_json(variant.get(key))}"
+    return next((f"configuration {key!r} is {describe_json(value)}"
+                 for key, value in variant["configurations"].items() if not isinstance(value, dict)), None)
+
+
 def _read_variant(target: Path) -> dict | None:
     """The plans variant an earlier export wrote at ``target`` (None if there is none), checked."""
     if not target.exists():
         return None
     try:
         variant = json.loads(target.read_text())
+        problem = _variant_problem(variant)
     except (OSError, ValueError) as exc:
         problem = str(exc)
-    else:
-        keys = ("configurations", "foreground_intensity_properties_per_channel")
-        problem = (f"the file holds {describe_json(variant)}" if not isinstance(variant, dict) else
-                   next((f"{key!r} is {describe_json(variant.get(key))}" for key in keys
-                         if not isinstance(variant.get(key), dict)), None)
-                   or next((f"configuration {key!r} is {describe_json(value)}"
-                            for key, value in variant["configurations"].items() if not isinstance(value, dict)), None))
     if problem:
         raise VolumeFusionError(f"{target}: the plans variant of an earlier export cannot be read ({problem}); "
                                 "repair or remove it, or export into another variant with --plans-name NAME")
@@ -160,12 +166,13 @@ def trainer_search_problem() -> str | None:
     except PackageNotFoundError:
         torchvision = "no torchvision"
     major, minor = (int(v) for v in torch.__version__.split(".")[:2])
-    matching = f"0.{minor + 15}" if major == 2 else "of the same release"
-    where = (" --index-url https://download.pytorch.org/whl/cpu" if torch.version.cuda is None
+    index = (" --index-url https://download.pytorch.org/whl/cpu" if torch.version.cuda is None
              else " (from the index your torch came from)")
+    install = (f"pip install torchvision==0.{minor + 15}{index}" if major == 2
+               else f"install the torchvision release made for torch {torch.__version__}")
     return (f"nnUNetv2_train runs here with its default trainer only: -tr with any other trainer makes nnU-Net "
             f"import its trainers, and timm fails to import ({problem.splitlines()[0]}); {torchvision} does not match "
-            f"torch {torch.__version__}: pip install torchvision=={matching}{where}")
+            f"torch {torch.__version__}: {install}")
 
 
 def _pctnet_variant(cfg, state: dict[str, torch.Tensor], num_classes: int, base: dict):
