@@ -36,7 +36,8 @@ class ConfigError(VolumeFusionError):
 
 def setting(default, help: str, *, choices=None, min=None, max=None):  # noqa: A002 - mirrors metadata names
     """A dataclass field with the metadata :func:`build_dataclass` checks and ``--fields`` shows:
-    ``help``, ``choices`` (allowed values), ``min``/``max`` (inclusive bounds, on every element of a tuple)."""
+    ``help``, ``choices`` (allowed values), ``min``/``max`` (inclusive bounds); each applies to every
+    element of a tuple."""
     meta = {"help": help, "choices": choices, "min": min, "max": max}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -68,6 +69,9 @@ class FusionConfig:
     box_size_max: tuple[float, float, float] = _f(
         (40, 80, 80), "largest box side (z, y, x): voxels, or fractions of the crop if <= 1", min=0
     )
+    views: bool = _f(False, "boxes mode: fuse augmented views of the two crops (random resized crop, flips, "
+                     "contrast, gamma, joint inversion, as grid mode does) rather than the crops as they are, so "
+                     "that a fused box differs from its surroundings even where two scans align")
     grid_block_min: tuple[int, int, int] = _f((5, 8, 8), "grid mode: smallest block (z, y, x)", min=1)
     grid_block_max: tuple[int, int, int] = _f((20, 32, 32), "grid mode: largest block (z, y, x)", min=1)
     grid_foreground_ratio: float = _f(0.7, "grid mode: share of blocks taken from the foreground", min=0, max=1)
@@ -227,10 +231,11 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
 
 def _check_field(f: dataclasses.Field, value: Any, name: str) -> None:
     meta = f.metadata
-    if meta.get("choices") is not None and value not in meta["choices"]:
-        allowed = ", ".join(map(str, meta["choices"]))
-        raise ConfigError(f"{name}: {value!r} is not allowed; choose one of: {allowed}")
     values = value if isinstance(value, tuple) else (value,)
+    wrong = [v for v in values if meta.get("choices") is not None and v not in meta["choices"]]
+    if wrong:
+        allowed = ", ".join(map(str, meta["choices"]))
+        raise ConfigError(f"{name}: {wrong[0]!r} is not allowed; choose one of: {allowed}")
     for v in values:
         if not isinstance(v, (int, float)) or v is None:
             continue

@@ -245,13 +245,19 @@ def fuse(background: torch.Tensor, foreground: torch.Tensor, config: FusionConfi
     return blend(background, foreground, labels, config.num_classes), labels
 
 
+def uses_views(config: FusionConfig) -> bool:
+    """Whether the fused volumes are augmented views of the crops (grid mode, or boxes with ``views``)."""
+    return config.mode == "grid" or config.views
+
+
 def source_shape(crop_size: tuple[int, int, int], config: FusionConfig) -> tuple[int, int, int]:
     """Crop size (z, y, x) the data loader should read for one fused crop of ``crop_size``.
 
-    Boxes: the crop itself. Grid: ``ceil(1.5 x crop_size)``, so that every random resized crop (window
-    side up to 1.5 x the output side) fits in it; pass ``out_shape=crop_size`` to :func:`make_fused_batch`.
+    Boxes: the crop itself. With views (grid mode, or boxes with ``views``): ``ceil(1.5 x crop_size)``,
+    so that every random resized crop (window side up to 1.5 x the output side) fits in it; pass
+    ``out_shape=crop_size`` to :func:`make_fused_batch`.
     """
-    if config.mode == "grid":
+    if uses_views(config):
         return tuple(math.ceil(SCALE_RANGE[1] * s) for s in crop_size)
     return tuple(crop_size)
 
@@ -259,12 +265,13 @@ def source_shape(crop_size: tuple[int, int, int], config: FusionConfig) -> tuple
 def fusion_pair(background: torch.Tensor, foreground: torch.Tensor, config: FusionConfig,
                 generator: torch.Generator, *, out_shape: tuple[int, int, int] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two volumes that are fused: the crops themselves (boxes) or their augmented views (grid,
-    :func:`volumefusion.augment.fusion_views`). Inputs and ``out_shape`` as in :func:`make_fused_batch`."""
+    """The two volumes that are fused: the crops themselves (boxes) or their augmented views (grid, or
+    boxes with ``views``: :func:`volumefusion.augment.fusion_views`). Inputs and ``out_shape`` as in
+    :func:`make_fused_batch`."""
     if background.shape != foreground.shape or background.dim() != 5:
         raise ValueError(f"Volume Fusion needs two (N, 1, D, H, W) crops of one shape, got "
                          f"{tuple(background.shape)} and {tuple(foreground.shape)}")
-    if config.mode == "grid":
+    if uses_views(config):
         return fusion_views(background, foreground, generator, out_shape)
     if out_shape is not None and tuple(out_shape) != tuple(background.shape[2:]):
         raise ValueError(f"boxes mode fuses crops as they are: out_shape {tuple(out_shape)} differs "
@@ -282,7 +289,8 @@ def make_fused_batch(background: torch.Tensor, foreground: torch.Tensor, config:
 
     * ``mode="boxes"``: ``background[i]`` and ``foreground[i]`` of the crop size, from two *different*
       cases whenever the data has more than one. They are fused as they are; ``out_shape`` must be
-      None or their shape.
+      None or their shape. With ``config.views`` each first becomes a view as in grid mode (below),
+      of :func:`source_shape`, and ``out_shape`` is the crop size.
     * ``mode="grid"``: ``background[i]`` and ``foreground[i]`` are two independent random crops of the
       *same* case, of :func:`source_shape` (``ceil(1.5 x crop_size)``), and ``out_shape`` is the crop
       size. Each becomes a view (random resized crop, flips, percentile contrast, gamma, joint

@@ -106,7 +106,7 @@ def run_fusion(args) -> int:
     import torch
 
     from volumefusion import VolumeFusionError, config
-    from volumefusion.fusion import fuse, fusion_pair, source_shape
+    from volumefusion.fusion import fuse, fusion_pair, source_shape, uses_views
     from volumefusion.io import check_writable_file
     from volumefusion.log import get_logger
     from volumefusion.preprocess import normalise_hu
@@ -139,7 +139,7 @@ def run_fusion(args) -> int:
                                            cfg.data.hu_window) for j in (0, 1))
     generator = torch.Generator().manual_seed(args.seed)
     background, foreground = fusion_pair(background, foreground, fusion, generator,
-                                         out_shape=crop if fusion.mode == "grid" else None)
+                                         out_shape=crop if uses_views(fusion) else None)
     fused, labels = fuse(background, foreground, fusion, generator)
 
     k = fusion.num_classes - 1

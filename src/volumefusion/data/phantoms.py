@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +56,14 @@ class Phantom:
         image: ``(z, y, x)`` int16, Hounsfield units.
         label: ``(z, y, x)`` uint8, values in :data:`LABEL_NAMES`.
         spacing_zyx: voxel size in mm, ``(z, y, x)``.
+        scan: how this scan varies (:meth:`_Scan.describe`): patient size and pose, field of view,
+            contrast phase, missing organs, lesions, noise and blur.
     """
 
     image: np.ndarray
     label: np.ndarray
     spacing_zyx: tuple[float, float, float]
+    scan: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,16 +109,19 @@ class _Canvas:
     """The volume being painted, with normalised coordinates.
 
     In-plane coordinates are in units of half the smaller in-plane extent (so circles stay round in
-    mm), z in units of half the z extent; all are 0 at the centre of the field of view.
+    mm), z in units of half the z extent; all are 0 at the centre of the field of view. A scan that
+    sees the patient smaller, off-centre or shifted along z scales and shifts these coordinates.
     """
 
-    def __init__(self, shape: tuple[int, int, int], spacing_zyx: tuple[float, float, float]):
+    def __init__(self, shape: tuple[int, int, int], spacing_zyx: tuple[float, float, float], scan: _Scan):
+        self.scan = scan
         extent = [n * s for n, s in zip(shape, spacing_zyx)]
         half_inplane = min(extent[1], extent[2]) / 2
         scales = (extent[0] / 2, half_inplane, half_inplane)
+        # patient coordinate of each voxel: field-of-view coordinate x scale + shift (see _Scan)
         self.z, self.y, self.x = (
-            (((np.arange(n) + 0.5) * s - e / 2) / r).astype(np.float32)
-            for n, s, e, r in zip(shape, spacing_zyx, extent, scales)
+            ((((np.arange(n) + 0.5) * s - e / 2) / r) * k + t).astype(np.float32)
+            for n, s, e, r, k, t in zip(shape, spacing_zyx, extent, scales, scan.scale_zyx, scan.shift_zyx)
         )
         self.image = np.full(shape, -1000.0, dtype=np.float32)
         self.label = np.zeros(shape, dtype=np.uint8)
@@ -212,6 +218,88 @@ def _tube(canvas: _Canvas, path_field: tuple[_Field, _Field], centre_yx, radius,
     cy = centre_yx[0] + wiggle * 0.5 * path_field[0].along_z(canvas.z[sl[0]])
     cx = centre_yx[1] + wiggle * 0.5 * path_field[1].along_z(canvas.z[sl[0]])
     return sl, (y - cy[:, None, None]) ** 2 + (x - cx[:, None, None]) ** 2 < radius**2
+
+
+# --------------------------------------------------------------------------------------------------
+# How the scan varies
+
+PHASES: dict[str, tuple[float, float, float]] = {
+    "native": (0.0, 0.0, 0.0),
+    "arterial": (1.6, 0.35, 1.25),
+    "portal": (1.0, 1.0, 1.0),
+    "delayed": (0.45, 0.75, 0.6),
+}
+"""Contrast phase -> enhancement of (blood, liver and spleen, kidneys) relative to the portal-venous
+HU the organs are drawn with; 0 is unenhanced tissue (:data:`_NATIVE_HU`)."""
+
+_PHASE_P = {"native": 0.15, "arterial": 0.25, "portal": 0.45, "delayed": 0.15}
+_NATIVE_HU = {"blood": 45.0, "liver": 45.0, "kidney": 32.0}
+
+
+@dataclass
+class _Scan:
+    """Everything about one scan that is not the patient's anatomy, drawn from its own random stream
+    (so ``vary=False`` phantoms keep their anatomy): how big, where and how turned the patient lies in
+    the field of view, the contrast phase, organs absent (splenectomy, nephrectomy), liver lesions,
+    and the scanner's noise and blur.
+
+    ``scale_zyx``/``shift_zyx`` map field-of-view coordinates to the patient's (:class:`_Canvas`):
+    in-plane scale ``1 / size``; along z a different stretch of the body. ``rotation``/``tilt``:
+    degrees about the z axis (patient turned on the table) and the x axis (tilted head to feet).
+    """
+
+    scale_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    shift_zyx: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    rotation: float = 0.0
+    tilt: float = 0.0
+    phase: str = "portal"
+    missing: tuple[str, ...] = ()
+    lesions: int = 0
+    noise_sd: float | None = None  # None: drawn with the anatomy (the fixed scan of vary=False)
+    psf_mm: float = 0.9
+    psf_z: float = 0.45
+    rng: np.random.Generator | None = None
+
+    @classmethod
+    def draw(cls, seed: int) -> _Scan:
+        rng = np.random.default_rng([seed, 0x5CA7])
+        u = rng.uniform
+        size = u(0.75, 1.0)
+        phase = str(rng.choice(list(_PHASE_P), p=list(_PHASE_P.values())))
+        missing = tuple(name for name, p in (("spleen", 0.1), ("kidney_right", 0.08), ("kidney_left", 0.08))
+                        if rng.random() < p)
+        return cls(scale_zyx=(u(0.85, 1.2), 1 / size, 1 / size), shift_zyx=(u(-0.35, 0.35), u(-0.1, 0.1), u(-0.1, 0.1)),
+                   rotation=u(-15, 15), tilt=u(-8, 8), phase=phase, missing=missing, lesions=int(rng.poisson(0.8)),
+                   noise_sd=u(5, 35), psf_mm=u(0.6, 1.6), psf_z=u(0.3, 0.9), rng=rng)
+
+    def enhanced(self, tissue: str, hu):
+        """``hu`` drawn for the portal-venous phase, as this scan's phase shows it."""
+        factor = PHASES[self.phase][("blood", "liver", "kidney").index(tissue)]
+        return _NATIVE_HU[tissue] + factor * (hu - _NATIVE_HU[tissue])
+
+    def describe(self) -> dict:
+        size = 1 / self.scale_zyx[1]
+        return {"size": round(size, 3), "z_scale": round(self.scale_zyx[0], 3),
+                "shift_zyx": [round(v, 3) for v in self.shift_zyx], "rotation_deg": round(self.rotation, 2),
+                "tilt_deg": round(self.tilt, 2), "phase": self.phase, "missing": list(self.missing),
+                "lesions": self.lesions, "noise_sd": None if self.noise_sd is None else round(self.noise_sd, 1),
+                "psf_mm": round(self.psf_mm, 2), "psf_z_voxels": round(self.psf_z, 2)}
+
+
+def _turn(image: np.ndarray, label: np.ndarray, spacing_zyx, rotation: float, tilt: float):
+    """Rotate the painted volume about its centre, in mm: ``rotation`` degrees about z, then ``tilt``
+    about x (one linear resampling of the image, nearest-neighbour for the labels)."""
+    a, b = np.deg2rad(rotation), np.deg2rad(tilt)
+    about_z = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    about_x = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
+    spacing = np.asarray(spacing_zyx, dtype=np.float64)
+    # output voxel -> input voxel: scale to mm, rotate, scale back
+    matrix = (about_z @ about_x) * spacing[None, :] / spacing[:, None]
+    centre = (np.asarray(image.shape) - 1) / 2
+    offset = centre - matrix @ centre
+    image = ndimage.affine_transform(image, matrix, offset, order=1, mode="nearest")
+    label = ndimage.affine_transform(label, matrix, offset, order=0, mode="nearest")
+    return image, label
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,7 +422,9 @@ def _paint_abdomen(cv: _Canvas, rng, t: _Torso) -> None:
                  np.where(cv.coords(s)[1] < gas_level, np.float32(-990), np.float32(u(5, 25))))
 
     # Liver: a large right lobe and a smaller left lobe, with enhancing vessels.
-    liver_hu = u(50, 75)
+    drawn_liver_hu = u(50, 75)
+    liver_hu = cv.scan.enhanced("liver", drawn_liver_hu)
+    portal_vein_hu = np.float32(cv.scan.enhanced("blood", drawn_liver_hu + 70))
     right = _Blob.draw(rng, (d - u(0.3, 0.4), cy + by * u(-0.05, 0.1), -bx * u(0.35, 0.45)),
                        (u(0.5, 0.6), by * u(0.6, 0.75), bx * u(0.45, 0.55)), angle=u(-0.3, 0.1))
     left = _Blob.draw(rng, (d - u(0.15, 0.25), cy - by * u(0.35, 0.45), bx * u(0.0, 0.15)),
@@ -346,7 +436,8 @@ def _paint_abdomen(cv: _Canvas, rng, t: _Torso) -> None:
             continue
         f1, f2 = (f(cv.z[s[0]], cv.y[s[1]], cv.x[s[2]]) for f in vessels)
         vessel = (np.abs(f1) < 0.12) & (np.abs(f2) < 0.12)
-        cv.paint(s, m, np.where(vessel, np.float32(liver_hu + 70), liver_hu + 6 * f1), _LABEL["liver"])
+        cv.paint(s, m, np.where(vessel, portal_vein_hu, liver_hu + 6 * f1), _LABEL["liver"])
+    _paint_lesions(cv, right, liver_hu)
 
     # Spleen: a crescent behind the stomach, HU close to the liver's.
     spleen = _Blob.draw(rng, (d - u(0.2, 0.35), cy + by * u(0.2, 0.3), bx * u(0.45, 0.52)),
@@ -355,13 +446,15 @@ def _paint_abdomen(cv: _Canvas, rng, t: _Torso) -> None:
     medial = -0.9 * spleen.axes[2] * np.array([0, np.sin(spleen.angle), np.cos(spleen.angle)], np.float32)
     notch = _Blob.draw(rng, spleen.centre + medial, spleen.axes * np.array([1.3, 0.7, 0.5], np.float32),
                        angle=spleen.angle, wobble=0.05)
+    spleen_hu = liver_hu + u(-12, 12)
     s, m = spleen.mask(cv, t.interior)
-    if s is not None:
+    if s is not None and "spleen" not in cv.scan.missing:
         m &= ~_restrict(notch.mask(cv), s, m.shape)
-        cv.paint(s, m, liver_hu + u(-12, 12), _LABEL["spleen"])
+        cv.paint(s, m, spleen_hu, _LABEL["spleen"])
 
     # Kidneys beside the spine: bright cortex, darker medulla, a fat-filled hilum facing front-middle.
-    kidney_hu = u(140, 180)
+    drawn_kidney_hu = u(140, 180)
+    cortex_hu, medulla_hu = (np.float32(cv.scan.enhanced("kidney", drawn_kidney_hu - d)) for d in (0, 50))
     for name, side in (("kidney_right", -1), ("kidney_left", 1)):
         drop = 0.1 if side < 0 else 0.0  # the right kidney sits lower, under the liver
         kidney = _Blob.draw(rng, (d - u(0.8, 0.9) - drop, t.spine_y - u(0.0, 0.08),
@@ -372,17 +465,32 @@ def _paint_abdomen(cv: _Canvas, rng, t: _Torso) -> None:
         hilum = _Blob.draw(rng, kidney.centre + np.array([0, -0.06, -side * 0.09], np.float32),
                            kidney.axes * np.array([0.4, 0.45, 0.45], np.float32), wobble=0.05)
         s, m = kidney.mask(cv, t.interior)
-        if s is None:
+        if s is None or name in cv.scan.missing:
             continue
         m &= ~_restrict(hilum.mask(cv), s, m.shape)
         inner = _restrict(medulla.mask(cv), s, m.shape)
-        cv.paint(s, m, np.where(inner, np.float32(kidney_hu - 50), np.float32(kidney_hu)), _LABEL[name])
+        cv.paint(s, m, np.where(inner, medulla_hu, cortex_hu), _LABEL[name])
+
+
+def _paint_lesions(cv: _Canvas, lobe: _Blob, liver_hu: float) -> None:
+    """The scan's hypodense liver lesions (cysts, metastases): round spots inside the liver, still
+    labelled liver, placed with the scan's own random stream."""
+    for _ in range(cv.scan.lesions):
+        u = cv.scan.rng.uniform
+        centre = lobe.centre + lobe.axes * np.array([u(-0.5, 0.5), u(-0.5, 0.5), u(-0.5, 0.5)], np.float32)
+        radius = u(0.04, 0.1)
+        sl = cv.box(centre - radius, centre + radius)
+        if sl is None:
+            continue
+        z, y, x = cv.coords(sl)
+        spot = ((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 < radius**2)
+        cv.paint(sl, spot & (cv.label[sl] == _LABEL["liver"]), liver_hu - u(20, 50))
 
 
 def _paint_heart_and_vessels(cv: _Canvas, rng, t: _Torso) -> None:
     """Heart, ascending and descending aorta (contrast blood) and the unlabelled inferior vena cava."""
     u = rng.uniform
-    blood_hu = u(150, 250)
+    blood_hu = cv.scan.enhanced("blood", u(150, 250))
     # on the diaphragm, left of centre and in front; myocardium around the blood pool
     centre = (t.diaphragm + u(0.45, 0.6), t.centre_y - t.by * u(0.2, 0.3), t.bx * u(0.08, 0.18))
     axes = (u(0.5, 0.65), t.by * u(0.42, 0.5), t.bx * u(0.3, 0.36))
@@ -406,7 +514,7 @@ def _paint_heart_and_vessels(cv: _Canvas, rng, t: _Torso) -> None:
     s, m = _tube(cv, paths[2], (t.spine_y - t.vb_r - 0.08, -u(0.12, 0.18)), u(0.06, 0.08),
                  (-2, t.diaphragm + 0.15), 0.03)
     if s is not None:
-        cv.paint(s, m, u(100, 140), 0)
+        cv.paint(s, m, cv.scan.enhanced("blood", u(100, 140)), 0)
 
 
 def _paint_spine(cv: _Canvas, rng, t: _Torso) -> None:
@@ -442,6 +550,8 @@ def make_phantom(
     seed: int,
     shape: tuple[int, int, int] = (64, 160, 160),
     spacing_zyx: tuple[float, float, float] = (2.5, 1.5, 1.5),
+    *,
+    vary: bool = False,
 ) -> Phantom:
     """Generate one CT phantom; the result is a deterministic function of the arguments.
 
@@ -449,6 +559,11 @@ def make_phantom(
         seed: random seed (any non-negative int).
         shape: ``(z, y, x)`` voxels.
         spacing_zyx: voxel size in mm; it sets the blur and noise correlation lengths in voxels.
+        vary: vary the scan as CT varies (:class:`_Scan`): patient size, position and pose (turned up
+            to 15 degrees, tilted up to 8), which stretch of the body the field of view covers, the
+            contrast phase (native, arterial, portal-venous, delayed), a missing spleen or kidney,
+            liver lesions, noise, sharpness and slice profile. The anatomy is the same as without.
+            Without: the anatomy fills the field of view, upright and centred, in portal-venous phase.
 
     Returns:
         A :class:`Phantom` with int16 HU and uint8 labels (:data:`LABEL_NAMES`).
@@ -459,23 +574,30 @@ def make_phantom(
         raise VolumeFusionError(f"phantom spacing_zyx {tuple(spacing_zyx)}: need three positive sizes in mm")
     spacing_zyx = tuple(float(s) for s in spacing_zyx)
     rng = np.random.default_rng(seed)
-    cv = _Canvas(tuple(int(n) for n in shape), spacing_zyx)
+    scan = _Scan.draw(seed) if vary else _Scan()
+    cv = _Canvas(tuple(int(n) for n in shape), spacing_zyx, scan)
     torso = _Torso.draw(rng)
     # later structures overwrite earlier ones where they overlap (HU and label alike)
     for paint in (_paint_body, _paint_muscles, _paint_lungs, _paint_abdomen, _paint_heart_and_vessels,
                   _paint_spine):
         paint(cv, rng, torso)
 
+    image, label = cv.image, cv.label
+    if scan.rotation or scan.tilt:
+        image, label = _turn(image, label, spacing_zyx, scan.rotation, scan.tilt)
+
     # Imaging: white noise blurred with the point-spread function together with the anatomy gives
-    # CT-like correlated noise of standard deviation noise_sd. PSF sigma: 0.9 mm in-plane; along z a
-    # slice profile about one slice wide.
-    psf = (0.45, 0.9 / spacing_zyx[1], 0.9 / spacing_zyx[2])  # voxels
-    noise_sd = rng.uniform(8, 20)
-    noise = rng.standard_normal(cv.image.shape, dtype=np.float32)
-    cv.image += noise * np.float32(noise_sd / _noise_gain(psf))
-    image = ndimage.gaussian_filter(cv.image, psf, truncate=3.0)
+    # CT-like correlated noise of standard deviation noise_sd. PSF sigma: 0.9 mm in-plane by default;
+    # along z a slice profile about one slice wide.
+    psf = (scan.psf_z, scan.psf_mm / spacing_zyx[1], scan.psf_mm / spacing_zyx[2])  # voxels
+    noise_sd = rng.uniform(8, 20)  # drawn either way: the anatomy's stream stays the same
+    if scan.noise_sd is not None:
+        noise_sd = scan.noise_sd
+    noise = rng.standard_normal(image.shape, dtype=np.float32)
+    image += noise * np.float32(noise_sd / _noise_gain(psf))
+    image = ndimage.gaussian_filter(image, psf, truncate=3.0)
     image = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
-    return Phantom(image=image, label=cv.label, spacing_zyx=spacing_zyx)
+    return Phantom(image=image, label=label, spacing_zyx=spacing_zyx, scan=scan.describe() if vary else {})
 
 
 def _noise_gain(sigma) -> float:
@@ -499,11 +621,11 @@ def _geometry(phantom: Phantom):
     return Geometry(shape, phantom.spacing_zyx, tuple(reversed(origin_zyx)))
 
 
-def _write_cases(image_dir: Path, label_dir: Path | None, seeds: Iterable[int], fmt: str, shape, spacing_zyx
-                 ) -> list[tuple[str, Path, Path | None]]:
+def _write_cases(image_dir: Path, label_dir: Path | None, seeds: Iterable[int], fmt: str, shape, spacing_zyx,
+                 vary: bool) -> list[tuple[str, Path, Path | None]]:
     written = []
     for seed in seeds:
-        phantom = make_phantom(int(seed), shape, spacing_zyx)
+        phantom = make_phantom(int(seed), shape, spacing_zyx, vary=vary)
         geometry = _geometry(phantom)
         name = f"phantom_{int(seed):04d}"
         image_path = image_dir / f"{name}.{fmt}"
@@ -524,6 +646,7 @@ def write_phantoms(
     *,
     shape: tuple[int, int, int] = (64, 160, 160),
     spacing_zyx: tuple[float, float, float] = (2.5, 1.5, 1.5),
+    vary: bool = False,
 ) -> list[Path]:
     """Write one phantom per seed as ``out_dir/images/phantom_<seed>.<fmt>`` (int16 HU).
 
@@ -532,13 +655,14 @@ def write_phantoms(
 
     Args:
         fmt: any extension :func:`volumefusion.io.write_image` knows (``nii.gz``, ``nrrd``, ``mha``...).
+        vary: vary the scans (:func:`make_phantom`).
 
     Returns:
         The image paths, in the order of ``seeds``.
     """
     out_dir = Path(out_dir)
     label_dir = out_dir / "labels" if with_labels else None
-    cases = _write_cases(out_dir / "images", label_dir, seeds, fmt.lstrip("."), shape, spacing_zyx)
+    cases = _write_cases(out_dir / "images", label_dir, seeds, fmt.lstrip("."), shape, spacing_zyx, vary)
     return [image for _, image, _ in cases]
 
 
@@ -549,15 +673,16 @@ def write_msd_dataset(
     *,
     shape: tuple[int, int, int] = (64, 160, 160),
     spacing_zyx: tuple[float, float, float] = (2.5, 1.5, 1.5),
+    vary: bool = False,
 ) -> Path:
     """Write labelled phantoms as a Medical Segmentation Decathlon / nnU-Net raw dataset.
 
     Layout: ``out_dir/dataset.json`` (``labels`` ``{"0": "background", ...}``, ``training`` entries
     ``{"image": "./imagesTr/<case>.nii.gz", "label": "./labelsTr/<case>.nii.gz"}``), ``imagesTr/``,
-    ``labelsTr/``. Returns ``out_dir``.
+    ``labelsTr/``; ``vary`` as in :func:`make_phantom`. Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
-    cases = _write_cases(out_dir / "imagesTr", out_dir / "labelsTr", seeds, "nii.gz", shape, spacing_zyx)
+    cases = _write_cases(out_dir / "imagesTr", out_dir / "labelsTr", seeds, "nii.gz", shape, spacing_zyx, vary)
     dataset = {
         "name": name,
         "description": "procedural CT phantoms (volumefusion.data.phantoms)",

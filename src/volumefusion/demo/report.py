@@ -1,8 +1,12 @@
 """The demo's report: ``report.md`` for people, ``report.json`` with every number for programs, and
 the pictures in ``figures/``.
 
-Numbers: a run's score is the mean over organs of its mean Dice over the held-out phantoms; each
-regime compares ``builtin`` and ``live`` with ``scratch`` seed by seed (:mod:`volumefusion.demo.stats`).
+Numbers: a run's score is the mean over organs of its mean Dice over the held-out phantoms. Each
+regime compares every arm with ``scratch`` seed by seed (the probes with each other), at the end of
+the fine-tuning budget and at the early readout (:mod:`volumefusion.demo.stats`). Before the test
+come its preconditions: the gate (can the built-in weights do their pretext task on phantoms they
+never saw?) and the headroom (do more labels help the model from scratch, so that there is a gain
+to be had?). Every path the report names is relative to the demo's folder.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -17,90 +22,183 @@ import numpy as np
 from volumefusion.checkpoint import load_checkpoint
 from volumefusion.config import to_dict
 from volumefusion.demo.data import DemoData
-from volumefusion.demo.results import PretrainResult, RunResult
-from volumefusion.demo.settings import ARMS, DemoSettings
+from volumefusion.demo.results import GateResult, PretrainResult, RunResult
+from volumefusion.demo.settings import ARM_TEXT, ARMS, DemoSettings
 from volumefusion.demo.stats import compare_paired
 from volumefusion.io import atomic_write_text, read_image
 from volumefusion.processes import cpu_count
 from volumefusion.viz import label_overlay, save_band_curves, save_curves, save_montage
 
-ARM_TEXT = {"scratch": "from scratch", "builtin": "built-in weights", "live": "live pretraining"}
+BASELINE = {arm: "scratch" for arm in ARMS} | {"probe_builtin": "probe_random"}
+"""The arm each arm is compared with, seed by seed (no entry for the baselines themselves)."""
+del BASELINE["scratch"], BASELINE["probe_random"]
+
+READOUT = {"final": "mean_dice", "early": "early_mean_dice"}
+VARIED = ", scans varied (size, pose, field of view, contrast phase, missing organs, lesions, noise)"
 
 
 def _f3(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
+    return "n/a" if x is None or x != x else f"{x:.3f}"
 
 
 def _p(p: float | None) -> str:
     return "n/a" if p is None else f"{p:.4f}"
 
 
+def _plural(n: int | str, word: str = "phantom") -> str:
+    return f"{n} labelled {word}{'s' if int(n) > 1 else ''}"
+
+
 def summarise(settings: DemoSettings, runs: list[RunResult]) -> dict:
-    """Per regime: mean Dice and per-organ Dice of each arm (means over seeds), per-seed mean Dice,
-    and the paired comparisons of ``builtin`` and ``live`` with ``scratch``."""
+    """Per regime: the arms run, mean Dice (final and early) and per-organ Dice of each arm (means over
+    seeds), per-seed mean Dice, and the paired comparisons of each arm with its baseline."""
     proto = settings.protocol
     out = {}
     for n in proto.labelled:
+        arms = [a for a in ARMS if a in (proto.arms if n == proto.primary else proto.other_arms)]
         per = {(r.seed, r.arm): r for r in runs if r.labelled == n}
-        seeds = [s for s in proto.seeds if all((s, a) in per for a in ARMS)]
+        seeds = [s for s in proto.seeds if all((s, a) in per for a in arms)]
         if not seeds:
             continue
-        organs = list(per[seeds[0], "scratch"].organ_dice)
-        by_seed = {a: [per[s, a].mean_dice for s in seeds] for a in ARMS}
-        regime = {
-            "seeds": seeds,
-            "mean_dice": {a: float(np.mean(by_seed[a])) for a in ARMS},
-            "sd_dice": {a: float(np.std(by_seed[a], ddof=1)) if len(seeds) > 1 else None for a in ARMS},
-            "seed_mean_dice": {a: dict(zip(map(str, seeds), by_seed[a])) for a in ARMS},
-            "organ_dice": {a: {o: float(np.mean([per[s, a].organ_dice[o] for s in seeds])) for o in organs}
-                           for a in ARMS},
-            "comparisons": {},
-        }
-        for arm in ("builtin", "live"):
-            c = compare_paired(by_seed["scratch"], by_seed[arm], alternative=proto.alternative,
-                               resamples=proto.bootstrap, seed=proto.bootstrap_seed)
-            regime["comparisons"][f"{arm} - scratch"] = c.to_dict()
+        regime = {"arms": arms, "seeds": seeds, "early_step": per[seeds[0], arms[0]].early_step}
+        for readout, attr in READOUT.items():
+            by_seed = {a: [getattr(per[s, a], attr) for s in seeds] for a in arms}
+            regime[readout] = {
+                "mean_dice": {a: float(np.mean(by_seed[a])) for a in arms},
+                "sd_dice": {a: float(np.std(by_seed[a], ddof=1)) if len(seeds) > 1 else None for a in arms},
+                "seed_mean_dice": {a: dict(zip(map(str, seeds), by_seed[a])) for a in arms},
+                "comparisons": {f"{a} - {BASELINE[a]}": compare_paired(
+                    by_seed[BASELINE[a]], by_seed[a], alternative=proto.alternative, resamples=proto.bootstrap,
+                    seed=proto.bootstrap_seed).to_dict() for a in arms if BASELINE.get(a) in arms},
+            }
+        organs = list(per[seeds[0], arms[0]].organ_dice)
+        regime["organ_dice"] = {a: {o: float(np.mean([per[s, a].organ_dice[o] for s in seeds])) for o in organs}
+                                for a in arms}
         out[str(n)] = regime
     return out
 
 
-def _verdict(settings: DemoSettings, summary: dict) -> tuple[str, dict]:
+def headroom(settings: DemoSettings, summary: dict) -> dict:
+    """From scratch: the primary regime against the full label set (the most labelled phantoms)."""
+    proto = settings.protocol
+    full, few = summary.get(str(max(proto.labelled))), summary.get(str(proto.primary))
+    if full is None or few is None or full is few:
+        return {}
+    full_mean, few_mean = full["final"]["mean_dice"]["scratch"], few["final"]["mean_dice"]["scratch"]
+    organs = full["organ_dice"]["scratch"]
+    held = {"gap": full_mean - few_mean >= proto.headroom_gap, "full": full_mean >= proto.headroom_full,
+            "organs": min(organs.values()) >= proto.headroom_organ}
+    return {"primary": proto.primary, "full": max(proto.labelled), "primary_mean": few_mean, "full_mean": full_mean,
+            "gap": full_mean - few_mean, "full_organs": organs, "held": held, "passed": all(held.values())}
+
+
+def _primary(settings: DemoSettings, summary: dict) -> dict:
     proto = settings.protocol
     regime = summary.get(str(proto.primary))
     if regime is None:
-        return "No complete seed in the primary regime.", {}
-    c = regime["comparisons"]["builtin - scratch"]
-    significant = (c["p_value"] is not None and c["p_value"] < proto.alpha and c["ci_low"] > 0)
-    primary = {"regime": proto.primary, "comparison": "builtin - scratch", "alternative": proto.alternative,
-               "alpha": proto.alpha, **c, "significant": significant}
-    m = regime["mean_dice"]
-    side = "one-sided, builtin better" if proto.alternative == "greater" else "two-sided"
-    text = (f"With {proto.primary} labelled phantom{'s' if proto.primary > 1 else ''}, fine-tuning from the "
-            f"built-in Volume Fusion weights reached a held-out mean Dice of {m['builtin']:.3f} against "
-            f"{m['scratch']:.3f} from scratch over {c['n']} seeds: paired difference {c['mean_difference']:+.3f} "
-            f"(95 % bootstrap interval {c['ci_low']:+.3f} to {c['ci_high']:+.3f}; Wilcoxon signed-rank p = "
-            f"{_p(c['p_value'])}, {side}; better on {c['wins']} of {c['n']} seeds). ")
-    text += ("By the protocol fixed in advance, this is a significant gain." if significant else
-             "By the protocol fixed in advance, this is not a significant gain.")
-    return text, primary
+        return {}
+    c = regime["final"]["comparisons"]["builtin - scratch"]
+    significant = c["p_value"] is not None and c["p_value"] < proto.alpha and c["ci_low"] > 0
+    return {"regime": proto.primary, "comparison": "builtin - scratch", "alternative": proto.alternative,
+            "alpha": proto.alpha, **c, "significant": significant,
+            "builtin": regime["final"]["mean_dice"]["builtin"], "scratch": regime["final"]["mean_dice"]["scratch"]}
+
+
+def _verdict(settings: DemoSettings, primary: dict) -> str:
+    proto = settings.protocol
+    if not primary:
+        return "No complete seed in the primary regime."
+    side = "one-sided, built-in better" if proto.alternative == "greater" else "two-sided"
+    c = primary
+    text = (f"With {_plural(proto.primary)}, fine-tuning from the built-in Volume Fusion weights reached a "
+            f"held-out mean Dice of {c['builtin']:.3f} against {c['scratch']:.3f} from scratch over {c['n']} seeds: "
+            f"paired difference {c['mean_difference']:+.3f} (95 % bootstrap interval {c['ci_low']:+.3f} to "
+            f"{c['ci_high']:+.3f}; Wilcoxon signed-rank p = {_p(c['p_value'])}, {side}; better on {c['wins']} of "
+            f"{c['n']} seeds). ")
+    return text + ("By the protocol fixed in advance, this is a significant gain." if c["significant"] else
+                   "By the protocol fixed in advance, this is not a significant gain.")
+
+
+def _comparison_row(name: str, c: dict, means: dict) -> str:
+    a, b = name.split(" - ")
+    return (f"| {ARM_TEXT[a]} vs {ARM_TEXT[b]} | {_f3(means[a])} | {_f3(means[b])} | {c['mean_difference']:+.3f} | "
+            f"{c['ci_low']:+.3f} to {c['ci_high']:+.3f} | {_p(c['p_value'])} | {c['wins']} of {c['n']} |")
+
+
+_COMPARISON_HEAD = ["| comparison | mean | baseline mean | difference | 95 % bootstrap interval | Wilcoxon p | "
+                    "better on |", "| --- | ---: | ---: | ---: | :---: | ---: | ---: |"]
+
+
+def _secondary(settings: DemoSettings, summary: dict) -> list[str]:
+    """Every comparison but the primary one: early readout, probes, control, live, other regimes."""
+    proto = settings.protocol
+    lines = _COMPARISON_HEAD.copy()
+    for n, regime in summary.items():
+        for readout in READOUT:
+            block = regime[readout]
+            for name, c in block["comparisons"].items():
+                if int(n) == proto.primary and readout == "final" and name == "builtin - scratch":
+                    continue
+                when = f"after {regime['early_step']} steps" if readout == "early" else "final"
+                row = _comparison_row(name, c, block["mean_dice"])
+                lines.append(row.replace("| ", f"| {_plural(n)}, {when}: ", 1))
+    return lines
+
+
+def _what_held(gate: GateResult, room: dict, summary: dict, primary: dict, settings: DemoSettings) -> list[str]:
+    """Which preconditions and controls held, and what that implies, for a non-significant result."""
+    regime = summary.get(str(settings.protocol.primary), {}).get("final", {}).get("comparisons", {})
+    probe, control = regime.get("probe_builtin - probe_random"), regime.get("control - scratch")
+    lines = [f"- Gate (the pretext is learned): {'held' if gate.passed else 'did not hold'} (mean {gate.mean:.3f}, "
+             f"lowest level {min(gate.levels.values()):.3f})."]
+    if room:
+        lines.append(f"- Headroom (labels limit the model from scratch): {'held' if room['passed'] else 'did not hold'}"
+                     f" (gap {room['gap']:+.3f}, full set {room['full_mean']:.3f}).")
+    if probe:
+        lines.append(f"- Frozen-encoder probe (the pretraining learned useful features): built-in minus random "
+                     f"encoder {probe['mean_difference']:+.3f} (interval {probe['ci_low']:+.3f} to "
+                     f"{probe['ci_high']:+.3f}).")
+    if control:
+        lines.append(f"- Positive control (the set-up detects transfer): control minus scratch "
+                     f"{control['mean_difference']:+.3f} (interval {control['ci_low']:+.3f} to "
+                     f"{control['ci_high']:+.3f}, p = {_p(control['p_value'])}).")
+    if primary.get("significant"):
+        return lines
+    detects = control is not None and control["ci_low"] > 0
+    features = probe is not None and probe["ci_low"] > 0
+    if not gate.passed:
+        lines.append("- So: the built-in weights have not learned their pretext; pretrain them longer before "
+                     "reading anything into the comparison.")
+    elif room and not room["passed"]:
+        lines.append("- So: the benchmark leaves too little room for any initialisation to gain.")
+    elif not detects:
+        lines.append("- So: this set-up did not detect even supervised transfer; it cannot show a gain of "
+                     "self-supervised pretraining either.")
+    elif features:
+        lines.append("- So: the encoder learned useful features and the set-up detects transfer, but fine-tuning "
+                     "the whole network did not turn them into a significant gain at this budget.")
+    else:
+        lines.append("- So: the set-up detects transfer, but the Volume Fusion features did not help here.")
+    return lines
 
 
 def _regime_tables(n: str, regime: dict) -> list[str]:
-    m, sd = regime["mean_dice"], regime["sd_dice"]
-    lines = [f"### {n} labelled training phantom{'s' if int(n) > 1 else ''}", "",
-             "| organ | " + " | ".join(ARM_TEXT[a] for a in ARMS) + " |", "| --- |" + " ---: |" * len(ARMS)]
-    for organ in regime["organ_dice"]["scratch"]:
-        lines.append(f"| {organ} | " + " | ".join(_f3(regime["organ_dice"][a][organ]) for a in ARMS) + " |")
+    arms, final = regime["arms"], regime["final"]
+    m, sd = final["mean_dice"], final["sd_dice"]
+    lines = [f"### {_plural(n, 'training phantom')}", "",
+             "| organ | " + " | ".join(ARM_TEXT[a] for a in arms) + " |", "| --- |" + " ---: |" * len(arms)]
+    for organ in regime["organ_dice"][arms[0]]:
+        lines.append(f"| {organ} | " + " | ".join(_f3(regime["organ_dice"][a][organ]) for a in arms) + " |")
     lines.append("| **mean** | " + " | ".join(f"**{_f3(m[a])}**" + (f" ± {sd[a]:.3f}" if sd[a] is not None else "")
-                                                for a in ARMS) + " |")
-    lines += ["", "Mean Dice per seed:", "", "| seed | " + " | ".join(ARMS) + " |", "| --- |" + " ---: |" * len(ARMS)]
+                                                for a in arms) + " |")
+    early = regime["early"]["mean_dice"]
+    lines.append(f"| mean after {regime['early_step']} steps | " + " | ".join(_f3(early[a]) for a in arms) + " |")
+    lines += ["", "Mean Dice per seed (final; after the early budget in brackets):", "",
+              "| seed | " + " | ".join(arms) + " |", "| --- |" + " ---: |" * len(arms)]
     for s in regime["seeds"]:
-        lines.append(f"| {s} | " + " | ".join(_f3(regime["seed_mean_dice"][a][str(s)]) for a in ARMS) + " |")
-    lines += ["", "| comparison | mean difference | 95 % bootstrap interval | Wilcoxon p | better on |",
-              "| --- | ---: | :---: | ---: | ---: |"]
-    for name, c in regime["comparisons"].items():
-        lines.append(f"| {name} | {c['mean_difference']:+.3f} | {c['ci_low']:+.3f} to {c['ci_high']:+.3f} | "
-                     f"{_p(c['p_value'])} | {c['wins']} of {c['n']} |")
+        lines.append(f"| {s} | " + " | ".join(f"{_f3(final['seed_mean_dice'][a][str(s)])} "
+                                              f"({_f3(regime['early']['seed_mean_dice'][a][str(s)])})"
+                                              for a in arms) + " |")
     return lines + [""]
 
 
@@ -115,14 +213,16 @@ def _curves_figure(settings: DemoSettings, runs: list[RunResult], path: Path) ->
                 length = min(len(c) for c in curves)
                 steps = [s for s, _ in curves[0][:length]]
                 group[ARM_TEXT[arm]] = (steps, np.array([[v for _, v in c[:length]] for c in curves]))
-        panels[f"{n} labelled phantom{'s' if n > 1 else ''}"] = group
+        panels[_plural(n)] = group
     return save_band_curves(path, panels, ylabel="validation mean Dice",
                             title="fine-tuning: mean over seeds, band = min to max")
 
 
-def _pretext_figure(pretraining: PretrainResult, path: Path) -> Path:
+def _pretext_figure(pretraining: PretrainResult, path: Path) -> Path | None:
     """Pretext validation Dice of the live pretraining, overall and per fusion level."""
     records = pretraining.validation
+    if not records:
+        return None
     levels = sorted(k for k in records[0] if k.startswith("val_dice_a"))
     series = {"mean": [(r["step"], r["val_score"]) for r in records]}
     series.update({k.removeprefix("val_dice_"): [(r["step"], r[k]) for r in records] for k in levels})
@@ -132,129 +232,168 @@ def _pretext_figure(pretraining: PretrainResult, path: Path) -> Path:
 def _predictions_figure(out: Path, data: DemoData, settings: DemoSettings, path: Path) -> Path:
     """Two held-out phantoms: image, truth and each arm's prediction (first seed, primary regime)."""
     seed, n = settings.protocol.seeds[0], settings.protocol.primary
+    arms = [a for a in ARMS if a in settings.protocol.arms]
     cases = sorted(p.name for p in data.test_labels.glob("*.nii.gz"))[:2]
-    rows: dict[str, list] = {"image": [], "truth": [], **{ARM_TEXT[a]: [] for a in ARMS}}
+    rows: dict[str, list] = {"image": [], "truth": [], **{ARM_TEXT[a]: [] for a in arms}}
     columns = []
     for case in cases:
         image, _ = read_image(data.test_images / case)
         truth, _ = read_image(data.test_labels / case)
         preds = {a: read_image(out / "runs" / f"{n}labelled" / f"seed{seed}" / a / "predictions" / case)[0]
-                 for a in ARMS}
+                 for a in arms}
         for frac in (0.3, 0.7):  # one slice through the abdomen, one through the chest
             z = int(round(frac * (image.shape[0] - 1)))
             columns.append(f"{case.removesuffix('.nii.gz')}, z={z}")
             rows["image"].append(np.clip((image[z] + 200) / 500, 0, 1))
             rows["truth"].append(label_overlay(image[z], truth[z], 0.5, (-200, 300)))
-            for a in ARMS:
+            for a in arms:
                 rows[ARM_TEXT[a]].append(label_overlay(image[z], preds[a][z], 0.5, (-200, 300)))
     names = [data.label_names.get(i, str(i)) for i in range(max(data.label_names) + 1)]
     return save_montage(path, [(k, v, "image") for k, v in rows.items()], col_titles=columns, window=(0, 1),
                         label_names=names, cell=1.9,
-                        title=f"held-out phantoms, {n} labelled, seed {seed} (window -200..300 HU)")
+                        title=f"held-out phantoms, {_plural(n)}, seed {seed} (window -200..300 HU)")
 
 
 def _builtin_card(path: Path) -> dict:
     """What the built-in checkpoint says about itself (its ``card``, written with the weights)."""
     ckpt = load_checkpoint(path)
-    return {"path": str(path), "step": ckpt.get("step"), **(ckpt.get("card") or {})}
+    return {"step": ckpt.get("step"), **(ckpt.get("card") or {})}
 
 
-def write_report(out: Path, settings: DemoSettings, data: DemoData, pretraining: PretrainResult,
-                 runs: list[RunResult], builtin: Path, *, device: str, quick: bool, workers: int,
-                 seconds: float, expected: float) -> Path:
+def _tried() -> list[str]:
+    """The table of what was tried on the way to this protocol (shipped beside the settings)."""
+    text = resources.files("volumefusion.demo").joinpath("tried.md")
+    return text.read_text().strip().splitlines() + [""] if text.is_file() else []
+
+
+def _relative(path: Path, out: Path) -> str:
+    return str(path.relative_to(out)) if path.is_relative_to(out) else str(path)
+
+
+def write_report(out: Path, settings: DemoSettings, data: DemoData, gate: GateResult,
+                 pretraining: dict[str, PretrainResult], runs: list[RunResult], builtin: Path, *, device: str,
+                 quick: bool, workers: int, seconds: float, expected: float) -> Path:
     """``out/report.md``, ``out/report.json`` and ``out/figures/*.png``; returns the report's path."""
     figures = out / "figures"
     summary = summarise(settings, runs)
-    verdict, primary = _verdict(settings, summary)
+    primary = _primary(settings, summary)
+    room = headroom(settings, summary)
     _curves_figure(settings, runs, figures / "finetune_curves.png")
-    _pretext_figure(pretraining, figures / "pretext_curves.png")
+    live = pretraining.get("live")
+    if live and _pretext_figure(live, figures / "pretext_curves.png") and (live.run_dir / "progress.png").is_file():
+        shutil.copyfile(live.run_dir / "progress.png", figures / "pretrain_progress.png")
     _predictions_figure(out, data, settings, figures / "predictions.png")
-    if (pretraining.run_dir / "progress.png").is_file():
-        shutil.copyfile(pretraining.run_dir / "progress.png", figures / "pretrain_progress.png")
     card = _builtin_card(builtin)
-    live_last = pretraining.validation[-1] if pretraining.validation else {}
     p, proto = settings.phantoms, settings.protocol
-    ft, pt = settings.finetune_run_config(), settings.pretrain_run_config()
+    ft, ft_pre, pt = (settings.finetune_run_config("scratch"), settings.finetune_run_config("builtin"),
+                      settings.pretrain_run_config())
+    control_cfg = settings.control_run_config()
     results = {
         "quick": quick, "device": device, "workers": workers, "cpu_cores": cpu_count(),
         "seconds": seconds, "expected_seconds": expected,
-        "settings": to_dict(settings), "primary": primary, "regimes": summary,
-        "pretraining": {"builtin": card, "live": {"seconds": pretraining.seconds, "steps": pt.run.max_steps,
-                                                   "validation": pretraining.validation}},
+        "settings": to_dict(settings), "gate": gate.to_dict(), "headroom": room, "primary": primary,
+        "regimes": summary,
+        "pretraining": {"builtin": card, **{k: {"seconds": v.seconds, "steps": v.steps, "validation": v.validation}
+                                            for k, v in pretraining.items()}},
         "runs": [r.to_dict() for r in runs],
     }
     atomic_write_text(out / "report.json", json.dumps(results, indent=1) + "\n")
 
-    level_text = ", ".join(f"{k.removeprefix('val_dice_')} {v:.2f}" for k, v in live_last.items()
-                           if k.startswith("val_dice_a"))
-    builtin_pretext = card.get("pretext_dice") or {}
+    rel = {k: _relative(v, out) for k, v in (("dataset", data.dataset), ("split", data.split(proto.primary,
+                                                                                              proto.seeds[0])))}
     lines = [
         f"# volumefusion demo report{' (--quick: a smoke run, too short to mean anything)' if quick else ''}",
         "",
-        f"**Result.** {verdict}",
+        f"**Result.** {_verdict(settings, primary)}",
         "",
+        "## Preconditions",
+        "",
+        f"**Gate: is the pretext learned?** Pretext Dice of `{proto.builtin}` on {gate.samples} fused crops of "
+        f"{gate.phantoms} phantoms no pretraining saw (its own crop size and fusion settings); the gate asks for a "
+        f"mean of at least {gate.mean_floor} and no fusion level below {gate.level_floor}: "
+        f"**{'passed' if gate.passed else 'not passed'}**.",
+        "",
+        "| fusion level | " + " | ".join(f"{k} (alpha {int(k[1:]) / (len(gate.levels) - 1):.2f})"
+                                         for k in gate.levels) + " | mean |",
+        "| --- |" + " ---: |" * (len(gate.levels) + 1),
+        "| pretext Dice | " + " | ".join(f"{v:.3f}" for v in gate.levels.values()) + f" | **{gate.mean:.3f}** |",
+        "",
+    ]
+    if room:
+        lines += [
+            f"**Headroom: is there room for a gain?** From scratch, {_plural(room['primary'])} reached "
+            f"{room['primary_mean']:.3f} and the full set of {room['full']} reached {room['full_mean']:.3f}: a gap of "
+            f"{room['gap']:+.3f} (asked: at least {proto.headroom_gap}), the full set at least "
+            f"{proto.headroom_full} ({'yes' if room['held']['full'] else 'no'}) with every organ at least "
+            f"{proto.headroom_organ} (lowest {min(room['full_organs'].values()):.3f}, "
+            f"{'yes' if room['held']['organs'] else 'no'}): **{'passed' if room['passed'] else 'not passed'}**.",
+            "",
+        ]
+    lines += ["## The pre-registered test", "", *_COMPARISON_HEAD]
+    if primary:
+        regime = summary[str(proto.primary)]["final"]
+        lines.append(_comparison_row("builtin - scratch", regime["comparisons"]["builtin - scratch"],
+                                     regime["mean_dice"]))
+    lines += ["", "## Secondary readouts (reported without a claim)", "", *_secondary(settings, summary), "",
+              "## What held", "", *_what_held(gate, room, summary, primary, settings), ""]
+    lines += [
         "## Protocol (fixed in the demo settings before any result)",
         "",
-        f"- Arms: fine-tuning {', '.join(ARM_TEXT[a] for a in ARMS)} (`{proto.builtin}`, and "
-        f"{pt.run.max_steps} steps of Volume Fusion pretraining run by this demo); same config, seed, data order "
-        "and augmentation; only the starting weights differ.",
-        f"- Regimes: {', '.join(map(str, proto.labelled))} labelled training phantom(s); seeds "
-        f"{list(proto.seeds)}; every run is scored on the same {p.test} held-out phantoms (mean over organs of "
-        "the per-organ Dice averaged over phantoms), with the `best.pt` chosen on the validation phantom.",
+        f"- Arms ({_plural(proto.primary)}): {', '.join(ARM_TEXT[a] for a in proto.arms)}; other regimes: "
+        f"{', '.join(ARM_TEXT[a] for a in proto.other_arms)}. Within a regime and seed every arm sees the same "
+        "labelled phantoms, seed, data order and augmentation; they differ in their starting weights and "
+        "recipe (scratch or pretrained).",
+        f"- Regimes: {', '.join(map(str, proto.labelled))} labelled training phantom(s) of {p.train}; which "
+        f"ones are labelled is drawn from the seed. Seeds {list(proto.seeds)}. Every run is scored on the same "
+        f"{p.test} held-out phantoms (mean over organs of the per-organ Dice averaged over phantoms), with its "
+        f"final weights (after {ft.run.max_steps} steps) and, as the early readout, after "
+        f"{summary.get(str(proto.primary), {}).get('early_step', '?')} steps.",
         f"- Test: paired Wilcoxon signed-rank, exact, alternative `{proto.alternative}`, of builtin - scratch "
-        f"mean Dice with {proto.primary} labelled phantom(s), at level {proto.alpha}; 95 % percentile bootstrap "
+        f"mean Dice with {_plural(proto.primary)}, at level {proto.alpha}; 95 % percentile bootstrap "
         f"interval of the mean paired difference ({proto.bootstrap} resamples, seed {proto.bootstrap_seed}). "
         "The other comparisons are reported without a claim.",
         "",
         "## Setup",
         "",
-        f"- Phantoms: {list(p.shape)} voxels (z, y, x) at {list(p.spacing_zyx)} mm, a whole torso per crop; "
+        f"- Phantoms: {list(p.shape)} voxels (z, y, x) at {list(p.spacing_zyx)} mm{VARIED if p.vary else ''}; "
         f"classes: {', '.join(list(data.label_names.values())[1:])} (left and right lungs and kidneys are one "
-        "class each). Seeds: training 2000+, validation 2500+, test 3000+.",
-        f"- Network: PCT-Net, feature channels {list(ft.model.feature_channels)}, crop {list(ft.data.crop_size)}, "
-        f"HU window {list(ft.data.hu_window)}, batch {ft.run.batch_size}.",
-        f"- Built-in weights: `{proto.builtin}` ({card.get('steps', card.get('step'))} steps of Volume Fusion on "
-        f"{card.get('pool', 'an unlabelled pool')}; pretext validation Dice "
-        f"{_f3(builtin_pretext.get('mean'))}; docs/weights.md).",
-        f"- Live pretraining: {pt.run.max_steps} steps on {p.pool} phantoms (seeds 1000+)"
-        f"{' + the slicerio chest CT' if data.chest_ct else ''} in {pretraining.seconds:.0f} s; pretext "
-        f"validation Dice {_f3(live_last.get('val_score'))} ({level_text}).",
-        f"- Fine-tuning: {ft.run.max_steps} steps, lr {ft.optim.lr} ({ft.optim.schedule}, warm-up "
-        f"{ft.optim.warmup_steps}), foreground ratio {ft.finetune.foreground_ratio}.",
+        f"class each). Seeds (+ offset {p.seed_offset}): training 2000+, validation 2500+, test 3000+, control "
+        "4000+, gate 9000+.",
+        f"- Network: PCT-Net, feature channels {list(ft.model.feature_channels)}, fine-tuning crop "
+        f"{list(ft.data.crop_size)}, HU window {list(ft.data.hu_window)}, batch {ft.run.batch_size}.",
+        f"- Built-in weights: `{proto.builtin}` ({card.get('steps', card.get('step'))} steps of Volume Fusion; "
+        "docs/weights.md).",
+        f"- Recipes: scratch lr {ft.optim.lr} ({ft.optim.schedule}, warm-up {ft.optim.warmup_steps}); "
+        f"pretrained lr {ft_pre.optim.lr} ({ft_pre.optim.schedule}, warm-up {ft_pre.optim.warmup_steps}, encoder "
+        f"held for {ft_pre.finetune.freeze_encoder_steps} steps); probes: encoder held for the whole run; "
+        f"positive control: {control_cfg.run.max_steps} steps of supervised training on {p.control - 1} control "
+        "phantoms, then the pretrained recipe.",
         f"- Machine: {platform.machine()}, {cpu_count()} CPU core(s), device {device}, {workers} process(es); "
         f"total {seconds / 60:.1f} min (expected {expected / 60:.1f} min).",
         "",
-        "## Dice on the held-out phantoms",
+        "## Dice on the held-out phantoms, every seed",
         "",
     ]
     for n, regime in summary.items():
         lines += _regime_tables(n, regime)
-    lines += [
-        "## Learning curves",
-        "",
-        "![fine-tuning curves](figures/finetune_curves.png)",
-        "",
-        "## Live pretraining",
-        "",
-        "![pretext curves](figures/pretext_curves.png)",
-        "",
-        "## Predictions",
-        "",
-        "![predictions](figures/predictions.png)",
-        "",
-        "## Files",
-        "",
-        "`report.json` holds every number above and every run's Dice per organ and phantom; "
-        "`configs/{pretrain,finetune}.yaml` the resolved configs; `runs/<n>labelled/seed<S>/<arm>/` each run. "
-        "Rerun one by hand:",
-        "",
-        "```bash",
-        f"volumefusion finetune -c {out}/configs/finetune.yaml --data {data.dataset} "
-        f"--split {data.splits[proto.primary]} --seed {proto.seeds[0]} --pretrained {proto.builtin} "
-        f"--out {out}/rerun",
-        "```",
-        "",
-    ]
+    lines += ["## Learning curves", "", "![fine-tuning curves](figures/finetune_curves.png)", ""]
+    if live:
+        last = live.validation[-1] if live.validation else {}
+        lines += ["## Live pretraining", "",
+                  f"{pt.run.max_steps} steps on {p.pool} phantoms{' + the slicerio chest CT' if data.chest_ct else ''} "
+                  f"in {live.seconds:.0f} s; pretext validation Dice {_f3(last.get('val_score'))}.", "",
+                  "![pretext curves](figures/pretext_curves.png)", ""]
+    lines += ["## Predictions", "", "![predictions](figures/predictions.png)", "", *_tried(),
+              "## Files", "",
+              "`report.json` holds every number above and every run's Dice per organ and phantom; `configs/` the "
+              "resolved configs of each recipe; `runs/<n>labelled/seed<S>/<arm>/` each run; `gate.json` the gate. "
+              "Rerun one run by hand, from the demo folder:",
+              "",
+              "```bash",
+              f"volumefusion finetune -c configs/finetune_pretrained.yaml --data {rel['dataset']} "
+              f"--split {rel['split']} --seed {proto.seeds[0]} --pretrained {proto.builtin} --out rerun",
+              "```",
+              ""]
     report = out / "report.md"
     atomic_write_text(report, "\n".join(lines))
     return report

@@ -1,9 +1,13 @@
-"""Running the demo: the live pretraining and the fine-tuning runs, scheduled over processes.
+"""Running the demo: the gate, the pretraining stages and the fine-tuning runs, scheduled over processes.
 
 Each fine-tuning run (:class:`FinetuneJob`) fine-tunes with :func:`volumefusion.train.runs.finetune`,
-then segments the held-out phantoms with its ``best.pt`` (:func:`volumefusion.infer.predict_files`)
-and scores them (:func:`volumefusion.evaluate.evaluate_folders`). On a CPU the runs go to one process per
-core (each with its own torch threads), the live pretraining among them; on a GPU one after another.
+then segments the held-out phantoms with its final weights, and with its weights after the early
+budget (:func:`volumefusion.infer.predict_files`), and scores them
+(:func:`volumefusion.evaluate.evaluate_folders`). On a CPU the runs go to one process per core (each
+with its own torch threads), the pretraining stages among them; on a GPU one after another.
+
+Every stage leaves its result as JSON beside its files; rerunning the same command in the same
+folder picks up what was finished and redoes only what was not.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +26,12 @@ import numpy as np
 import torch
 
 from volumefusion import VolumeFusionError
-from volumefusion.config import load, save
-from volumefusion.data.store import Store
+from volumefusion.checkpoint import load_checkpoint, save_checkpoint
+from volumefusion.config import Config, from_dict, load, save, to_dict
 from volumefusion.demo.data import DemoData, make_data
 from volumefusion.demo.report import write_report
-from volumefusion.demo.results import DemoResult, PretrainResult, RunResult
-from volumefusion.demo.settings import ARMS, DemoSettings, load_settings
+from volumefusion.demo.results import DemoResult, GateResult, PretrainResult, RunResult
+from volumefusion.demo.settings import PROBE_ARMS, DemoSettings, load_settings
 from volumefusion.device import resolve_device
 from volumefusion.evaluate import evaluate_folders
 from volumefusion.infer import predict_files
@@ -35,44 +41,49 @@ from volumefusion.nets import build_model, main_output
 from volumefusion.nets.weights import resolve_weights
 from volumefusion.processes import cpu_count, worker_pool
 from volumefusion.train.logging import read_metrics
-from volumefusion.train.runs import finetune, pretrain
+from volumefusion.train.runs import evaluate_pretext, finetune, pretrain
 
 log = get_logger(__name__)
 
-RUN_OVERHEAD_STEPS = 20
+RUN_OVERHEAD_STEPS = 30
+MARKER = "demo.json"
+"""The file that makes a folder a demo's (its settings): a rerun with the same settings resumes there."""
 
 
 @dataclass(frozen=True)
 class FinetuneJob:
     """One fine-tuning run and its evaluation on the held-out phantoms (picklable: it may run in a
-    worker process)."""
+    worker process). ``needs``: the pretraining stage (``live`` or ``control``) whose weights it
+    starts from, which must finish first."""
 
     seed: int
     arm: str
     labelled: int
     run_dir: Path
     config: Path
-    overrides: tuple[str, ...]
+    split: Path
     dataset: Path
     pretrained: Path | None
     test_images: Path
     test_labels: Path
     label_names: dict[int, str]
     device: str
+    early_step: int
+    needs: str | None = None
 
 
 def evaluate_checkpoint(checkpoint: Path, images: Path, labels: Path, label_names: dict[int, str],
-                        device: str, run_dir: Path) -> dict[str, dict[str, float]]:
+                        device: str, into: Path) -> dict[str, dict[str, float]]:
     """``{organ: {case: Dice}}`` of ``checkpoint`` on the held-out phantoms: their label maps go to
-    ``run_dir/predictions/`` (:func:`volumefusion.infer.predict_files`), every metric to
-    ``run_dir/metrics.csv`` (:func:`volumefusion.evaluate.evaluate_folders`)."""
-    predicted = predict_files(checkpoint, [images], run_dir / "predictions", device=device)
+    ``into/predictions/`` (:func:`volumefusion.infer.predict_files`), every metric to
+    ``into/metrics.csv`` (:func:`volumefusion.evaluate.evaluate_folders`)."""
+    predicted = predict_files(checkpoint, [images], into / "predictions", device=device)
     if predicted.failed:
         raise VolumeFusionError(f"{checkpoint}: prediction failed: {predicted.format()}")
     organs = {v: n for v, n in label_names.items() if v}
-    evaluate_folders(run_dir / "predictions", labels, run_dir / "metrics.csv", organs, tolerance_mm=1.0)
+    evaluate_folders(into / "predictions", labels, into / "metrics.csv", organs, tolerance_mm=1.0)
     dice: dict[str, dict[str, float]] = {name: {} for name in organs.values()}
-    with open(run_dir / "metrics.csv", newline="") as f:
+    with open(into / "metrics.csv", newline="") as f:
         for row in csv.DictReader(f):
             dice[row["label"]][row["case"]] = float(row["dice"])
     return dice
@@ -85,31 +96,116 @@ def _worker_setup(threads: int | None, verbosity: int | None) -> None:
         setup(verbosity)
 
 
+def _finished(result, what: str, run_dir: Path) -> None:
+    """An interrupted stage (a signal reached its process) must not pass for a finished one."""
+    if result.interrupted:
+        raise VolumeFusionError(f"{what} stopped at step {result.step} ({result.interrupted}) in {run_dir}; "
+                                "rerun the same demo command to resume (finished runs are kept)")
+
+
+def _fresh(run_dir: Path) -> None:
+    """A stage without its result file did not finish: start it again from nothing."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+
+
 def run_job(job: FinetuneJob, threads: int | None = None, verbosity: int | None = None) -> RunResult:
-    """Fine-tune, then score ``best.pt`` on the held-out phantoms. ``threads``/``verbosity``: torch
+    """Fine-tune, then score the final weights and those after ``early_step`` steps on the held-out
+    phantoms; a run whose ``result.json`` exists is not run again. ``threads``/``verbosity``: torch
     threads and log level (:func:`volumefusion.log.setup`) to set first, in a worker process."""
+    done = job.run_dir / "result.json"
+    if done.is_file():
+        return RunResult.from_dict(json.loads(done.read_text()))
     _worker_setup(threads, verbosity)
+    _fresh(job.run_dir)
     t0 = time.perf_counter()
-    result = finetune([str(job.config)], list(job.overrides), job.dataset, job.run_dir, job.pretrained)
+    overrides = [f"run.device={job.device}", f"run.seed={job.seed}", f"finetune.split_file={job.split}"]
+    result = finetune([str(job.config)], overrides, job.dataset, job.run_dir, job.pretrained)
+    _finished(result, f"fine-tuning ({job.labelled} labelled, seed {job.seed}, {job.arm})", job.run_dir)
     seconds = time.perf_counter() - t0
-    dice = evaluate_checkpoint(job.run_dir / "checkpoints" / "best.pt", job.test_images, job.test_labels,
-                               job.label_names, job.device, job.run_dir)
+    checkpoints = job.run_dir / "checkpoints"
+    score = [job.test_images, job.test_labels, job.label_names, job.device]
+    dice = evaluate_checkpoint(checkpoints / "latest.pt", *score, job.run_dir)
+    early = evaluate_checkpoint(checkpoints / f"step_{job.early_step:08d}.pt", *score, job.run_dir / "early")
+    for numbered in checkpoints.glob("step_*.pt"):  # scored; latest.pt stays for predict
+        numbered.unlink()
     curve = [(int(r["step"]), float(r["val_score"])) for r in read_metrics(job.run_dir / "metrics.jsonl")
              if "val_score" in r]
-    run = RunResult(job.seed, job.arm, job.labelled, seconds, result.best_score, dice, curve)
+    run = RunResult(job.seed, job.arm, job.labelled, seconds, result.best_score, dice, job.early_step, early, curve)
     # beside the run's own files, so an interrupted demo still leaves every finished run's scores
-    atomic_write_text(job.run_dir / "result.json", json.dumps(run.to_dict(), indent=1) + "\n")
+    atomic_write_text(done, json.dumps(run.to_dict(), indent=1) + "\n")
     return run
+
+
+def _stage_result(run_dir: Path, seconds: float, steps: int) -> PretrainResult:
+    result = PretrainResult(run_dir, seconds, steps,
+                            [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_score" in r])
+    atomic_write_text(run_dir / "result.json", json.dumps({"seconds": seconds, "steps": steps}) + "\n")
+    return result
+
+
+def _stage_done(run_dir: Path) -> PretrainResult | None:
+    done = run_dir / "result.json"
+    if not done.is_file():
+        return None
+    d = json.loads(done.read_text())
+    return PretrainResult(run_dir, d["seconds"], d["steps"],
+                          [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_score" in r])
 
 
 def run_pretraining(config: Path, overrides: tuple[str, ...], store: Path, run_dir: Path,
                     threads: int | None = None, verbosity: int | None = None) -> PretrainResult:
     """The live Volume Fusion pretraining (``threads``/``verbosity`` as in :func:`run_job`)."""
+    finished = _stage_done(run_dir)
+    if finished:
+        return finished
     _worker_setup(threads, verbosity)
+    _fresh(run_dir)
     t0 = time.perf_counter()
-    pretrain(load([config], list(overrides)), store, run_dir)
-    return PretrainResult(run_dir, time.perf_counter() - t0,
-                          [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_score" in r])
+    result = pretrain(load([config], list(overrides)), store, run_dir)
+    _finished(result, "the live pretraining", run_dir)
+    return _stage_result(run_dir, time.perf_counter() - t0, result.step)
+
+
+def run_control(config: Path, overrides: tuple[str, ...], dataset: Path, split: Path, run_dir: Path,
+                threads: int | None = None, verbosity: int | None = None) -> PretrainResult:
+    """The positive control's supervised pretraining: a network trained from scratch with every label
+    of the control phantoms (``threads``/``verbosity`` as in :func:`run_job`)."""
+    finished = _stage_done(run_dir)
+    if finished:
+        return finished
+    _worker_setup(threads, verbosity)
+    _fresh(run_dir)
+    t0 = time.perf_counter()
+    result = finetune([str(config)], [*overrides, f"finetune.split_file={split}"], dataset, run_dir, None)
+    _finished(result, "the positive control's supervised pretraining", run_dir)
+    return _stage_result(run_dir, time.perf_counter() - t0, result.step)
+
+
+def measure_gate(settings: DemoSettings, builtin: Path, store: Path, device: str, out: Path) -> GateResult:
+    """The pretext Dice of the built-in weights on the gate's unseen phantoms (kept in ``out``)."""
+    if out.is_file():
+        return GateResult.from_dict(json.loads(out.read_text()))
+    proto = settings.protocol
+    metrics = evaluate_pretext(builtin, store, samples=proto.gate_samples, seed=0, device=device)
+    levels = {k.removeprefix("dice_"): v for k, v in metrics.items() if k.startswith("dice_a")}
+    gate = GateResult(levels, metrics["score"], proto.gate_mean, proto.gate_level, proto.gate_samples,
+                      settings.phantoms.gate)
+    atomic_write_text(out, json.dumps(gate.to_dict(), indent=1) + "\n")
+    return gate
+
+
+def write_random_encoder(builtin: Path, path: Path) -> Path:
+    """A checkpoint like the built-in one but with freshly initialised weights (seed 0): the start of
+    the ``probe_random`` arm, so both probes load, freeze and train exactly alike."""
+    if path.is_file():
+        return path
+    ckpt = load_checkpoint(builtin)
+    torch.manual_seed(0)
+    model = build_model(from_dict(ckpt["config"]).model, int(ckpt["task"]["num_classes"]))
+    save_checkpoint(path, {**ckpt, "model": model.state_dict(), "step": 0,
+                           "card": {"weights": "random initialisation (torch seed 0), not pretrained"}})
+    return path
 
 
 def plan_workers(device: str, workers: int | None, jobs: int) -> tuple[int, int | None]:
@@ -148,19 +244,43 @@ def _verbosity() -> int:
     return 1 if level <= logging.DEBUG else -1 if level >= logging.WARNING else 0
 
 
-def make_jobs(settings: DemoSettings, data: DemoData, out: Path, finetune_yaml: Path, builtin: Path,
-              live: Path, device: str) -> list[FinetuneJob]:
-    """Every fine-tuning run: regime x seed x arm, the arms of one seed and regime identical but for
-    the starting weights."""
+def early_step(cfg: Config, fraction: float) -> int:
+    """The step of the early readout: ``fraction`` of the run, at least 1."""
+    return max(1, round(cfg.run.max_steps * fraction))
+
+
+def write_configs(settings: DemoSettings, folder: Path) -> dict[str, Path]:
+    """Each fine-tuning recipe (scratch, pretrained, probe) and the pretraining stages' configs as
+    YAML files in ``folder``; the fine-tuning configs also keep the numbered checkpoint of the early
+    readout."""
+    early = early_step(settings.finetune_run_config(), settings.protocol.early_fraction)
+    paths = {}
+    for name, arm in (("scratch", "scratch"), ("pretrained", "builtin"), ("probe", "probe_builtin")):
+        cfg = settings.finetune_run_config(arm)
+        cfg.run.checkpoint_every, cfg.run.keep_last = early, cfg.run.max_steps // early + 1
+        paths[name] = folder / f"finetune_{name}.yaml"
+        save(cfg, paths[name])
+    for name, cfg in (("pretrain", settings.pretrain_run_config()), ("control", settings.control_run_config())):
+        paths[name] = folder / f"{name}.yaml"
+        save(cfg, paths[name])
+    return paths
+
+
+def make_jobs(settings: DemoSettings, data: DemoData, out: Path, configs: dict[str, Path],
+              starts: dict[str, Path], device: str) -> list[FinetuneJob]:
+    """Every fine-tuning run: regime x seed x arm, the arms of one seed and regime alike but for the
+    starting weights and their recipe (scratch or pretrained; the probes hold the encoder still)."""
+    proto = settings.protocol
+    early = early_step(settings.finetune_run_config(), proto.early_fraction)
     jobs = []
-    for n in settings.protocol.labelled:
-        for seed in settings.protocol.seeds:
-            for arm in ARMS:
-                overrides = (f"run.device={device}", f"run.seed={seed}", f"finetune.split_file={data.splits[n]}")
+    for n in proto.labelled:
+        for seed in proto.seeds:
+            for arm in proto.arms if n == proto.primary else proto.other_arms:
+                recipe = "scratch" if arm == "scratch" else "probe" if arm in PROBE_ARMS else "pretrained"
                 jobs.append(FinetuneJob(seed, arm, n, out / "runs" / f"{n}labelled" / f"seed{seed}" / arm,
-                                        finetune_yaml, overrides, data.dataset,
-                                        {"scratch": None, "builtin": builtin, "live": live}[arm],
-                                        data.test_images, data.test_labels, data.label_names, device))
+                                        configs[recipe], data.split(n, seed), data.dataset, starts.get(arm),
+                                        data.test_images, data.test_labels, data.label_names, device, early,
+                                        arm if arm in ("live", "control") else None))
     return jobs
 
 
@@ -182,105 +302,145 @@ class _Progress:
                  r.labelled, r.seed, r.arm, r.mean_dice, r.seconds, left)
 
 
+def claim_folder(out: Path, settings: DemoSettings) -> bool:
+    """Make ``out`` this demo's folder: True when it holds an earlier run of the same settings (to
+    resume), False when new; VolumeFusionError for a folder holding anything else, which the demo
+    would otherwise overwrite."""
+    marker = out / MARKER
+    mine = json.dumps(to_dict(settings), sort_keys=True)
+    if marker.is_file():
+        theirs = json.dumps(json.loads(marker.read_text()).get("settings"), sort_keys=True)
+        if theirs != mine:
+            raise VolumeFusionError(f"{out} holds a demo with other settings; remove it or choose another --out")
+        return True
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise VolumeFusionError(f"{out} is not empty and holds no demo of this version (no {MARKER}); the demo "
+                                "writes many files there: choose an empty or new folder for --out")
+    check_writable_folder(out, "--out")
+    atomic_write_text(marker, json.dumps({"settings": to_dict(settings)}, indent=1) + "\n")
+    return False
+
+
 def run_demo(out: str | Path = "vf-demo", *, quick: bool = False, seeds: list[int] | None = None,
              device: str = "auto", config: str | Path | None = None, workers: int | None = None
              ) -> DemoResult:
     """Run the whole demo into ``out`` and write its report; see :mod:`volumefusion.demo`.
 
-    ``workers``: processes (default: one per CPU core; one on a GPU).
+    ``workers``: processes (default: one per CPU core; one on a GPU). A folder that holds an
+    unfinished demo of the same settings is resumed: finished runs are kept.
     """
     settings = load_settings(config, quick, seeds)
-    out = Path(out).resolve()
-    if (out / "report.md").exists() or (out / "runs").exists():
-        raise VolumeFusionError(f"{out} holds an earlier demo; remove it or choose another --out")
-    check_writable_folder(out, "--out")
+    if workers is not None and workers < 1:
+        raise VolumeFusionError(f"--workers {workers}: give a number of processes >= 1 (or leave it out)")
     resolve_device(device)
     builtin = resolve_weights(settings.protocol.builtin)
+    out = Path(out).resolve()
+    resumed = claim_folder(out, settings)
+    proto = settings.protocol
+    arms = set(proto.arms) | (set(proto.other_arms) if len(proto.labelled) > 1 else set())
     pretrain_cfg, finetune_cfg = settings.pretrain_run_config(), settings.finetune_run_config()
-    n_jobs = len(settings.protocol.labelled) * len(settings.protocol.seeds) * len(ARMS)
+    control_cfg = settings.control_run_config()
+    configs = write_configs(settings, out / "configs")
+    stage_steps = ((pretrain_cfg.run.max_steps if "live" in arms else 0)
+                   + (control_cfg.run.max_steps if "control" in arms else 0))
+    n_jobs = sum(len(proto.arms if n == proto.primary else proto.other_arms) for n in proto.labelled) \
+        * len(proto.seeds)
     n_workers, threads = plan_workers(device, workers, n_jobs + 1)
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     per_step = step_seconds(finetune_cfg, device)
     # Besides its steps, a run spends about RUN_OVERHEAD_STEPS steps' time on preparing its store,
-    # validations, checkpoints and scoring the held-out phantoms (measured on the quick demo).
-    steps = pretrain_cfg.run.max_steps + n_jobs * (finetune_cfg.run.max_steps + RUN_OVERHEAD_STEPS)
+    # validations, checkpoints and scoring the held-out phantoms twice (measured on the quick demo).
+    steps = stage_steps + n_jobs * (finetune_cfg.run.max_steps + RUN_OVERHEAD_STEPS)
     expected = per_step * steps / n_workers + 30
-    log.info("[demo] %d fine-tuning runs (%d regimes x %d seeds x %d arms, %d steps each) and %d steps of "
-             "live pretraining on %d process(es): expected about %.0f min (%.2f s per training step here)",
-             n_jobs, len(settings.protocol.labelled), len(settings.protocol.seeds), len(ARMS),
-             finetune_cfg.run.max_steps, pretrain_cfg.run.max_steps, n_workers, expected / 60, per_step)
+    log.info("[demo] %s%d fine-tuning runs (%d steps each) and %d steps of pretraining stages on %d process(es): "
+             "expected about %.0f min (%.2f s per training step here)", "resuming: " if resumed else "",
+             n_jobs, finetune_cfg.run.max_steps, stage_steps, n_workers, expected / 60, per_step)
     progress = _Progress(n_jobs, expected)
     try:
-        data = make_data(settings, out / "data")
-        log.info("[demo %5.0f s] data written: %d pool phantoms%s, %d labelled training, %d validation and %d "
-                 "test phantoms", progress.elapsed(), settings.phantoms.pool, " + the chest CT" if data.chest_ct
-                 else "", settings.phantoms.train, settings.phantoms.val, settings.phantoms.test)
-        pretrain_yaml, finetune_yaml = out / "configs" / "pretrain.yaml", out / "configs" / "finetune.yaml"
-        save(pretrain_cfg, pretrain_yaml)
-        save(finetune_cfg, finetune_yaml)
-        live = out / "runs" / "pretrain" / "checkpoints" / "latest.pt"
-        jobs = make_jobs(settings, data, out, finetune_yaml, builtin, live, device)
-        pretraining, runs = _schedule(jobs, settings.protocol.primary, pretrain_yaml, (f"run.device={device}",),
-                                      data.pool_store, out / "runs" / "pretrain", n_workers, threads, progress)
+        data = make_data(settings, out / "data", with_pool="live" in arms)
+        log.info("[demo %5.0f s] data: %d labelled training, %d validation, %d test, %d control and %d gate "
+                 "phantoms%s", progress.elapsed(), settings.phantoms.train, settings.phantoms.val,
+                 settings.phantoms.test, settings.phantoms.control, settings.phantoms.gate,
+                 f", {settings.phantoms.pool} pool phantoms" + (" + the chest CT" if data.chest_ct else "")
+                 if data.pool_store else "")
+        gate = measure_gate(settings, builtin, data.gate_store, device, out / "gate.json")
+        log.info("[demo %5.0f s] gate: pretext Dice of %s on unseen phantoms %.3f (%s): %s", progress.elapsed(),
+                 proto.builtin, gate.mean, ", ".join(f"{k} {v:.2f}" for k, v in gate.levels.items()),
+                 "passed" if gate.passed else "NOT passed")
+        stage_dirs = {"live": out / "runs" / "pretrain", "control": out / "runs" / "control"}
+        starts = {"builtin": builtin, "probe_builtin": builtin,
+                  "probe_random": write_random_encoder(builtin, out / "data" / "random_encoder.pt"),
+                  **{k: d / "checkpoints" / "latest.pt" for k, d in stage_dirs.items()}}
+        stages = {}
+        if "live" in arms:
+            stages["live"] = (run_pretraining, (configs["pretrain"], (f"run.device={device}",), data.pool_store,
+                                                stage_dirs["live"]))
+        if "control" in arms:
+            stages["control"] = (run_control, (configs["control"], (f"run.device={device}",),
+                                               data.control_dataset, data.control_split, stage_dirs["control"]))
+        jobs = make_jobs(settings, data, out, configs, starts, device)
+        pretraining, runs = _schedule(jobs, proto.primary, stages, n_workers, threads, progress)
     finally:
         torch.set_num_threads(previous_threads)
-    order = {(n, s, a): i for i, (n, s, a) in enumerate((j.labelled, j.seed, j.arm) for j in jobs)}
+    order = {(j.labelled, j.seed, j.arm): i for i, j in enumerate(jobs)}
     runs.sort(key=lambda r: order[r.labelled, r.seed, r.arm])
-    report = write_report(out, settings, data, pretraining, runs, builtin, device=device, quick=quick,
+    report = write_report(out, settings, data, gate, pretraining, runs, builtin, device=device, quick=quick,
                           workers=n_workers, seconds=progress.elapsed(), expected=expected)
     log.info("[demo %5.0f s] report: %s", progress.elapsed(), report)
-    return DemoResult(out, report, runs, pretraining, progress.elapsed())
+    return DemoResult(out, report, runs, gate, pretraining, progress.elapsed())
 
 
-def _schedule(jobs: list[FinetuneJob], primary: int, pretrain_yaml: Path, overrides: tuple[str, ...],
-              store: Path, pretrain_dir: Path, n_workers: int, threads: int | None, progress: _Progress
-              ) -> tuple[PretrainResult, list[RunResult]]:
-    """The live pretraining and every job; the ``live`` arm's jobs start once pretraining is done.
+def _schedule(jobs: list[FinetuneJob], primary: int, stages: dict[str, tuple[Callable, tuple]], n_workers: int,
+              threads: int | None, progress: _Progress) -> tuple[dict[str, PretrainResult], list[RunResult]]:
+    """The pretraining stages and every job; a job that ``needs`` a stage starts once it is done.
 
     Order: the pre-registered comparison (scratch and builtin in the primary regime) first, then the
-    live pretraining, then the other regimes (scratch first: the floor the comparison rests on), so
-    that an interrupted demo has measured what matters most (every finished run leaves its
-    ``result.json``)."""
-    waiting = [j for j in jobs if j.arm == "live"]
-    first = [j for j in jobs if j.arm != "live" and j.labelled == primary]
-    later = sorted((j for j in jobs if j.arm != "live" and j.labelled != primary), key=lambda j: j.arm != "scratch")
-    log.info("[demo %5.0f s] live pretraining on %d cases", progress.elapsed(), len(Store.open(store).ids))
+    stages, then the primary regime's other arms, then the other regimes (scratch first: the headroom
+    the comparison rests on), so that an interrupted demo has measured what matters most."""
+    first = [j for j in jobs if j.labelled == primary and j.arm in ("scratch", "builtin")]
+    rest = sorted((j for j in jobs if j not in first), key=lambda j: (j.labelled != primary, j.arm != "scratch"))
+    waiting = {name: [j for j in rest if j.needs == name] for name in stages}
+    later = [j for j in rest if j.needs is None]
+    done: dict[str, PretrainResult] = {}
+    runs: list[RunResult] = []
+
+    def stage_done(name: str, result: PretrainResult) -> None:
+        done[name] = result
+        log.info("[demo %5.0f s] %s done (%d steps in %.0f s)", progress.elapsed(),
+                 {"live": "live pretraining", "control": "positive control's supervised pretraining"}[name],
+                 result.steps, result.seconds)
+
     if n_workers == 1:
-        runs = []
         for job in first:
             runs.append(run_job(job))
             progress.run_done(runs[-1])
-        pretraining = run_pretraining(pretrain_yaml, overrides, store, pretrain_dir)
-        log.info("[demo %5.0f s] live pretraining done in %.0f s", progress.elapsed(), pretraining.seconds)
-        for job in later + waiting:
+        for name, (fn, args) in stages.items():
+            stage_done(name, fn(*args))
+        for job in later + [j for group in waiting.values() for j in group]:
             runs.append(run_job(job))
             progress.run_done(runs[-1])
-        return pretraining, runs
+        return done, runs
     verbosity = _verbosity()
-    runs: list[RunResult] = []
     with worker_pool(n_workers) as pool:
         pending: dict[Future, str] = {pool.submit(run_job, j, threads, verbosity): "run" for j in first}
-        pending[pool.submit(run_pretraining, pretrain_yaml, overrides, store, pretrain_dir, threads,
-                            verbosity)] = "pretrain"
+        for name, (fn, args) in stages.items():
+            pending[pool.submit(fn, *args, threads, verbosity)] = name
         pending.update({pool.submit(run_job, j, threads, verbosity): "run" for j in later})
-        pretraining = None
         try:
             while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
                     kind = pending.pop(future)
-                    if kind == "pretrain":
-                        pretraining = future.result()
-                        log.info("[demo %5.0f s] live pretraining done in %.0f s", progress.elapsed(),
-                                 pretraining.seconds)
-                        pending.update({pool.submit(run_job, j, threads, verbosity): "run" for j in waiting})
-                    else:
+                    if kind == "run":
                         runs.append(future.result())
                         progress.run_done(runs[-1])
+                    else:
+                        stage_done(kind, future.result())
+                        pending.update({pool.submit(run_job, j, threads, verbosity): "run" for j in waiting[kind]})
         except BaseException:
             for future in pending:
                 future.cancel()
             raise
-    return pretraining, runs
+    return done, runs

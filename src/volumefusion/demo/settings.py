@@ -1,11 +1,19 @@
 """The demo's settings: typed and checked by the machinery of :mod:`volumefusion.config`.
 
 A demo settings file (the bundled preset ``demo.yaml``) has the sections of :class:`DemoSettings`
-plus ``quick``, a partial copy of the others applied on top for ``--quick``. The ``pretrain`` and
-``finetune`` sections are run configs (``volumefusion config --fields``): ``pretrain`` goes over the
-``pretrain_config`` preset (the config of the built-in weights), ``finetune`` over that preset's
-``model`` and ``data`` sections, so every arm fine-tunes the same architecture on the same
-intensities. Both are validated when the settings load, before any work starts.
+plus ``quick``, a partial copy of the others applied on top for ``--quick``. The run-config sections
+(``volumefusion config --fields``) build on each other:
+
+* ``pretrain`` goes over the ``pretrain_config`` preset (the config of the built-in weights): the
+  demo's own short pretraining;
+* ``finetune`` goes over that preset's ``model`` and ``data`` sections: what every fine-tuning run
+  shares, so every arm fine-tunes the same architecture on the same intensities;
+* ``scratch`` and ``pretrained`` go over ``finetune``: the recipe of the arm that starts from random
+  weights, and of every arm that starts from pretrained ones (each fixed on development seeds);
+* ``probe`` goes over ``pretrained``: the frozen-encoder probes;
+* ``control_pretrain`` goes over ``scratch``: the supervised pretraining of the positive control.
+
+All are validated when the settings load, before any work starts; an error names the section.
 """
 
 from __future__ import annotations
@@ -31,31 +39,58 @@ from volumefusion.config import (
 DEFAULT_SETTINGS = "demo"
 """The bundled preset ``volumefusion/configs/demo.yaml``."""
 
-ARMS = ("scratch", "builtin", "live")
-"""Fine-tuning arms: random initialisation; the built-in weights; weights pretrained by the demo itself."""
+ARMS = ("scratch", "builtin", "live", "control", "probe_builtin", "probe_random")
+"""Fine-tuning arms, by their starting weights:
 
-SEED_BASE = {"pool": 1000, "train": 2000, "val": 2500, "test": 3000}
-"""Phantom seeds of each role start here, so pool, training, validation and test phantoms differ.
-The built-in weights were pretrained on phantoms 10000 and up (docs/weights.md); recipe development
-used 5000 and up."""
+* ``scratch``: random initialisation;
+* ``builtin``: the built-in Volume Fusion weights;
+* ``live``: weights pretrained with Volume Fusion by the demo itself (a short run);
+* ``control``: the positive control, weights pretrained *with labels* on other phantoms: does this
+  set-up detect transfer at all?
+* ``probe_builtin`` / ``probe_random``: the built-in encoder, or a randomly initialised one, held
+  still for the whole run while the decoder learns: does the pretraining learn features at all?
+"""
+
+ARM_TEXT = {"scratch": "from scratch", "builtin": "built-in weights", "live": "live pretraining",
+            "control": "positive control", "probe_builtin": "probe: built-in encoder",
+            "probe_random": "probe: random encoder"}
+
+PRETRAINED_ARMS = ("builtin", "live", "control")
+PROBE_ARMS = ("probe_builtin", "probe_random")
+
+SEED_BASE = {"pool": 1000, "train": 2000, "val": 2500, "test": 3000, "control": 4000, "gate": 9000}
+"""Phantom seeds of each role start here (plus ``phantoms.seed_offset``), so no phantom has two
+roles. The built-in weights were pretrained on phantoms 10000 and up (docs/weights.md); recipe
+development used ``seed_offset: 50000``."""
 
 
 @dataclass
 class PhantomSettings:
-    shape: tuple[int, int, int] = setting((16, 48, 48), "phantom size (z, y, x) in voxels", min=4)
-    spacing_zyx: tuple[float, float, float] = setting((10.0, 7.5, 7.5), "voxel size (z, y, x) in mm", min=0.1)
+    shape: tuple[int, int, int] = setting((32, 64, 64), "phantom size (z, y, x) in voxels", min=4)
+    spacing_zyx: tuple[float, float, float] = setting((5.0, 5.6, 5.6), "voxel size (z, y, x) in mm", min=0.1)
+    vary: bool = setting(True, "vary the scans as CT varies: size, pose, field of view, contrast phase, "
+                         "missing organs, lesions, noise (volumefusion.data.phantoms.make_phantom)")
+    seed_offset: int = setting(0, "added to every role's first seed (recipe development uses other phantoms)",
+                               min=0)
     pool: int = setting(24, "unlabelled phantoms of the live pretraining (seeds 1000, ...)", min=0)
-    train: int = setting(4, "labelled training phantoms (seeds 2000, ...); a regime uses the first n", min=1)
-    val: int = setting(1, "labelled validation phantoms: choose best.pt (seeds 2500, ...)", min=1)
+    train: int = setting(8, "labelled training phantoms (seeds 2000, ...): the full label set", min=1)
+    val: int = setting(2, "labelled validation phantoms: the learning curves (seeds 2500, ...)", min=1)
     test: int = setting(8, "held-out labelled phantoms scored in the report (seeds 3000, ...)", min=1)
+    control: int = setting(8, "labelled phantoms of the positive control's supervised pretraining "
+                           "(seeds 4000, ...; the last one validates it)", min=2)
+    gate: int = setting(32, "unlabelled phantoms no pretraining saw: the built-in weights' pretext Dice "
+                        "(seeds 9000, ...)", min=1)
     chest_ct: bool = setting(True, "add the slicerio chest CT to the live pool when it is installed")
 
 
 @dataclass
 class ProtocolSettings:
-    seeds: tuple[int, ...] = setting((0, 1, 2, 3, 4, 5), "fine-tuning seeds: one run per seed, arm and regime",
-                                     min=0)
-    labelled: tuple[int, ...] = setting((1, 4), "label regimes: labelled training phantoms per run", min=1)
+    seeds: tuple[int, ...] = setting((0, 1, 2, 3, 4, 5), "fine-tuning seeds: one run per seed, arm and regime; "
+                                     "the seed also chooses which phantoms are labelled", min=0)
+    labelled: tuple[int, ...] = setting((1, 2, 8), "label regimes: labelled training phantoms per run", min=1)
+    arms: tuple[str, ...] = setting(("scratch", "builtin", "control", "probe_builtin", "probe_random"),
+                                    "arms run in the primary regime", choices=ARMS)
+    other_arms: tuple[str, ...] = setting(("scratch", "builtin"), "arms run in the other regimes", choices=ARMS)
     builtin: str = setting("builtin:demo", "weights of the 'builtin' arm (a checkpoint or builtin:NAME)")
     primary: int = setting(1, "the regime (labelled phantoms) of the pre-registered test")
     alternative: str = setting("greater", "Wilcoxon signed-rank test of builtin - scratch mean Dice: greater "
@@ -64,6 +99,18 @@ class ProtocolSettings:
     bootstrap: int = setting(10000, "bootstrap resamples of the 95% interval of the mean paired difference",
                              min=100)
     bootstrap_seed: int = setting(0, "seed of the bootstrap resampling", min=0)
+    early_fraction: float = setting(0.25, "secondary readout: held-out Dice after this share of the steps",
+                                    min=0.01, max=1.0)
+    gate_mean: float = setting(0.6, "gate: least mean pretext Dice of the built-in weights on unseen phantoms",
+                               min=0.0, max=1.0)
+    gate_level: float = setting(0.3, "gate: least pretext Dice of every fusion level", min=0.0, max=1.0)
+    gate_samples: int = setting(64, "gate: fused crops of the unseen phantoms", min=1)
+    headroom_gap: float = setting(0.08, "headroom: least mean Dice from scratch of the full label set over "
+                                  "the primary regime", min=0.0, max=1.0)
+    headroom_full: float = setting(0.85, "headroom: least mean Dice from scratch with the full label set",
+                                   min=0.0, max=1.0)
+    headroom_organ: float = setting(0.6, "headroom: least Dice of every organ from scratch with the full "
+                                    "label set", min=0.0, max=1.0)
 
 
 @dataclass
@@ -73,17 +120,49 @@ class DemoSettings:
     pretrain_config: str = setting("pretrain_demo", "config (file or preset) of the built-in weights; the live "
                                    "pretraining and every fine-tuning run share its model and data sections")
     pretrain: dict[str, Any] = setting({}, "live pretraining: config over pretrain_config")
-    finetune: dict[str, Any] = setting({}, "fine-tuning (every arm): config over pretrain_config's model and data")
+    finetune: dict[str, Any] = setting({}, "every fine-tuning run: config over pretrain_config's model and data")
+    scratch: dict[str, Any] = setting({}, "the scratch arm's recipe: config over finetune")
+    pretrained: dict[str, Any] = setting({}, "the recipe of the arms that start from weights: config over finetune")
+    probe: dict[str, Any] = setting({}, "the frozen-encoder probes: config over pretrained")
+    control_pretrain: dict[str, Any] = setting({}, "the positive control's supervised pretraining: config "
+                                               "over scratch")
 
     def pretrain_run_config(self) -> Config:
         """The resolved config of the live pretraining."""
-        return from_dict(merge(to_dict(load([self.pretrain_config])), self.pretrain))
+        return from_dict(self._sections()["pretrain"])
 
-    def finetune_run_config(self) -> Config:
-        """The resolved config of every fine-tuning run (seed and split are set per run)."""
+    def finetune_run_config(self, arm: str = "scratch") -> Config:
+        """The resolved config of the fine-tuning runs of ``arm`` (seed and split are set per run)."""
+        return from_dict(self._sections()[_section(arm)])
+
+    def control_run_config(self) -> Config:
+        """The resolved config of the positive control's supervised pretraining."""
+        return from_dict(self._sections()["control_pretrain"])
+
+    def _sections(self) -> dict[str, dict]:
+        """Each run-config section merged over the ones it builds on (see the module docs)."""
         base = to_dict(load([self.pretrain_config]))
-        return from_dict(merge(merge(to_dict(Config()), {"model": base["model"], "data": base["data"]}),
-                               self.finetune))
+        out = {"pretrain": merge(base, self.pretrain),
+               "finetune": merge(merge(to_dict(Config()), {"model": base["model"], "data": base["data"]}),
+                                 self.finetune)}
+        out["scratch"] = merge(out["finetune"], self.scratch)
+        out["pretrained"] = merge(out["finetune"], self.pretrained)
+        out["probe"] = merge(out["pretrained"], self.probe)
+        out["control_pretrain"] = merge(out["scratch"], self.control_pretrain)
+        return out
+
+    def check_sections(self) -> None:
+        """Validate every run-config section; an error names the section the bad field is in (each
+        section is checked after the ones it builds on)."""
+        for section, data in self._sections().items():
+            try:
+                from_dict(data)
+            except ConfigError as exc:
+                raise ConfigError(f"{section}.{exc}") from None
+
+
+def _section(arm: str) -> str:
+    return "scratch" if arm == "scratch" else "probe" if arm in PROBE_ARMS else "pretrained"
 
 
 def load_settings(path: str | Path | None = None, quick: bool = False,
@@ -109,8 +188,7 @@ def load_settings(path: str | Path | None = None, quick: bool = False,
     try:
         settings = build_dataclass(DemoSettings, data)
         _check(settings)
-        settings.pretrain_run_config()
-        settings.finetune_run_config()
+        settings.check_sections()
     except ConfigError as exc:
         raise ConfigError(f"{path}{' (quick)' if quick else ''}: {exc}") from None
     return settings
@@ -118,7 +196,7 @@ def load_settings(path: str | Path | None = None, quick: bool = False,
 
 def _check(s: DemoSettings) -> None:
     p, r = s.phantoms, s.protocol
-    if p.pool + int(p.chest_ct) < 2:
+    if "live" in r.arms + r.other_arms and p.pool + int(p.chest_ct) < 2:
         raise ConfigError(f"phantoms.pool: {p.pool}; Volume Fusion needs at least 2 pool volumes")
     if not r.seeds or len(set(r.seeds)) != len(r.seeds):
         raise ConfigError(f"protocol.seeds: {list(r.seeds)} must name distinct seeds")
@@ -127,3 +205,6 @@ def _check(s: DemoSettings) -> None:
                           f"phantoms.train ({p.train})")
     if r.primary not in r.labelled:
         raise ConfigError(f"protocol.primary: {r.primary} is not one of the regimes {list(r.labelled)}")
+    for name, arms in (("arms", r.arms), ("other_arms", r.other_arms)):
+        if not {"scratch", "builtin"} <= set(arms):
+            raise ConfigError(f"protocol.{name}: {list(arms)} must hold scratch and builtin (the comparison)")

@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 
 from volumefusion import VolumeFusionError, nets
-from volumefusion.checkpoint import load_checkpoint
-from volumefusion.config import Config, changed_fields, load, save
+from volumefusion.checkpoint import clean_state_dict, load_checkpoint
+from volumefusion.config import Config, changed_fields, from_dict, load, save
 from volumefusion.data.prepare import prepare
 from volumefusion.data.store import Store
-from volumefusion.device import resolve_device
+from volumefusion.device import autocast, resolve_device
 from volumefusion.io import atomic_write_text, check_writable_folder
 from volumefusion.log import get_logger
-from volumefusion.nets.weights import load_pretrained, model_config_from_misfm, resolve_weights
+from volumefusion.nets.weights import load_exactly, load_pretrained, model_config_from_misfm, resolve_weights
 from volumefusion.preprocess import PrepareSettings
 from volumefusion.train.engine import DistInfo, FitResult, Trainer
 from volumefusion.train.tasks import PretrainTask, SegmentationTask, split_cases
@@ -83,6 +83,29 @@ def pretrain(cfg: Config, data: str | Path, out_dir: str | Path, resume: bool | 
     trainer = Trainer(cfg, model, task, out_dir, resume=resume)
     write_config(cfg, out_dir)
     return trainer.fit()
+
+
+def evaluate_pretext(checkpoint: str | Path, data: str | Path, *, samples: int = 64, seed: int = 0,
+                     device: str = "cpu") -> dict[str, float]:
+    """The Volume Fusion pretext Dice of a pretraining ``checkpoint`` on fused crops of the store at
+    ``data`` (e.g. volumes no pretraining saw), under the checkpoint's own crop size and fusion settings.
+
+    ``samples`` fused crops are drawn from ``seed`` (the same crops for every checkpoint of one
+    config). Returns ``{"score": mean Dice over the K+1 fusion levels, "dice_a<i>": Dice of level i
+    (alpha = i / K), "loss": Dice + CE}``.
+    """
+    ckpt = load_checkpoint(resolve_weights(checkpoint))
+    if ckpt.get("task", {}).get("kind") != "pretrain":
+        raise VolumeFusionError(f"{checkpoint}: not a Volume Fusion pretraining checkpoint")
+    cfg = from_dict(ckpt["config"])
+    cfg.run.val_samples, cfg.run.seed = samples, seed
+    dev = resolve_device(device, setting="device")
+    task = PretrainTask(cfg, Store.open(data))
+    model = nets.build_model(cfg.model, task.num_classes)
+    load_exactly(model, clean_state_dict(ckpt["model"]), checkpoint)
+    model.to(dev).eval()
+    with torch.no_grad():
+        return task.validate(model, dev, lambda: autocast(dev, None))
 
 
 def _pretrained_base(pretrained: str | Path | None) -> tuple[dict | None, dict]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from volumefusion.augment import augment_segmentation
 from volumefusion.config import Config
 from volumefusion.data.sampling import PretrainLoader, SegmentationLoader
 from volumefusion.data.store import Store
-from volumefusion.fusion import make_fused_batch, source_shape
+from volumefusion.fusion import make_fused_batch, source_shape, uses_views
 from volumefusion.infer import sliding_window_inference
 from volumefusion.log import get_logger
 from volumefusion.nets import main_output
@@ -52,7 +53,7 @@ class PretrainTask:
 
     def _loader(self, start_step: int, rank: int, world_size: int, seed: int, workers: int) -> PretrainLoader:
         c = self.cfg
-        # grid mode reads larger crops from which the random resized views are taken
+        # views (grid mode, or boxes with views) come from larger crops: random resized windows
         crop = source_shape(c.data.crop_size, c.fusion)
         return PretrainLoader(self.store, crop, c.run.batch_size, seed=seed, rank=rank,
                               world_size=world_size, workers=workers, start_step=start_step,
@@ -66,7 +67,7 @@ class PretrainTask:
         window = self.cfg.data.hu_window
         background = normalise_hu(batch["background"].to(device, non_blocking=True), window)
         foreground = normalise_hu(batch["foreground"].to(device, non_blocking=True), window)
-        out_shape = self.cfg.data.crop_size if self.cfg.fusion.mode == "grid" else None
+        out_shape = self.cfg.data.crop_size if uses_views(self.cfg.fusion) else None
         return make_fused_batch(background, foreground, self.cfg.fusion, generator, out_shape=out_shape)
 
     def _validation_set(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -174,8 +175,10 @@ class SegmentationTask:
                                              device=device, precision=c.run.precision)
             label = torch.from_numpy(np.asarray(self.store.label(case_id)[:], dtype=np.int64))
             per_case.append(dice_per_class(probs.argmax(0)[None], label[None], self.num_classes).numpy())
-        dice = np.nanmean(np.stack(per_case), axis=0)
-        metrics = {"score": float(np.nanmean(dice[1:]))}
+        with warnings.catch_warnings():  # a class absent from every validation case has no Dice: NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            dice = np.nanmean(np.stack(per_case), axis=0)
+            metrics = {"score": float(np.nanmean(dice[1:]))}
         metrics.update({f"dice_{name}": float(d) for name, d in zip(self.class_names[1:], dice[1:])})
         return metrics
 
