@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import resource
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import SimpleITK as sitk
 import torch
 
 from tests.conftest import CONFORMANCE, TINY_MODEL, write_bad_checkpoints, write_ct_plans
-from volumefusion import config
+from volumefusion import VolumeFusionError, config
 from volumefusion.checkpoint import save_checkpoint
 from volumefusion.cli import main
 from volumefusion.io import Geometry, write_image
@@ -355,6 +356,27 @@ def test_builtin_weights_are_taken_wherever_a_checkpoint_is(tmp_path, capsys):
     assert (out / "volumefusion_3d_fullres_pctnet.pth").is_file()
     assert main(["-q", "convert", "builtin:demo", "--out", str(tmp_path / "x.pt")]) == 2
     assert "builtin:demo: a volumefusion checkpoint, which needs no conversion" in capsys.readouterr().err
+def test_a_checkpoint_with_nonfinite_weights_is_refused_by_every_reader(tmp_path, capsys, tiny_checkpoint):
+    """A diverged run's weights: predicting, fine-tuning or loading from them is refused in one line."""
+    from volumefusion import api
+    from volumefusion.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    name = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+    ckpt["model"][name][0] = float("nan")
+    diverged = tmp_path / "diverged.pt"
+    save_checkpoint(diverged, ckpt)
+    image = tmp_path / "ct.nii.gz"
+    write_image(image, _ct(0), GEOMETRY)
+    phrase = f"{diverged}: 1 of {len(ckpt['model'])} weight tensors hold NaN or infinite values ({name})"
+    for command in (["predict", "-m", str(diverged), "-i", str(image), "-o", str(tmp_path / "out")],
+                    ["finetune", "--data", str(tmp_path / "nowhere"), "--pretrained", str(diverged),
+                     "--out", str(tmp_path / "run")]):
+        assert main(["-q", *command]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and phrase in err, err
+    with pytest.raises(VolumeFusionError, match=re.escape(phrase)):
+        api.load_model(diverged)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -441,6 +463,116 @@ def test_a_full_disk_fails_in_one_line_and_leaves_no_half_written_file(tmp_path,
     assert all(p.stat().st_size <= 64 for p in written)  # nothing cut off at the limit survives as output
     if command not in FOLDER_OUTPUTS:
         assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# refused runs: one line, before any work, and no output folder left behind
+
+
+@pytest.mark.parametrize("argv", [["demo", "--workers", "-5"], ["demo", "--workers", "0"],
+                                  ["prepare", "in", "--out", "store", "--workers", "0"]])
+def test_workers_below_one_are_refused(capsys, argv):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and f"argument --workers/-j: {argv[-1]}: must be 1 or more" in err.replace(
+        "argument --workers:", "argument --workers/-j:"), err
+
+
+@pytest.mark.parametrize("command", ["prepare", "predict", "pretrain", "finetune"])
+def test_a_refused_run_leaves_no_output_folder(tmp_path, capsys, command):
+    out = tmp_path / "results" / "out"
+    (tmp_path / "empty").mkdir()
+    image = tmp_path / "ct.nii.gz"
+    write_image(image, _ct(0), GEOMETRY)
+    (tmp_path / "bad.pt").write_bytes(b"")
+    args = {"prepare": ["prepare", str(tmp_path / "empty"), "--out", str(out)],
+            "predict": ["predict", "-m", str(tmp_path / "bad.pt"), "-i", str(image), "-o", str(out)],
+            "pretrain": ["pretrain", "--data", str(tmp_path / "nowhere"), "--out", str(out)],
+            "finetune": ["finetune", "--data", str(tmp_path / "nowhere"), "--pretrained", "none", "--out", str(out)],
+            }[command]
+    if command == "prepare":  # a batch command: the input is skipped (and named), the run fails
+        assert main(["-q", *args]) == 1
+        assert f"FAILED {tmp_path / 'empty'}: folder holds no" in capsys.readouterr().out
+    else:
+        assert main(["-q", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith(f"volumefusion {command}: error: "), err
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_a_crop_that_leaves_one_voxel_at_the_coarsest_level_is_refused_naming_the_smallest(
+        tmp_path, capsys, phantom_store, command):
+    from volumefusion.train.runs import check_model_settings
+
+    out = tmp_path / "run"
+    settings = [a for o in [*TINY_MODEL, "data.crop_size=[8,16,16]"] for a in ("--set", o)]
+    args = {"pretrain": ["pretrain", "--data", str(phantom_store)],
+            "finetune": ["finetune", "--data", str(tmp_path / "nowhere"), "--pretrained", "none"]}[command]
+    assert main(["-q", *args, "--out", str(out), *settings, "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "data.crop_size: [8, 16, 16]" in err and "the smallest crop it takes" in err, err
+    assert "e.g. [16, 16, 16], or use run.batch_size 2 or more" in err, err
+    assert not out.exists()
+    check_model_settings(config.load(overrides=[*TINY_MODEL, "data.crop_size=[8,16,16]", "run.batch_size=2"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# the Python API: one path where a list is expected, impossible arrays and spacings
+
+
+def test_the_api_takes_one_path_or_override_as_a_list_of_one_not_as_letters(tmp_path, tiny_checkpoint):
+    import volumefusion as vf
+
+    images = tmp_path / "images"
+    images.mkdir()
+    _write_good(images, None, ["good"])
+    summary = vf.prepare_collection(str(images), tmp_path / "store")
+    assert summary.prepared == ["good"] and not summary.failed
+    predicted = vf.predict_files(tiny_checkpoint, images / "good.nii.gz", tmp_path / "preds", device="cpu")
+    assert predicted.written == ["good"]
+    assert vf.load_config(overrides="run.max_steps=5").run.max_steps == 5
+    assert vf.load_config("pretrain_paper", "run.max_steps=5").run.max_steps == 5
+    with pytest.raises(VolumeFusionError, match=r"run\.max_stepz"):  # the override reached the config whole
+        vf.pretrain(tmp_path / "store", tmp_path / "run", overrides="run.max_stepz=5")
+    with pytest.raises(VolumeFusionError, match=r"run\.max_stepz"):
+        vf.finetune(tmp_path / "nowhere", tmp_path / "run", overrides="run.max_stepz=5")
+    with pytest.raises(VolumeFusionError, match="inputs: a int; expected a path or string"):
+        vf.prepare_collection(7, tmp_path / "store")
+
+
+@pytest.mark.parametrize("resample", [False, True])
+def test_predict_array_refuses_nonfinite_voxels_and_impossible_spacings_naming_the_argument(tiny_checkpoint,
+                                                                                             resample):
+    import volumefusion as vf
+    from volumefusion.preprocess import PrepareSettings
+
+    predictor = vf.load_predictor(tiny_checkpoint, device="cpu")
+    if resample:
+        predictor.settings = PrepareSettings(spacing_zyx=(2.0, 2.0, 2.0))
+    image = _ct(0)
+    spacing = GEOMETRY.spacing_zyx
+    bad = {
+        "image: 16384 of 16384 voxels are NaN or infinite": (np.full(SHAPE, np.nan, np.float32), spacing),
+        "image: 1 of 16384 voxels are NaN or infinite": (np.where(np.arange(image.size).reshape(SHAPE) == 5,
+                                                                   np.inf, image), spacing),
+        "spacing_zyx (0.0, 1.5, 1.5): voxel sizes must be positive": (image, (0, 1.5, 1.5)),
+        "spacing_zyx (-2.0, 1.5, 1.5): voxel sizes must be positive": (image, (-2, 1.5, 1.5)),
+        "spacing_zyx (nan, 1.5, 1.5): voxel sizes must be positive": (image, (float("nan"), 1.5, 1.5)),
+        "spacing_zyx: 2.5; expected 3 numbers (mm, z y x)": (image, 2.5),
+        "spacing_zyx: (2.0, 1.5); expected 3 numbers": (image, (2.0, 1.5)),
+        "spacing_zyx: '2.5'; expected 3 numbers": (image, "2.5"),
+    }
+    for phrase, (array, spacing_zyx) in bad.items():
+        with pytest.raises(VolumeFusionError, match=re.escape(phrase)):
+            vf.predict_array(predictor, array, spacing_zyx)
+    with pytest.raises(VolumeFusionError, match=re.escape("origin: (0, 0); expected 3 numbers")):
+        vf.predict_array(predictor, image, spacing, origin=(0, 0))
+    with pytest.raises(VolumeFusionError, match="direction .*: must be an invertible 3x3 matrix"):
+        vf.predict_array(predictor, image, spacing, direction=(0.0,) * 9)
+    with pytest.raises(VolumeFusionError, match=re.escape("spacing_zyx (0.0, 1.0, 1.0): voxel sizes must be")):
+        vf.evaluate_arrays(_label(), _label(), [1, 2], spacing_zyx=(0, 1, 1))
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ import torch
 
 from tests.conftest import TINY_MODEL
 from volumefusion import VolumeFusionError, config
-from volumefusion.checkpoint import load_checkpoint
+from volumefusion.checkpoint import load_checkpoint, nonfinite_tensors
 from volumefusion.config import OptimConfig
+from volumefusion.train import engine
 from volumefusion.train.engine import lr_factor
 from volumefusion.train.logging import RunLogger
 from volumefusion.train.runs import evaluate_pretext, pretrain
@@ -226,3 +227,107 @@ def test_progress_picture_is_redrawn_at_most_once_a_minute_unless_forced(tmp_pat
     logger.plot()  # the end of a run always draws
     assert picture.is_file()
     logger.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# non-finite losses and weights: skipped, said, stopped; never saved
+
+
+def _nan_inputs_at(monkeypatch, steps):
+    """The training inputs of the given (1-based) steps become NaN, as a bf16 or diverging forward
+    pass makes them; the loss and the gradients follow."""
+    from volumefusion.train.tasks import PretrainTask
+
+    make_inputs, calls = PretrainTask.make_inputs, []
+
+    def poisoned(self, batch, generator, device):
+        x, y = make_inputs(self, batch, generator, device)
+        calls.append(None)
+        return (torch.full_like(x, float("nan")) if len(calls) in steps else x), y
+    monkeypatch.setattr(PretrainTask, "make_inputs", poisoned)
+
+
+def _checkpoints_are_finite(folder):
+    found = sorted((folder / "checkpoints").glob("*.pt"))
+    for path in found:
+        assert nonfinite_tensors(load_checkpoint(path)["model"]) == [], path
+    return found
+
+
+def test_a_nonfinite_step_is_skipped_and_said_and_changes_nothing(phantom_store, tmp_path, monkeypatch, caplog):
+    _nan_inputs_at(monkeypatch, {2})
+    result = pretrain(_cfg("run.max_steps=3", "run.val_every=100", "run.checkpoint_every=1"), phantom_store, tmp_path)
+    assert result.step == 3 and result.exit_status == 0
+    assert "step 2: the loss (nan) or the gradient norm (nan) is not finite; step skipped" in caplog.text
+    record = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][1]
+    assert record["step"] == 2 and record["loss"] is None and record["skipped_steps"] == 1
+    assert _checkpoints_are_finite(tmp_path)  # normalisation running statistics included
+
+
+def test_a_diverging_run_stops_with_an_error_and_leaves_no_nonfinite_checkpoint(phantom_store, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(engine, "MAX_NONFINITE_STEPS", 2)
+    _nan_inputs_at(monkeypatch, set(range(2, 100)))
+    with pytest.raises(VolumeFusionError, match=r"not finite \(NaN or inf\) in 2 steps in a row, steps 2 to 3: "
+                                                r"training diverged\. Lower optim\.lr"):
+        pretrain(_cfg("run.max_steps=10", "run.val_every=1", "run.checkpoint_every=1"), phantom_store, tmp_path)
+    assert _checkpoints_are_finite(tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoints/latest.pt")["step"] == 2  # not the step that stopped it
+
+
+def test_weights_that_became_nonfinite_are_never_written(phantom_store, tmp_path, monkeypatch):
+    step = engine.Trainer._train_step
+
+    def overflowing(self, data, keep):  # finite gradients, but an optimiser step that overflows
+        out = step(self, data, keep)
+        next(self.model.parameters()).data.fill_(float("inf"))
+        return out
+    monkeypatch.setattr(engine.Trainer, "_train_step", overflowing)
+    with pytest.raises(VolumeFusionError, match=r"step 1: 1 of \d+ weight tensors hold NaN or infinite values .*"
+                                                r"latest.pt not written"):
+        pretrain(_cfg("run.max_steps=2", "run.val_every=100", "run.checkpoint_every=1"), phantom_store, tmp_path)
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))
+
+
+def test_bf16_on_the_cpu_warns_at_start_up(phantom_store, tmp_path, caplog):
+    from volumefusion.data.store import Store
+    from volumefusion.train.runs import build_model
+    from volumefusion.train.tasks import PretrainTask
+
+    cfg = _cfg("run.precision=bf16")
+    task = PretrainTask(cfg, Store.open(phantom_store))
+    engine.Trainer(cfg, build_model(cfg, task.num_classes), task, tmp_path)
+    assert "run.precision=bf16 on the CPU" in caplog.text and "run.precision=fp32" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------
+# the store changes under a run
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_store_prepared_again_while_a_run_reads_it_stops_the_run_cleanly_with_a_checkpoint(
+        tmp_path, monkeypatch, workers):
+    from volumefusion.data.phantoms import write_phantoms
+    from volumefusion.data.prepare import prepare
+    from volumefusion.data.store import StoreChanged
+    from volumefusion.train.tasks import PretrainTask
+
+    sources = [str(p) for p in write_phantoms(tmp_path / "raw", seeds=[1, 2], shape=(24, 48, 48))]
+    store = tmp_path / "store"
+    assert prepare(sources, store).prepared
+    make_inputs, calls = PretrainTask.make_inputs, []
+
+    def prepare_again_after_the_first_step(self, batch, generator, device):
+        calls.append(None)
+        if len(calls) == 2:  # the sources are replaced (another size) and prepared again
+            write_phantoms(tmp_path / "raw", seeds=[1, 2], shape=(20, 40, 40))
+            assert len(prepare(sources, store).prepared) == 2
+        return make_inputs(self, batch, generator, device)
+    monkeypatch.setattr(PretrainTask, "make_inputs", prepare_again_after_the_first_step)
+    with pytest.raises(StoreChanged) as caught:
+        pretrain(_cfg("run.max_steps=20", "run.val_every=100", f"data.workers={workers}"), store, tmp_path / "run")
+    message = str(caught.value)
+    assert "\n" not in message and "Traceback" not in message, message
+    assert "was the store prepared again" in message and "--resume" in message, message
+    step = load_checkpoint(tmp_path / "run/checkpoints/latest.pt")["step"]
+    assert f"stopped at step {step}," in message and 2 <= step < 20

@@ -126,8 +126,10 @@ def test_a_record_edited_in_place_is_picked_up_by_reindex(tmp_path, capsys, monk
     record.write_text(json.dumps({**content, "body_box": [[1, 2], [3, 4], [5, 6]]}))  # not via a rename
     assert Store.open(store).info("phantom_0002").body_box != ((1, 2), (3, 4), (5, 6))  # documented limit
     assert cli_main(["prepare", "--reindex", str(store)]) == 0
-    assert "index of 2 cases up to date" in capsys.readouterr().out
+    assert "index of 2 cases brought up to date: 1 record(s) read again (changed since" in capsys.readouterr().out
     assert Store.open(store).info("phantom_0002").body_box == ((1, 2), (3, 4), (5, 6))
+    assert cli_main(["prepare", "--reindex", str(store)]) == 0
+    assert "index of 2 cases brought up to date: no record changed" in capsys.readouterr().out
 
 
 def test_opening_and_sampling_read_no_record(tmp_path, monkeypatch):

@@ -372,6 +372,53 @@ def test_a_case_id_already_stored_from_another_file_is_a_duplicate(tmp_path):
     assert not summary.ok and "already holds it from" in summary.failed[0][1]
 
 
+RACE = """
+import json, os, sys, time
+from volumefusion.data.prepare import prepare
+
+folder, store, ready, go, out = sys.argv[1:]
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.002)
+summary = prepare([folder], store)
+with open(out, "w") as f:
+    json.dump({"prepared": summary.prepared, "skipped": summary.skipped, "failed": [r for _, r in summary.failed]}, f)
+"""
+
+
+def test_two_prepare_runs_at_once_with_colliding_case_ids_report_only_what_the_store_holds(tmp_path):
+    """Two real processes start together on one store, each with its own case0..case5: every case
+    ends up from one of them, that one reports it prepared, the other a duplicate."""
+    import volumefusion
+
+    runs = {"a": SHAPE, "b": (10, 32, 40)}
+    for name, shape in runs.items():
+        write_cases(tmp_path / name, range(6), shape=shape)
+    script = tmp_path / "race.py"
+    script.write_text(RACE)
+    env = dict(os.environ, PYTHONPATH=str(Path(volumefusion.__file__).parents[1]), OMP_NUM_THREADS="1")
+    store, go = tmp_path / "store", tmp_path / "go"
+    procs = {name: subprocess.Popen([sys.executable, str(script), str(tmp_path / name), str(store),
+                                     str(tmp_path / f"{name}.ready"), str(go), str(tmp_path / f"{name}.json")],
+                                    env=env, stderr=subprocess.PIPE, text=True) for name in runs}
+    deadline = time.time() + 300
+    while not all((tmp_path / f"{name}.ready").exists() for name in runs):
+        assert time.time() < deadline and all(p.poll() is None for p in procs.values())
+        time.sleep(0.01)
+    go.touch()
+    for proc in procs.values():
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    reports = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in runs}
+    opened = Store.open(store)
+    assert sorted(reports["a"]["prepared"] + reports["b"]["prepared"]) == opened.ids == [f"case{i}" for i in range(6)]
+    for name, report in reports.items():
+        for case_id in report["prepared"]:  # what the run says it prepared is what the store holds
+            assert opened.case(case_id).source == str(tmp_path / name / f"{case_id}.nii.gz")
+            assert opened.verify(case_id)  # and the arrays beside the record are that run's
+        assert len(report["failed"]) == 6 - len(report["prepared"]) and not report["skipped"]
+        assert all("duplicate case id" in reason for reason in report["failed"])
+
+
 def test_unwritable_output_folder_is_an_error(tmp_path):
     write_cases(tmp_path / "in", [1])
     (tmp_path / "file").write_text("not a folder")

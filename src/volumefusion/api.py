@@ -35,7 +35,7 @@ from volumefusion.geometry import Geometry
 from volumefusion.infer import Predictor, PredictSummary, predict_files
 from volumefusion.metrics import evaluate_case
 from volumefusion.nets.weights import model_from_checkpoint
-from volumefusion.preprocess import PrepareSettings
+from volumefusion.preprocess import PrepareSettings, check_spacing
 from volumefusion.train import runs
 from volumefusion.train.engine import FitResult
 from volumefusion.train.runs import FinetuneResult
@@ -49,34 +49,60 @@ __all__ = [
 ConfigSource = str | Path | Sequence[str | Path] | None
 
 
-def load_config(config_files: ConfigSource = None, overrides: Sequence[str] = ()) -> Config:
+def _as_list(value, name: str) -> list:
+    """``value`` as a list: one path or string is a list of one (never its letters); None is empty."""
+    if value is None:
+        return []
+    if isinstance(value, (str, Path)):
+        return [value]
+    try:
+        return list(value)
+    except TypeError:
+        raise VolumeFusionError(f"{name}: a {type(value).__name__}; expected a path or string, or a list of "
+                                "them") from None
+
+
+def _numbers(value, name: str, count: int, unit: str) -> tuple[float, ...]:
+    """``value`` as ``count`` floats; VolumeFusionError naming the argument ``name`` otherwise."""
+    try:
+        numbers = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        numbers = None
+    if isinstance(value, str) or numbers is None or len(numbers) != count:
+        raise VolumeFusionError(f"{name}: {value!r}; expected {count} numbers ({unit})")
+    return numbers
+
+
+def load_config(config_files: ConfigSource = None, overrides: str | Sequence[str] = ()) -> Config:
     """A validated :class:`Config`: the defaults, then each YAML file (or preset name such as
-    ``"pretrain_paper"``), then ``overrides`` (``"section.field=value"`` strings, as ``--set``).
+    ``"pretrain_paper"``), then ``overrides`` (``"section.field=value"`` strings, as ``--set``; one
+    string is one override).
 
     Example: ``load_config(overrides=["run.max_steps=100", "run.device=cpu"]).run.max_steps == 100``.
     """
-    return config.load(config_files, list(overrides))
+    return config.load(_as_list(config_files, "config_files"), _as_list(overrides, "overrides"))
 
 
-def prepare_collection(inputs: Sequence[str | Path], out: str | Path, settings: PrepareSettings | None = None, *,
-                       workers: int = 1, label_dir: str | Path | None = None,
+def prepare_collection(inputs: str | Path | Sequence[str | Path], out: str | Path,
+                       settings: PrepareSettings | None = None, *, workers: int = 1,
+                       label_dir: str | Path | None = None,
                        label_names: Mapping[int, str] | None = None) -> PrepareSummary:
     """Prepare a collection of CT images (and label maps) into the store ``out``, as ``volumefusion prepare``.
 
-    ``inputs``: image files, folders, DICOM series folders, globs, .txt/.csv lists, or MSD / nnU-Net v2
-    dataset folders (with ``dataset.json``). ``settings``: target spacing (mm), orientation and body
+    ``inputs``: one or a list of image files, folders, DICOM series folders, globs, .txt/.csv lists,
+    or MSD / nnU-Net v2 dataset folders (with ``dataset.json``). ``settings``: target spacing (mm), orientation and body
     crop (default: native spacing, LPS, cropped to the body). ``label_dir``: label maps named like the
     images; ``label_names``: ``{value: name}`` of their classes. Bad inputs are listed in the returned
     summary's ``failed`` and skipped; cases prepared before are skipped unless their source changed.
 
     Example: ``prepare_collection(["ct/"], "store/", PrepareSettings(spacing_zyx=(2.0, 1.0, 1.0)))``.
     """
-    return prepare([str(i) for i in inputs], out, settings, workers=workers, label_dir=label_dir,
+    return prepare([str(i) for i in _as_list(inputs, "inputs")], out, settings, workers=workers, label_dir=label_dir,
                    label_names=dict(label_names) if label_names is not None else None)
 
 
 def pretrain(data: str | Path, out: str | Path, config_files: ConfigSource = None, *,
-             overrides: Sequence[str] = (), resume: bool | str | Path = False) -> FitResult:
+             overrides: str | Sequence[str] = (), resume: bool | str | Path = False) -> FitResult:
     """Volume Fusion self-supervised pretraining on the store ``data`` (from :func:`prepare_collection`),
     as ``volumefusion pretrain``; the run folder ``out`` gets ``checkpoints/latest.pt``, metrics and plots.
 
@@ -88,7 +114,7 @@ def pretrain(data: str | Path, out: str | Path, config_files: ConfigSource = Non
 
 
 def finetune(data: str | Path, out: str | Path, pretrained: str | Path | None = None,
-             config_files: ConfigSource = None, *, overrides: Sequence[str] = (),
+             config_files: ConfigSource = None, *, overrides: str | Sequence[str] = (),
              resume: bool | str | Path = False) -> FinetuneResult:
     """Fine-tune a segmentation network on labelled data, as ``volumefusion finetune``.
 
@@ -101,8 +127,9 @@ def finetune(data: str | Path, out: str | Path, pretrained: str | Path | None = 
 
     Example: ``finetune("Task09_Spleen/", "runs/spleen", "runs/vf/checkpoints/latest.pt")``.
     """
-    files = [config_files] if isinstance(config_files, (str, Path)) else list(config_files or [])
-    return runs.finetune([str(f) for f in files], list(overrides), data, out, pretrained, resume=resume)
+    files = _as_list(config_files, "config_files")
+    return runs.finetune([str(f) for f in files], _as_list(overrides, "overrides"), data, out, pretrained,
+                         resume=resume)
 
 
 @dataclass
@@ -141,15 +168,17 @@ def predict_array(predictor: Predictor, image: np.ndarray, spacing_zyx: Sequence
 
     ``image``: (z, y, x) HU, any numeric dtype; ``spacing_zyx``: voxel size in mm; ``origin`` (x, y, z
     mm) and ``direction`` (9 floats, ITK order; default identity, i.e. LPS) matter only when the
-    checkpoint reorients. Returns the (z, y, x) uint8 label map on the input's grid.
+    checkpoint reorients. Returns the (z, y, x) uint8 label map on the input's grid. NaN or infinite
+    voxels, and spacings that are not positive, are refused (VolumeFusionError naming the argument).
 
     Example: ``labels = predict_array(predictor, ct_hu, spacing_zyx=(2.5, 0.8, 0.8))``.
     """
     image = np.asarray(image)
     if image.ndim != 3:
         raise VolumeFusionError(f"image has shape {image.shape}; predict_array takes one (z, y, x) volume")
-    geometry = Geometry(image.shape, tuple(spacing_zyx), tuple(origin),
-                        *(() if direction is None else (tuple(direction),)))
+    geometry = Geometry(image.shape, _numbers(spacing_zyx, "spacing_zyx", 3, "mm, z y x"),
+                        _numbers(origin, "origin", 3, "mm, x y z"),
+                        *(() if direction is None else (_numbers(direction, "direction", 9, "ITK order"),)))
     labels, _ = predictor.predict(image, geometry, progress=progress)
     return labels
 
@@ -163,7 +192,8 @@ def evaluate_arrays(pred: np.ndarray, ref: np.ndarray, labels: Mapping[int, str]
     Returns ``{name: {"dice", "hd95", "assd", "nsd", "ref_voxels", "pred_voxels"}}``; conventions for
     empty masks as in ``volumefusion evaluate --help``.
     """
-    return evaluate_case(np.asarray(pred), np.asarray(ref), spacing_zyx, _foreground(labels), tolerance_mm)
+    spacing = check_spacing(_numbers(spacing_zyx, "spacing_zyx", 3, "mm, z y x"))
+    return evaluate_case(np.asarray(pred), np.asarray(ref), spacing, _foreground(labels), tolerance_mm)
 
 
 def dice_per_class(pred: np.ndarray, ref: np.ndarray,

@@ -72,6 +72,28 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` that hold a NaN or an infinity."""
+    floats = [(k, v) for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not floats:
+        return []
+    finite = torch.stack([torch.isfinite(v).all() for _, v in floats]).tolist()  # one synchronisation
+    return [k for (k, _), ok in zip(floats, finite) if not ok]
+
+
+def check_finite_weights(state: dict[str, torch.Tensor], source: str | Path, action: str = "") -> None:
+    """VolumeFusionError naming ``source`` when weights in ``state`` are NaN or infinite (a run that
+    diverged): a network loaded from them predicts nothing, and fine-tuning from them learns nothing.
+    ``action``: what the caller does about it, appended to the message (default: retrain advice)."""
+    bad = nonfinite_tensors(state)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f", ... {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise VolumeFusionError(
+            f"{source}: {len(bad)} of {len(state)} weight tensors hold NaN or infinite values ({shown}); "
+            + (action or "the training run that wrote them diverged: use an earlier checkpoint of it, or "
+               "train again with a lower optim.lr"))
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Serialise ``payload`` to memory, then write it atomically (a killed run leaves no half file)."""
     payload = dict(payload, version=__version__)
@@ -411,6 +433,7 @@ def read_checkpoint(source: str | Path | dict | Checkpoint, expected: str = CHEC
             f"{name}: no model weights found (top-level keys: {keys}); expected a volumefusion checkpoint, "
             "a MIS-FM/PyMIC checkpoint ({'model_state_dict': ...}) or a plain state dict")
     state = clean_state_dict(state)
+    check_finite_weights(state, name)  # a diverged run's weights are refused by every loader
 
     if file_format == "safetensors" and config:
         layout, kind = "volumefusion", "a volumefusion safetensors export"

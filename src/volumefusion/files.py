@@ -63,19 +63,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def check_writable_folder(folder: str | Path, what: str) -> None:
-    """Create ``folder`` if needed and make sure files can be created in it, before a command does its
-    expensive part; VolumeFusionError naming the folder and the option ``what`` (``"--out"``) if not."""
+    """Make sure files can be created in ``folder``, or in the nearest folder above it that exists (where
+    it will be created), before a command does its expensive part; VolumeFusionError naming the folder
+    and the option ``what`` (``"--out"``) if not. Nothing is created: a run refused later leaves no
+    empty folder behind (the writers create folders as they write)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise VolumeFusionError(f"{folder}: is a file; {what} takes a folder")
-    blocker = next((p for p in folder.parents if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise VolumeFusionError(f"{folder}: cannot be created for {what}: {blocker} is a file")
+    existing = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise VolumeFusionError(f"{folder}: cannot be created for {what}: {existing} is a file")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write_test.{os.getpid()}"
-        atomic_write_text(probe, "ok")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=existing):
+            pass
     except OSError as exc:
         raise VolumeFusionError(f"{folder}: {what} folder is not writable ({exc.strerror or exc})") from None
 

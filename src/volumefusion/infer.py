@@ -445,7 +445,7 @@ def check_outputs_spare_inputs(inputs: list[Path], outputs: list[Path]) -> None:
                                 f"({len(clash)} in all); pass another -o folder")
 
 
-def predict_files(model: str | Path | Predictor, inputs: Sequence[str | Path], out_dir: str | Path, *,
+def predict_files(model: str | Path | Predictor, inputs: str | Path | Sequence[str | Path], out_dir: str | Path, *,
                   device: str | torch.device = "auto", patch_size: Sequence[int] | None = None,
                   overlap: float | None = None, window_batch: int | None = None,
                   tta: bool | Sequence[int] = False, precision: str | None = None,
@@ -455,8 +455,9 @@ def predict_files(model: str | Path | Predictor, inputs: Sequence[str | Path], o
 
     ``model``: a checkpoint written by fine-tuning, or a :class:`Predictor` (then ``device``,
     ``patch_size``, ``overlap``, ``window_batch``, ``tta`` and ``precision`` are its own).
-    ``inputs``: image files (NIfTI, NRRD, MHA), folders, DICOM series folders, globs or .txt/.csv
-    lists, as :func:`volumefusion.data.datasets.discover_inputs` takes them; case ids as ``prepare`` makes them.
+    ``inputs``: one or a list of image files (NIfTI, NRRD, MHA), folders, DICOM series folders, globs
+    or .txt/.csv lists, as :func:`volumefusion.data.datasets.discover_inputs` takes them; case ids as
+    ``prepare`` makes them.
     Writes ``CASE.nii.gz`` (``fmt="same"``: the input's format), uint8 class indices on the input's
     grid, and with ``save_probabilities`` ``probabilities/CASE_classK.nii.gz`` (uint8, probability =
     value / 255). ``channel`` picks one channel of 4D inputs. A case that fails is recorded in the
@@ -469,6 +470,8 @@ def predict_files(model: str | Path | Predictor, inputs: Sequence[str | Path], o
         print(summary.format())
     """
     failed: list[tuple[str, str]] = []
+    if isinstance(inputs, (str, Path)):  # one input, not a sequence of letters
+        inputs = [inputs]
     found = discover_inputs([str(i) for i in inputs], failed)
     cases = unique_case_ids([CaseTask(case_id_from_path(p), str(p)) for p in found], failed)
     out_dir = Path(out_dir)

@@ -231,6 +231,33 @@ def _to_label_uint8(label: np.ndarray) -> np.ndarray:
     return label.astype(np.uint8)
 
 
+def check_spacing(spacing_zyx: tuple[float, ...]) -> tuple[float, ...]:
+    """``spacing_zyx``, or VolumeFusionError naming it unless every voxel size is a positive, finite mm."""
+    if not all(np.isfinite(s) and s > 0 for s in spacing_zyx):
+        raise VolumeFusionError(f"spacing_zyx {tuple(spacing_zyx)}: voxel sizes must be positive, finite numbers "
+                                "of mm")
+    return spacing_zyx
+
+
+def check_volume(image: np.ndarray, geometry: Geometry) -> None:
+    """VolumeFusionError, naming the field, unless ``image`` is a numeric volume of finite values and
+    ``geometry`` a usable grid: positive, finite spacings, a finite origin and an invertible direction.
+    (A file's reader refuses such files; this holds arrays given in memory to the same rules.)"""
+    if not (np.issubdtype(image.dtype, np.number) or image.dtype == np.bool_):
+        raise VolumeFusionError(f"image: dtype {image.dtype} is not numeric; give HU values")
+    if np.issubdtype(image.dtype, np.inexact):
+        bad = image.size - int(np.count_nonzero(np.isfinite(image)))
+        if bad:
+            raise VolumeFusionError(f"image: {bad} of {image.size} voxels are NaN or infinite")
+    check_spacing(geometry.spacing_zyx)
+    if not np.isfinite(geometry.origin).all():
+        raise VolumeFusionError(f"origin {tuple(geometry.origin)}: must be finite numbers of mm")
+    direction = np.asarray(geometry.direction).reshape(3, 3)
+    if not np.isfinite(direction).all() or abs(np.linalg.det(direction)) < 1e-6:
+        raise VolumeFusionError(f"direction {tuple(geometry.direction)}: must be an invertible 3x3 matrix "
+                                "(9 finite numbers, ITK order; the identity for LPS)")
+
+
 def preprocess_case(
     image: np.ndarray, geometry: Geometry, settings: PrepareSettings, label: np.ndarray | None = None
 ) -> PreparedCase:
@@ -243,10 +270,12 @@ def preprocess_case(
         label: ``(z, y, x)`` class numbers 0..255 on the image grid, or None.
 
     Returns:
-        A :class:`PreparedCase` (int16 image, uint8 label).
+        A :class:`PreparedCase` (int16 image, uint8 label). VolumeFusionError for what
+        :func:`check_volume` refuses.
     """
     if image.shape != geometry.shape_zyx:
         raise ValueError(f"image shape {image.shape} does not match geometry {geometry.shape_zyx}")
+    check_volume(image, geometry)
     if label is not None and label.shape != image.shape:
         raise VolumeFusionError(f"label shape {label.shape} differs from image shape {image.shape}")
     transpose, flip = orientation_transform(geometry.direction, settings.orientation)

@@ -3,6 +3,17 @@
 import argparse
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count of processes, say)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be 1 or more")
+    return value
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """``--config`` and ``--set`` for commands that take a :class:`~volumefusion.config.Config`."""
     parser.add_argument("--config", "-c", action="append", default=[], metavar="YAML",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from volumefusion.commands import positive_int
+
 EXAMPLES = """\
 examples:
   volumefusion demo                          # full demo into ./vf-demo (about 30 minutes on 2 CPU cores)
@@ -31,9 +33,9 @@ def register(sub) -> None:
     p.add_argument("--seeds", type=int, nargs="+", metavar="S",
                    help="fine-tuning seeds, replacing protocol.seeds of the settings")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="processes running at once (default: one per CPU core, each with one torch thread; "
-                        "one on a GPU)")
+    p.add_argument("--workers", type=positive_int, metavar="N",
+                   help="processes running at once, 1 or more (default: one per CPU core, each with one torch "
+                        "thread; one on a GPU)")
     p.add_argument("--config", "-c", metavar="YAML",
                    help="demo settings: a YAML file or a preset name (default: the bundled preset demo)")
     p.set_defaults(func=run)

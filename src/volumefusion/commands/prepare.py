@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from volumefusion.commands import positive_int
+
 DESCRIPTION = """\
 Prepare CT volumes once for fast training: each case is reoriented to one orientation (LPS),
 optionally resampled, cropped to the body (HU > -600, largest component) and stored as int16 HU
@@ -82,7 +84,7 @@ def register(sub) -> None:
     p.add_argument("--no-crop", action="store_true", help="store the whole volume, not just the body box")
     p.add_argument("--body-threshold", type=float, metavar="HU",
                    help="HU above which a voxel is body, for the body box (default: -600)")
-    p.add_argument("--workers", "-j", type=int, default=1, metavar="N",
+    p.add_argument("--workers", "-j", type=positive_int, default=1, metavar="N",
                    help="parallel worker processes (default: 1; each holds a few copies of one volume)")
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="i/n",
                    help="prepare only shard i of n (0-based; a stable hash of the case id decides), so n "
@@ -109,7 +111,10 @@ def run(args) -> int:
             raise VolumeFusionError("--reindex STORE takes no INPUT and no --out")
         start = time.perf_counter()
         index = reindex(args.reindex)
-        print(f"{args.reindex}: index of {len(index)} cases up to date ({time.perf_counter() - start:.1f} s)")
+        what = f"{index.reread} record(s) read again (changed since the last index)" if index.reread else \
+            "no record changed"
+        print(f"{args.reindex}: index of {len(index)} cases brought up to date: {what} "
+              f"({time.perf_counter() - start:.1f} s)")
         return 0
     if not args.inputs or args.out is None:
         raise VolumeFusionError("give the INPUT images and --out STORE (or --reindex STORE)")
@@ -129,7 +134,7 @@ def run(args) -> int:
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        summary = prepare(args.inputs, args.out, settings, workers=max(1, args.workers), shard=args.shard,
+        summary = prepare(args.inputs, args.out, settings, workers=args.workers, shard=args.shard,
                           channel=args.channel, label_dir=args.labels)
     except KeyboardInterrupt:
         if not terminated:

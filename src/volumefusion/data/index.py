@@ -85,10 +85,12 @@ class CaseInfo(NamedTuple):
 
 class CaseIndex:
     """The rows of an index, sorted by id: ``rows`` is a structured array (:func:`row_dtype`),
-    memory-mapped when read from a file; ``stamp`` the ``cases/`` mtime it was built at."""
+    memory-mapped when read from a file; ``stamp`` the ``cases/`` mtime it was built at; ``reread``
+    how many records :func:`update_index` read from their files to build it (0: none had changed)."""
 
     def __init__(self, rows: np.ndarray, stamp: int | None):
         self.rows, self.stamp = rows, stamp
+        self.reread = 0
         # plain views of the columns: indexing a memmap makes a memmap object each time (slower)
         self._columns = {name: np.asarray(rows[name]) for name in rows.dtype.names}
 
@@ -257,8 +259,9 @@ def _stable_stamp(store: Path) -> int | None:
     return stamp
 
 
-def _build_rows(store: Path, previous: CaseIndex | None) -> np.ndarray:
-    """Rows of every record in ``store``, reusing ``previous`` rows whose record version is unchanged."""
+def _build_rows(store: Path, previous: CaseIndex | None) -> tuple[np.ndarray, int]:
+    """Rows of every record in ``store``, reusing ``previous`` rows whose record version is unchanged,
+    and how many records were read."""
     files = _record_files(store)
     versions = np.array([version for _, _, version in files], dtype=np.int64).reshape(len(files), 3)
     old = np.full(len(files), -1, np.int64)
@@ -284,7 +287,7 @@ def _build_rows(store: Path, previous: CaseIndex | None) -> np.ndarray:
             rows = rows.astype(row_dtype(id_bytes, checksum_bytes))
         rows[n] = value
     # sorted by the records' own ids (normally their file names, by which ``files`` is sorted)
-    return rows[np.argsort(rows["id"], kind="stable")]
+    return rows[np.argsort(rows["id"], kind="stable")], len(fresh)
 
 
 class _NotWritable(VolumeFusionError):
@@ -292,12 +295,14 @@ class _NotWritable(VolumeFusionError):
 
 
 @contextlib.contextmanager
-def _locked(store: Path) -> Iterator[None]:
-    """Hold the store's index lock (waits for another builder); unlocked where locks are unsupported."""
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold the exclusive lock of the file ``path`` (created if missing; waits for its holder), among
+    processes on this machine and, where the file system supports locks, on others. A killed holder's
+    lock is released by the system. Unlocked where locks are unsupported."""
     try:
         import fcntl
 
-        handle = open(store / LOCK_FILE, "a")
+        handle = open(path, "a")
     except (ImportError, OSError):
         yield
         return
@@ -305,7 +310,7 @@ def _locked(store: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError as exc:  # e.g. a parallel file system mounted without lock support
-            log.debug("%s: no index lock (%s); the atomic write still keeps the index whole", store, exc)
+            log.debug("%s: no lock (%s); atomic writes still keep each file whole", path, exc)
         yield
     finally:
         handle.close()
@@ -322,7 +327,7 @@ def update_index(store: str | Path, *, full: bool = False) -> CaseIndex:
     or the store is not writable.
     """
     store = Path(store)
-    with _locked(store):
+    with file_lock(store / LOCK_FILE):
         previous = read_index_file(store / INDEX_FILE)
         if not full and previous is not None and previous.stamp == _cases_stamp(store):
             return previous
@@ -330,14 +335,16 @@ def update_index(store: str | Path, *, full: bool = False) -> CaseIndex:
             stamp = _stable_stamp(store)
         except OSError as exc:
             raise _NotWritable(f"{store}: cannot write the case index ({exc.strerror or exc})") from None
-        rows = _build_rows(store, previous)
+        rows, reread = _build_rows(store, previous)
         for leftover in store.glob(f".{INDEX_FILE}.*.tmp*"):  # temporary files of killed builders (not the lock)
             leftover.unlink(missing_ok=True)
         try:
             _write_index_file(store / INDEX_FILE, rows, stamp)
         except OSError as exc:
             raise _NotWritable(f"{store}: cannot write the case index ({exc.strerror or exc})") from None
-        return read_index_file(store / INDEX_FILE)
+        index = read_index_file(store / INDEX_FILE)
+        index.reread = reread
+        return index
 
 
 def load_index(store: str | Path) -> CaseIndex:
@@ -357,6 +364,6 @@ def load_index(store: str | Path) -> CaseIndex:
     except _NotWritable as exc:
         log.warning("%s; this process reads every record instead (run `volumefusion prepare --reindex %s` "
                     "with write access)", exc, store)
-        index = CaseIndex(_build_rows(store, index), None)
+        index = CaseIndex(_build_rows(store, index)[0], None)
     log.info("%s: index of %d cases ready in %.1f s", store, len(index), time.perf_counter() - started)
     return index

@@ -121,10 +121,35 @@ def _source_changed(record: CaseRecord, task: CaseTask) -> bool:
         return True  # gone since discovery: preparing it again reports the problem
 
 
-def prepare_case(task: CaseTask, store: str | Path, settings: PrepareSettings) -> list[str]:
-    """Read, preprocess and store one case; VolumeFusionError (naming the file) if the input is bad.
-    Returns warnings about suspicious values (:func:`~volumefusion.preprocess.suspicious_values`),
-    each naming the file."""
+def _plan(record: CaseRecord | None, task: CaseTask, store: str | Path) -> tuple[str, str]:
+    """What to do with ``task`` given the store's record of its case id (None: not prepared):
+    ``("write", why)``, ``("skip", "")`` when the record is of the same sources, unchanged, or
+    ``("duplicate", the failure reason)`` when it holds another image under the same id."""
+    source = absolute_source(task.image)
+    label_source = None if task.label is None else absolute_source(task.label)
+    if record is None:
+        return "write", ""
+    if record.source != source:
+        return "duplicate", (f"{task.image}: duplicate case id {task.case_id!r}: the store already holds it from "
+                             f"{record.source}; rename the file, or delete {store}/cases/{task.case_id}.json to "
+                             "replace it")
+    if record.channel != task.channel:
+        return "write", f"prepared from channel {record.channel}, now channel {task.channel} is asked for"
+    if record.label_source != label_source:
+        return "write", "its label was added or changed"
+    if _source_changed(record, task):
+        return "write", "source changed since it was prepared"
+    return "skip", ""
+
+
+def prepare_case(task: CaseTask, store: str | Path, settings: PrepareSettings) -> tuple[bool, list[str]]:
+    """Read, preprocess and store one case; VolumeFusionError (naming the file) if the input is bad,
+    or if another run stored another image under the same case id meanwhile.
+
+    Returns whether this call stored the case (False: another run stored it from the same sources
+    meanwhile) and warnings about suspicious values (:func:`~volumefusion.preprocess.suspicious_values`),
+    each naming the file.
+    """
     # Taken before reading: a file replaced while it is read then differs on the next run.
     try:
         version = _task_version(task)
@@ -151,32 +176,43 @@ def prepare_case(task: CaseTask, store: str | Path, settings: PrepareSettings) -
         prepared = preprocess_case(image, geometry, settings, label)
     except VolumeFusionError as exc:
         raise VolumeFusionError(f"{task.label or task.image}: {exc}") from None
+
+    def still_to_write(record: CaseRecord | None) -> bool:
+        # the last look, under the store's writer lock: another prepare run (or an overlapping shard)
+        # may have stored this case id since this run looked
+        action, reason = _plan(record, task, store)
+        if action == "duplicate":
+            raise VolumeFusionError(reason)
+        return action == "write"
+
     # the record is written last, so a recorded version always belongs to the arrays beside it
     label_source = None if task.label is None else absolute_source(task.label)
-    write_case(store, prepared, case_id=task.case_id, source=absolute_source(task.image), label_source=label_source,
-               settings=settings.to_dict(), source_version=version, channel=task.channel)
-    return warnings
+    record = write_case(store, prepared, case_id=task.case_id, source=absolute_source(task.image),
+                        label_source=label_source, settings=settings.to_dict(), source_version=version,
+                        channel=task.channel, check=still_to_write)
+    return record is not None, warnings
 
 
-def _run_task(task: CaseTask, store: str, settings: PrepareSettings) -> tuple[str | None, list[str]]:
-    """Worker entry point: ``(None, warnings)`` on success, else ``(the failure reason, [])`` (never
-    raises for bad input)."""
+def _run_task(task: CaseTask, store: str, settings: PrepareSettings) -> tuple[str | None, list[str], bool]:
+    """Worker entry point: ``(None, warnings, stored)`` on success (``stored``: see :func:`prepare_case`),
+    else ``(the failure reason, [], False)`` (never raises for bad input)."""
     try:
-        return None, prepare_case(task, store, settings)
+        stored, warnings = prepare_case(task, store, settings)
+        return None, warnings, stored
     except VolumeFusionError as exc:
-        return str(exc), []
+        return str(exc), [], False
     except MemoryError:
-        return f"{task.image}: out of memory while preparing; retry with fewer --workers", []
+        return f"{task.image}: out of memory while preparing; retry with fewer --workers", [], False
     except OSError as exc:  # the system refused: a full disk, a file that vanished, permissions
         where = f"{exc.filename}: " if exc.filename and str(exc.filename) != task.image else ""
-        return f"{task.image}: {where}{exc.strerror or exc}", []
+        return f"{task.image}: {where}{exc.strerror or exc}", [], False
     except Exception as exc:  # a bug or an exotic file must not stop the other cases
-        return f"{task.image}: unexpected {type(exc).__name__}: {exc}", []
+        return f"{task.image}: unexpected {type(exc).__name__}: {exc}", [], False
 
 
 def _execute(tasks: list[CaseTask], store: str, settings: PrepareSettings, workers: int, on_done) -> None:
     """Run ``_run_task`` over ``tasks`` with up to ``workers`` processes (which die with this one),
-    calling ``on_done(task, (error, warnings))``."""
+    calling ``on_done(task, (error, warnings, stored))``."""
     if workers <= 1:
         for task in tasks:
             on_done(task, _run_task(task, store, settings))
@@ -200,7 +236,7 @@ def _execute(tasks: list[CaseTask], store: str, settings: PrepareSettings, worke
                 except BrokenProcessPool:
                     broken = True
                     outcome = (f"{task.image}: a worker process died (out of memory or a crash in the image "
-                               "reader) while this case was running; re-run to retry", [])
+                               "reader) while this case was running; re-run to retry", [], False)
                 on_done(task, outcome)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -252,45 +288,42 @@ def prepare(
     tasks, dataset_names, failures = collect_cases(inputs, channel=channel, label_dir=label_dir)
     if not tasks and not failures:
         raise VolumeFusionError(f"no images found in {' '.join(map(str, inputs))}")
-    init_store(out, settings.to_dict(), dataset_names or label_names)
     # Each input problem is reported by exactly one shard, so the shards' summaries add up.
     summary = PrepareSummary(store=out, shard=(index, count),
                              failed=[f for f in failures if shard_of(f[0], count) == index])
+    if not tasks:  # every input failed: no store is made for nothing
+        for _, reason in summary.failed:
+            log.warning("%s", reason)
+        summary.total, summary.seconds = len(summary.failed), time.perf_counter() - start
+        return summary
+    init_store(out, settings.to_dict(), dataset_names or label_names)
     mine = [t for t in tasks if shard_of(t.case_id, count) == index]
     summary.total = len(mine) + len(summary.failed)
     todo = []
     for task in mine:
-        record = read_record(out, task.case_id)
-        label_source = None if task.label is None else absolute_source(task.label)
-        if record is None:
+        action, reason = _plan(read_record(out, task.case_id), task, out)
+        if action == "write":
+            if reason:
+                log.info("%s: %s: re-preparing", task.case_id, reason)
             todo.append(task)
-        elif record.source == absolute_source(task.image) and record.channel != task.channel:
-            log.info("%s: prepared from channel %s, now channel %s is asked for: re-preparing", task.case_id,
-                     record.channel, task.channel)
-            todo.append(task)
-        elif record.source == absolute_source(task.image) and record.label_source == label_source:
-            if _source_changed(record, task):
-                log.info("%s: source changed since it was prepared: re-preparing", task.case_id)
-                todo.append(task)
-            else:
-                summary.skipped.append(task.case_id)
-        elif record.source == absolute_source(task.image):
-            todo.append(task)  # same image, but its label was added or changed since
+        elif action == "skip":
+            summary.skipped.append(task.case_id)
         else:
-            summary.failed.append((task.image, f"{task.image}: duplicate case id {task.case_id!r}: the store "
-                                               f"already holds it from {record.source}; rename the file, or "
-                                               f"delete {out}/cases/{task.case_id}.json to replace it"))
+            summary.failed.append((task.image, reason))
     for _, reason in summary.failed:
         log.warning("%s", reason)
     bar = progress(total=len(todo), desc="prepare", unit="case")
     already_failed = len(summary.failed)
 
-    def on_done(task: CaseTask, outcome: tuple[str | None, list[str]]) -> None:
-        error, warnings = outcome
+    def on_done(task: CaseTask, outcome: tuple[str | None, list[str], bool]) -> None:
+        error, warnings, stored = outcome
         for warning in warnings:
             log.warning("%s", warning)
         summary.warnings += warnings
-        if error is None:
+        if error is None and not stored:
+            log.info("%s: prepared meanwhile by another prepare run from the same sources", task.case_id)
+            summary.skipped.append(task.case_id)
+        elif error is None:
             summary.prepared.append(task.case_id)
             if bar.disable:  # no bar (a batch job's log file): one line per case shows progress
                 done = len(summary.prepared) + len(summary.failed) - already_failed

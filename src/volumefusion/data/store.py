@@ -9,31 +9,34 @@ Layout::
       arrays/<id>/image.b2nd  int16 HU, (z, y, x), blosc2 NDArray
       arrays/<id>/label.b2nd  uint8 labels, (z, y, x) (only for labelled cases)
 
-A case exists once its record file exists: arrays are written first (each atomically), the record
-last, so a killed run never leaves a half case and shards writing into the same folder never touch
-the same file. :meth:`Store.open` reads the index, not the records (a record is read only when its
-case's :meth:`Store.case` is asked for, e.g. to restore a prediction), and rebuilds the index when
-it is missing or older than the records. Arrays are chunked ``(32, 128, 128)`` with ``(8, 32, 32)`` blocks, LZ4HC + bit
-shuffle: a ``[64, 128, 128]`` crop decompresses only the blocks it touches, LZ4 decodes fast, and
-bit shuffle brings the size within a few percent of ZSTD's (see ``benchmarks/store.py`` for the
-measurement behind this choice).
+A case exists once its record file exists: arrays are written first (into a private folder, moved
+into place), the record last, so a killed run never leaves a half case; the move and the record are
+written under the store's writer lock (``.write.lock``), after a last look at the case's record, so
+two runs writing one case id never both succeed. :meth:`Store.open` reads the index, not the records
+(a record is read only when its case's :meth:`Store.case` is asked for, e.g. to restore a
+prediction), and rebuilds the index when it is missing or older than the records. Arrays are
+chunked ``(32, 128, 128)`` with ``(8, 32, 32)`` blocks, LZ4HC + bit shuffle: a ``[64, 128, 128]``
+crop decompresses only the blocks it touches, LZ4 decodes fast, and bit shuffle brings the size
+within a few percent of ZSTD's (see ``benchmarks/store.py`` for the measurement behind this choice).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import secrets
 import shutil
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from volumefusion import VolumeFusionError
-from volumefusion.data.index import INDEX_FILE, CaseIndex, CaseInfo, load_index, update_index
+from volumefusion.data.index import INDEX_FILE, CaseIndex, CaseInfo, file_lock, load_index, update_index
 from volumefusion.files import atomic_path, atomic_write_text
 from volumefusion.io import is_image_file
 
@@ -43,7 +46,9 @@ CHUNKS = (32, 128, 128)
 BLOCKS = (8, 32, 32)
 _CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 STORE_ENTRIES = ("store.json", "cases", "arrays", INDEX_FILE)
-"""what a store folder holds (besides hidden temporary files)."""
+"""what a store folder holds (besides hidden temporary files and locks)."""
+WRITE_LOCK = ".write.lock"
+"""The lock under which a case's record is checked and its files are put in place (:func:`write_case`)."""
 
 
 def safe_case_id(name: str) -> str:
@@ -105,22 +110,61 @@ class CaseRecord:
         )
 
 
+class StoreChanged(VolumeFusionError):
+    """A stored array was replaced or removed while a reader had it open: the store was prepared again
+    (sources replaced) during training. blosc2 re-reads an open array's file by its path, so an array
+    that another ``prepare`` rewrote cannot be read on; the run must stop and start again on the
+    store as it is now.
+
+    Raised in a DataLoader worker, torch re-raises it in the training process with the worker's
+    traceback as the message; the one-line message the worker raised is kept instead.
+    """
+
+    def __init__(self, message: str):
+        marker = f"{type(self).__name__}: "
+        if message.startswith(f"Caught {type(self).__name__} ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
 class CaseArray:
     """A stored ``(z, y, x)`` array; slicing it returns an ``np.ndarray`` read from the touched blocks only.
 
-    Picklable (it reopens the file in the receiving process), so loader workers can share it.
+    Picklable (it reopens the file in the receiving process), so loader workers can share it. A read
+    that fails because the file was replaced or removed since it was opened raises :class:`StoreChanged`.
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._array = None
+        self._version: tuple[int, int] | None = None
+
+    def _file_version(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns
+
+    def _changed(self, opened: bool) -> StoreChanged:
+        if not opened:
+            problem = "is missing, though the store's index lists its case"
+        else:
+            problem = f"was {'removed' if self._file_version() is None else 'replaced'} while it was being read"
+        return StoreChanged(f"{self.path}: the stored array {problem}: was the store prepared again (sources "
+                            "replaced) while this run read it? Re-prepare a store only when no run reads it; "
+                            "then start the run again (or --resume it) on the store as it is now")
 
     def _open(self):
         if self._array is None:
             import blosc2
 
+            version = self._file_version()
+            if version is None:
+                raise self._changed(opened=False)
             # One decompression thread: loader parallelism comes from worker processes.
             self._array = blosc2.open(str(self.path), mode="r", dparams={"nthreads": 1})
+            self._version = version
         return self._array
 
     @property
@@ -132,14 +176,20 @@ class CaseArray:
         return np.dtype(self._open().dtype)
 
     def __getitem__(self, key) -> np.ndarray:
-        return np.asarray(self._open()[key])
+        array = self._open()
+        try:
+            return np.asarray(array[key])
+        except Exception:  # blosc2 says "Error while refreshing the array" of a file replaced under it
+            if self._file_version() != self._version:
+                raise self._changed(opened=True) from None
+            raise
 
     def read(self) -> np.ndarray:
         """The whole array."""
         return self[...]
 
     def __getstate__(self):
-        return {"path": self.path, "_array": None}
+        return {"path": self.path, "_array": None, "_version": None}
 
 
 def write_array(path: Path, array: np.ndarray) -> None:
@@ -285,35 +335,50 @@ def write_case(
     settings: dict,
     source_version: dict | None = None,
     channel: int | None = None,
-) -> CaseRecord:
+    check: Callable[[CaseRecord | None], bool] | None = None,
+) -> CaseRecord | None:
     """Write a :class:`~volumefusion.preprocess.PreparedCase` into the store and return its record.
 
-    Order matters for crash safety: an old record is removed first, leftovers of a killed run are
-    cleared, the arrays are written (each atomically), and the record file comes last.
+    The arrays are written into a private folder first; then, holding the store's writer lock,
+    ``check(current record or None)`` decides: False leaves the case as another writer left it (and
+    returns None), an exception refuses the write, True goes on. Under the same lock the old record
+    is removed, the new arrays are moved into place and the record file comes last. So two runs that
+    write one case id never both succeed (the second sees the first's record), and a killed run never
+    leaves a half case.
     """
     if not _CASE_ID.fullmatch(case_id):
         raise ValueError(f"case id {case_id!r} is not a safe file name; use safe_case_id()")
     store_path = Path(store_path)
     record_file = record_path(store_path, case_id)
-    record_file.unlink(missing_ok=True)
-    for leftover in record_file.parent.glob(f".{case_id}.json.*"):
-        leftover.unlink(missing_ok=True)  # a killed writer's temporary record
     folder = case_dir(store_path, case_id)
-    if folder.exists():
-        shutil.rmtree(folder)
-    write_array(folder / "image.b2nd", prepared.image)
-    if prepared.label is not None:
-        write_array(folder / "label.b2nd", prepared.label)
-    classes = [int(v) for v in np.unique(prepared.label) if v != 0] if prepared.label is not None else []
-    record = CaseRecord(
-        id=case_id, source=source, label_source=label_source, shape=tuple(prepared.image.shape),
-        spacing_zyx=tuple(float(s) for s in prepared.spacing_zyx),
-        body_box=tuple(tuple(int(v) for v in b) for b in prepared.body_box), label_classes=classes,
-        checksum=array_checksum(prepared.image, prepared.label), restore=prepared.restore, settings=settings,
-        source_version=source_version or {}, channel=channel,
-    )
-    atomic_write_text(record_file, json.dumps(record.to_dict(), indent=1) + "\n")
-    return record
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    private = folder.parent / f".{case_id}.{secrets.token_hex(6)}.tmp"
+    private.mkdir()
+    try:
+        write_array(private / "image.b2nd", prepared.image)
+        if prepared.label is not None:
+            write_array(private / "label.b2nd", prepared.label)
+        classes = [int(v) for v in np.unique(prepared.label) if v != 0] if prepared.label is not None else []
+        record = CaseRecord(
+            id=case_id, source=source, label_source=label_source, shape=tuple(prepared.image.shape),
+            spacing_zyx=tuple(float(s) for s in prepared.spacing_zyx),
+            body_box=tuple(tuple(int(v) for v in b) for b in prepared.body_box), label_classes=classes,
+            checksum=array_checksum(prepared.image, prepared.label), restore=prepared.restore, settings=settings,
+            source_version=source_version or {}, channel=channel,
+        )
+        with file_lock(store_path / WRITE_LOCK):
+            if check is not None and not check(read_record(store_path, case_id)):
+                return None
+            record_file.unlink(missing_ok=True)
+            for leftover in record_file.parent.glob(f".{case_id}.json.*"):
+                leftover.unlink(missing_ok=True)  # a killed writer's temporary record
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(private, folder)
+            atomic_write_text(record_file, json.dumps(record.to_dict(), indent=1) + "\n")
+        return record
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 class Store:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from volumefusion import VolumeFusionError, config
-from volumefusion.checkpoint import Checkpoint, read_checkpoint
+from volumefusion.checkpoint import Checkpoint, check_finite_weights, read_checkpoint
 from volumefusion.config import Config
 from volumefusion.deprecated import moved
 from volumefusion.log import get_logger
@@ -122,7 +122,9 @@ def state_dict_differences(model_state: dict[str, torch.Tensor], state: dict[str
 
 def load_exactly(model: nn.Module, state: dict[str, torch.Tensor], name: str | Path) -> None:
     """``model.load_state_dict(state)``, strict; a mismatch is a VolumeFusionError naming the file
-    ``name`` and the first tensors that differ, with their shapes (:func:`state_dict_differences`)."""
+    ``name`` and the first tensors that differ, with their shapes (:func:`state_dict_differences`), and
+    so are non-finite weights (:func:`~volumefusion.checkpoint.check_finite_weights`)."""
+    check_finite_weights(state, name)
     differences = state_dict_differences(model.state_dict(), state)
     if differences:
         more = f"; ... {len(differences) - 3} more" if len(differences) > 3 else ""
@@ -147,7 +149,7 @@ def load_pretrained(model: nn.Module, source: str | Path | dict | Checkpoint, pa
     module paths (``"stem.proj"``) the caller accepts at their fresh initialisation. ``partial=None``
     accepts any partial load (the report still lists what was left out). ``name``: the file a loaded
     dict came from, for messages and the report. Raises :class:`VolumeFusionError` naming the file for
-    corrupt, foreign or mismatched checkpoints.
+    corrupt, foreign or mismatched checkpoints and for non-finite weights (a diverged run's).
     """
     ckpt = read_checkpoint(source)
     state, layout, name = ckpt.state, ckpt.layout, name or ckpt.source

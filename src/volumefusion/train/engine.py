@@ -7,6 +7,11 @@ validate) comes from a :class:`Task`. The engine knows nothing of any particular
 
 Exact resume: the data stream and every per-step random draw are functions of (seed, rank, step),
 and the checkpoint carries the global RNG states (dropout), so N steps + resume + N steps equals 2N.
+
+Divergence: a step whose loss or gradient norm is not finite (NaN or inf) changes nothing: the
+optimiser skips it and the normalisation statistics its forward pass moved are put back; after
+:data:`MAX_NONFINITE_STEPS` such steps in a row the run stops with an error. A checkpoint is only
+ever written with finite weights.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ import torch.distributed as dist
 from torch import nn
 
 from volumefusion import VolumeFusionError
-from volumefusion.checkpoint import clean_state_dict, read_checkpoint, save_checkpoint
+from volumefusion.checkpoint import check_finite_weights, clean_state_dict, read_checkpoint, save_checkpoint
 from volumefusion.config import Config, OptimConfig, changed_fields
+from volumefusion.data.store import StoreChanged
 from volumefusion.device import autocast, autocast_dtype, resolve_device
 from volumefusion.log import get_logger, progress
 from volumefusion.nets import main_output
@@ -45,6 +51,9 @@ RESUMABLE_CHANGES = frozenset({
     "run.val_samples", "run.checkpoint_every", "run.keep_last", "run.image_every", "data.workers",
     "data.prefetch", "model.activation_checkpointing", "finetune.window_batch",
 })
+
+MAX_NONFINITE_STEPS = 5
+"""Non-finite steps in a row after which a run stops: one is a bad batch, several are divergence."""
 
 
 class Task(Protocol):
@@ -192,7 +201,12 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
-        self.autocast = functools.partial(autocast, self.device, autocast_dtype(cfg.run.precision, self.device))
+        dtype = autocast_dtype(cfg.run.precision, self.device)
+        if dtype == torch.bfloat16 and self.device.type == "cpu":
+            log.warning("run.precision=bf16 on the CPU: oneDNN's bf16 3D-convolution backward (seen with torch %s) "
+                        "turned most runs' losses into NaN within 20 steps; use run.precision=fp32 on the CPU "
+                        "(bf16 is meant for GPUs)", torch.__version__)
+        self.autocast = functools.partial(autocast, self.device, dtype)
         memory_format = torch.channels_last_3d if cfg.run.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=memory_format)
         self.loss_fn = DeepSupervisionLoss(task.num_classes, cfg.loss.dice_weight, cfg.loss.ce_weight,
@@ -208,6 +222,12 @@ class Trainer:
             self.optimizer, [self._group_lambda(g["name"]) for g in groups])
         self.step = 0
         self.best_score: float | None = None
+        self.nonfinite_in_row = 0
+        # what a training-mode forward pass changes besides the parameters (normalisation running
+        # statistics): restored after a non-finite step, which would otherwise leave them NaN for good
+        self._running = [b for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                         for b in m.buffers()]
+        self._running_before = [b.clone() for b in self._running]
         self.ckpt_dir = self.out_dir / "checkpoints"
         if resume:
             self._resume(resume)
@@ -245,10 +265,14 @@ class Trainer:
         }
 
     def save(self, name: str) -> Path | None:
+        """Write checkpoint ``name``; a VolumeFusionError instead when the weights are not finite."""
         if not self.dist.is_main:
             return None
         path = self.ckpt_dir / name
-        save_checkpoint(path, self._payload())
+        payload = self._payload()
+        check_finite_weights(payload["model"], f"step {self.step}", action=f"{path} not written; the run diverged "
+                             f"(lower optim.lr, or set optim.grad_clip)")
+        save_checkpoint(path, payload)
         return path
 
     def _save_numbered(self) -> None:
@@ -297,15 +321,18 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def _train_step(self, data: Iterator[dict[str, Any]], keep: bool) -> tuple[torch.Tensor, int, tuple | None]:
+    def _train_step(self, data: Iterator[dict[str, Any]], keep: bool) -> tuple[torch.Tensor | None, int, tuple | None]:
         """One optimiser step over ``accumulate`` micro-batches.
 
-        Returns the loss (a device tensor, not synchronised), the samples seen, and, if ``keep``, the
-        last micro-batch's (inputs, labels, outputs) for pictures.
+        Returns the loss (a device tensor; None when the loss or the gradient norm was not finite and
+        the step was skipped), the samples seen, and, if ``keep``, the last micro-batch's (inputs,
+        labels, outputs) for pictures.
         """
         accumulate = self.cfg.optim.accumulate
         self.train_model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        if self._running:
+            torch._foreach_copy_(self._running_before, self._running)
         total = torch.zeros((), device=self.device)
         samples = 0
         for micro in range(accumulate):
@@ -321,21 +348,46 @@ class Trainer:
             loss.backward()
             total += loss.detach()
             samples += x.shape[0]
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if self.cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
+            norm = torch.nn.utils.clip_grad_norm_(grads, self.cfg.optim.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads)
+        # one synchronisation a step; under DDP the gradients agree but the losses are per rank
+        bad = (~torch.isfinite(norm + total)).float()
+        if self.dist.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        finite = not bad.item()
+        if finite:
+            self.optimizer.step()
+        else:
+            if self._running:
+                torch._foreach_copy_(self._running, self._running_before)
+            log.warning("step %d: the loss (%s) or the gradient norm (%s) is not finite; step skipped",
+                        self.step + 1, f"{total.item():.4g}", f"{norm.item():.4g}")
         self.scheduler.step()
-        return total, samples, (x, y, outputs) if keep else None
+        return total if finite else None, samples, (x, y, outputs) if keep else None
 
     def validate(self) -> dict[str, float]:
         self.model.eval()
         with torch.no_grad():
             metrics = self.task.validate(self.model, self.device, self.autocast)
         score = metrics.get("score")
-        if score is not None and (self.best_score is None or score > self.best_score):
+        if score is not None and math.isfinite(score) and (self.best_score is None or score > self.best_score):
             self.best_score = score
             self.save("best.pt")
         return metrics
+
+    def _stop_on_data_error(self, exc: StoreChanged, bar) -> None:
+        """The data changed under the run: write ``latest.pt`` (the weights of the last finished step)
+        and stop with the data's error and where to continue from."""
+        bar.close()
+        self.logger.close()
+        path = None
+        with contextlib.suppress(VolumeFusionError):  # non-finite weights are not saved
+            path = self.save("latest.pt")
+        saved = f"; stopped at step {self.step}, {path} written: continue with --resume" if path else ""
+        raise StoreChanged(f"{exc}{saved}") from None
 
     def fit(self) -> FitResult:
         run = self.cfg.run
@@ -344,7 +396,7 @@ class Trainer:
         data = iter(self.task.batches(self.step * accumulate, self.dist.rank, self.dist.world_size))
         bar = progress(total=run.max_steps, initial=self.step, desc="train", unit="step",
                        disable=None if self.dist.is_main else True)
-        running, count, t_log = torch.zeros((), device=self.device), 0, time.perf_counter()
+        running, count, skipped, t_log = torch.zeros((), device=self.device), 0, 0, time.perf_counter()
         samples_since = 0
         first = self.step
         with _Signals(data) as signals:
@@ -360,16 +412,27 @@ class Trainer:
                         f"{list(self.cfg.data.crop_size)}): lower --batch-size (use optim.accumulate to keep "
                         "the global batch), set model.activation_checkpointing=true, or use a smaller "
                         "data.crop_size") from None
+                except StoreChanged as exc:
+                    self._stop_on_data_error(exc, bar)
                 self.step += 1
-                running += loss
-                count += 1
+                if loss is None:
+                    skipped += 1
+                    self.nonfinite_in_row += 1
+                    if self.nonfinite_in_row >= MAX_NONFINITE_STEPS:
+                        break
+                else:
+                    self.nonfinite_in_row = 0
+                    running += loss
+                    count += 1
                 samples_since += samples * self.dist.world_size
                 bar.update(1)
                 if self.step % run.log_every == 0 or self.step == run.max_steps:
                     elapsed = time.perf_counter() - t_log
-                    record = {"step": self.step, "loss": running.item() / count,
+                    record = {"step": self.step, "loss": running.item() / count if count else float("nan"),
                               "lr": self.optimizer.param_groups[0]["lr"],
                               "samples_per_s": samples_since / max(elapsed, 1e-9)}
+                    if skipped:
+                        record["skipped_steps"] = skipped
                     if self.device.type == "cuda":
                         record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                     self.logger.log(record)
@@ -377,14 +440,18 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     sps=f"{record['samples_per_s']:.1f}", refresh=False)
                     running.zero_()
-                    count, samples_since, t_log = 0, 0, time.perf_counter()
+                    count, skipped, samples_since, t_log = 0, 0, 0, time.perf_counter()
                 if last is not None:
                     x, y, outputs = last
                     pred = main_output(outputs).argmax(1)
                     self.task.save_images(self.out_dir / "images" / f"step_{self.step:08d}.png", x, y, pred)
                 if self.step % run.val_every == 0 or self.step == run.max_steps:
                     if self.dist.is_main:
-                        record = {"step": self.step, **{f"val_{k}": v for k, v in self.validate().items()}}
+                        try:
+                            metrics = self.validate()
+                        except StoreChanged as exc:
+                            self._stop_on_data_error(exc, bar)
+                        record = {"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}}
                         self.logger.log(record)
                         result.history.append(record)
                     self.logger.plot(force=False)
@@ -396,6 +463,13 @@ class Trainer:
                     result.interrupted = signals.requested or "signal on another rank"
                     break
         bar.close()
+        if self.nonfinite_in_row >= MAX_NONFINITE_STEPS:
+            self.logger.close()
+            raise VolumeFusionError(
+                f"the loss or the gradients were not finite (NaN or inf) in {self.nonfinite_in_row} steps in a row, "
+                f"steps {self.step - self.nonfinite_in_row + 1} to {self.step}: training diverged. Lower optim.lr "
+                f"(now {self.cfg.optim.lr:g}), set optim.grad_clip, or use run.precision=fp32 on the CPU; skipped "
+                f"steps change no weights, so the checkpoints in {self.ckpt_dir} hold weights from before them")
         self.save("latest.pt")
         self.logger.plot()
         self.logger.close()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from volumefusion import VolumeFusionError, nets
 from volumefusion.checkpoint import Checkpoint, read_checkpoint
@@ -34,17 +36,30 @@ ADJUSTABLE_MODEL_FIELDS = frozenset({
 
 def check_model_settings(cfg: Config) -> None:
     """Errors for settings the data cannot meet: input channels other than CT's one, a crop the
-    network's down-sampling does not divide (checked on the meta device: no memory, no time)."""
+    network's down-sampling does not divide, a crop so small that normalisation in training sees a
+    single value per channel at the coarsest level (checked on the meta device: no memory, no time)."""
     if cfg.model.in_channels != 1:
         raise VolumeFusionError(f"model.in_channels: {cfg.model.in_channels}, but prepared stores hold "
                                 "single-channel CT; set it to 1 (pretrained weights with other input channels "
                                 "are adapted when fine-tuning)")
     with torch.device("meta"):
-        divisor = nets.build_model(cfg.model, 2).size_divisor
-    if any(c % d for c, d in zip(cfg.data.crop_size, divisor)):
+        model = nets.build_model(cfg.model, 2)
+    divisor, crop = model.size_divisor, list(cfg.data.crop_size)
+    if any(c % d for c, d in zip(crop, divisor)):
         raise VolumeFusionError(
-            f"data.crop_size: {list(cfg.data.crop_size)} must be divisible by the network's down-sampling "
-            f"{list(divisor)} on every axis")
+            f"data.crop_size: {crop} must be divisible by the network's down-sampling {list(divisor)} on every axis")
+    # Batch norm needs two values per channel in a batch, instance norm two per sample.
+    per_sample = any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in model.modules())
+    batch = 1 if per_sample else cfg.run.batch_size
+    if batch * math.prod(c // d for c, d in zip(crop, divisor)) < 2:
+        smallest = list(divisor)
+        smallest[smallest.index(min(smallest))] *= 2
+        raise VolumeFusionError(
+            f"data.crop_size: {crop} is the network's down-sampling {list(divisor)}, one voxel at its coarsest "
+            f"level, where its normalisation needs more than one value per channel in training"
+            + ("" if per_sample else f" (run.batch_size {cfg.run.batch_size})")
+            + f": the smallest crop it takes is twice that on one axis, e.g. {smallest}"
+            + ("" if per_sample else ", or use run.batch_size 2 or more"))
 
 
 def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
