@@ -353,7 +353,7 @@ def test_builtin_weights_are_taken_wherever_a_checkpoint_is(tmp_path, capsys):
     plans = write_ct_plans(tmp_path / "p.json")
     assert main(["-q", "export", "nnunet", "--checkpoint", "builtin:demo", "--plans", str(plans),
                  "--out", str(out)]) == 0
-    assert (out / "volumefusion_3d_fullres_pctnet.pth").is_file()
+    assert (out / "nnUNetPlans_volumefusion_3d_fullres_pctnet.pth").is_file()
     assert main(["-q", "convert", "builtin:demo", "--out", str(tmp_path / "x.pt")]) == 2
     assert "builtin:demo: a volumefusion checkpoint, which needs no conversion" in capsys.readouterr().err
 def test_a_checkpoint_with_nonfinite_weights_is_refused_by_every_reader(tmp_path, capsys, tiny_checkpoint):

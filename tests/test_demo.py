@@ -241,9 +241,9 @@ def test_builtin_weights_load_with_every_encoder_tensor_matched():
     demo's fine-tuning network (only the class-dependent outputs start fresh)."""
     import torch
 
-    from volumefusion.checkpoint import load_checkpoint
+    from volumefusion.checkpoint import load_checkpoint, resolve_weights
     from volumefusion.nets import build_model
-    from volumefusion.nets.weights import load_pretrained, resolve_weights
+    from volumefusion.nets.weights import load_pretrained
 
     path = resolve_weights("builtin:demo")
     assert path.stat().st_size <= 10 * 2**20
@@ -263,7 +263,7 @@ def test_builtin_weights_load_with_every_encoder_tensor_matched():
 
 def test_unknown_builtin_weights_name_the_available_ones():
     from volumefusion import VolumeFusionError
-    from volumefusion.nets.weights import resolve_weights
+    from volumefusion.checkpoint import resolve_weights
 
     with pytest.raises(VolumeFusionError, match="builtin:demo"):
         resolve_weights("builtin:nope")

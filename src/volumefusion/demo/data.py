@@ -18,7 +18,8 @@ from volumefusion.data.phantoms import write_msd_dataset, write_phantoms
 from volumefusion.data.prepare import prepare
 from volumefusion.data.samples import chest_ct
 from volumefusion.demo.settings import SEED_BASE, DemoSettings
-from volumefusion.io import atomic_write_text, read_image, write_image
+from volumefusion.files import atomic_write_text
+from volumefusion.io import read_image, write_image
 from volumefusion.log import get_logger
 from volumefusion.preprocess import PrepareSettings
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from volumefusion import VolumeFusionError
-from volumefusion.checkpoint import load_checkpoint, save_checkpoint
+from volumefusion.checkpoint import load_checkpoint, resolve_weights, save_checkpoint
 from volumefusion.config import Config, from_dict, load, save, to_dict
 from volumefusion.demo.data import DemoData, make_data
 from volumefusion.demo.report import write_report
@@ -34,11 +34,10 @@ from volumefusion.demo.results import DemoResult, GateResult, PretrainResult, Ru
 from volumefusion.demo.settings import PROBE_ARMS, DemoSettings, load_settings
 from volumefusion.device import resolve_device
 from volumefusion.evaluate import evaluate_folders
+from volumefusion.files import atomic_write_text, check_writable_folder
 from volumefusion.infer import predict_files
-from volumefusion.io import atomic_write_text, check_writable_folder
 from volumefusion.log import get_logger, setup
 from volumefusion.nets import build_model, main_output
-from volumefusion.nets.weights import resolve_weights
 from volumefusion.processes import cpu_count, worker_pool
 from volumefusion.train.logging import read_metrics
 from volumefusion.train.runs import evaluate_pretext, finetune, pretrain
