@@ -151,8 +151,10 @@ def test_modules_are_named_lazily_only_by_the_api_and_the_deprecated_aliases():
             if isinstance(node, ast.Attribute) and node.attr == "import_module":
                 lazy.setdefault(_module_name(path), 0)
                 lazy[_module_name(path)] += 1
-    # the package's API, the deprecated aliases, and the CLI loading its command modules by name
-    assert set(lazy) == {"volumefusion", "volumefusion.deprecated", "volumefusion.cli"}
+    # the package's API, the deprecated aliases, the CLI loading its command modules by name, and the
+    # nnU-Net export probing whether timm (an optional library of nnU-Net's) imports
+    assert set(lazy) == {"volumefusion", "volumefusion.deprecated", "volumefusion.cli",
+                         "volumefusion.integrations.nnunet.export"}
 
 
 ALIASED = ["volumefusion.io", "volumefusion.nets.weights"]
