@@ -414,6 +414,13 @@ class Trainer:
                         "data.crop_size") from None
                 except StoreChanged as exc:
                     self._stop_on_data_error(exc, bar)
+                except RuntimeError as exc:
+                    # a signal to the process group can end a loader worker before this step got its
+                    # batch: that is the stop that was asked for, not a failure
+                    if not signals.requested or "DataLoader worker" not in str(exc):
+                        raise
+                    result.interrupted = signals.requested
+                    break
                 self.step += 1
                 if loss is None:
                     skipped += 1
