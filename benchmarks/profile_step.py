@@ -86,7 +86,7 @@ def main() -> None:
     print(result["table"])
     print(f"{result['ms_per_step_total']:.1f} ms of profiled operator time per step on {result['device']}")
     if args.out:
-        from volumefusion.io import atomic_write_text
+        from volumefusion.files import atomic_write_text
 
         atomic_write_text(args.out, json.dumps({k: v for k, v in result.items() if k != "table"}, indent=1) + "\n")
 

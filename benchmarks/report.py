@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is None:
         sys.stdout.write(page)
     else:
-        from volumefusion.io import atomic_write_text
+        from volumefusion.files import atomic_write_text
 
         atomic_write_text(args.out, page)
         print(f"[report] {len(documents)} result files -> {args.out}", file=sys.stderr)

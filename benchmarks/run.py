@@ -333,7 +333,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from volumefusion.io import atomic_write_text
+    from volumefusion.files import atomic_write_text
 
     command = "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv)
     document = {

@@ -106,3 +106,53 @@ def write_bad_checkpoints(folder):
     files["empty"] = (folder / "empty.pt", "an empty file (0 bytes)")
     files["empty"][0].write_bytes(b"")
     return files
+
+
+def write_ct_plans(path: Path) -> Path:
+    """A minimal nnU-Net plans file of one CT channel, as `export nnunet` reads it (no nnU-Net needed)."""
+    import json
+
+    arch = {"network_class_name": "x", "arch_kwargs": {}, "_kw_requires_import": []}
+    path.write_text(json.dumps({
+        "plans_name": "nnUNetPlans", "foreground_intensity_properties_per_channel": {"0": {"mean": 0.0}},
+        "configurations": {"3d_fullres": {"patch_size": [16, 48, 48], "spacing": [10.0, 7.5, 7.5],
+                                          "architecture": arch, "normalization_schemes": ["CTNormalization"]}}}))
+    return path
+
+
+@pytest.fixture
+def count_reads(monkeypatch):
+    """``count_reads(path)`` -> ``{"opened": n, "loaded": n}``, updated as the test goes on: how often
+    ``path`` is opened (by Python's ``open``, or by ``torch.load`` or safetensors given the path itself)
+    and how often ``torch.load`` deserialises it."""
+    import builtins
+    import io
+
+    import safetensors
+    import safetensors.torch
+
+    watched: dict[Path, dict[str, int]] = {}
+
+    def key(file) -> Path | None:
+        name = file if isinstance(file, (str, os.PathLike)) else getattr(file, "name", None)
+        return Path(name).resolve() if isinstance(name, (str, os.PathLike)) else None
+
+    def counting(real, loads: bool):
+        def call(file, *args, **kwargs):
+            counts = watched.get(key(file))
+            if counts is not None:
+                counts["opened"] += not loads or isinstance(file, (str, os.PathLike))
+                counts["loaded"] += loads
+            return real(file, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(builtins, "open", counting(builtins.open, loads=False))
+    monkeypatch.setattr(io, "open", counting(io.open, loads=False))
+    monkeypatch.setattr(torch, "load", counting(torch.load, loads=True))
+    monkeypatch.setattr(safetensors, "safe_open", counting(safetensors.safe_open, loads=False))
+    monkeypatch.setattr(safetensors.torch, "load_file", counting(safetensors.torch.load_file, loads=False))
+
+    def watch(path) -> dict[str, int]:
+        return watched.setdefault(Path(path).resolve(), {"opened": 0, "loaded": 0})
+
+    return watch

@@ -22,7 +22,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from tests.conftest import CONFORMANCE, TINY_MODEL, write_bad_checkpoints
+from tests.conftest import CONFORMANCE, TINY_MODEL, write_bad_checkpoints, write_ct_plans
 from volumefusion import VolumeFusionError, config
 from volumefusion.checkpoint import save_checkpoint
 from volumefusion.cli import main
@@ -277,6 +277,85 @@ def test_a_bad_checkpoint_is_refused_in_one_line_saying_what_it_is(tmp_path, cap
     assert not (tmp_path / "ours.pt").exists() and not any((tmp_path / "out").glob("*"))
 
 
+def bad_checkpoint_contents(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Files that are checkpoints of a readable format holding the wrong things, and broken
+    safetensors files: ``{name: (path, phrase the error must contain)}``."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = config.load(overrides=TINY_MODEL[:4])
+    state = {k: v.contiguous() for k, v in build_model(cfg.model, 3).state_dict().items()}
+    meta = {"config": json.dumps(cfg.to_dict()), "num_classes": "3"}
+    files = {}
+
+    def add(name: str, phrase: str) -> Path:
+        files[name] = (folder / name, phrase)
+        return folder / name
+
+    torch.save(torch.zeros(3), add("tensor.pt", "holds a Tensor, not a checkpoint"))
+    save_checkpoint(add("hello.pt", "its config is a str ('hello'), not a mapping"),
+                    {"model": state, "config": "hello", "task": {"num_classes": 3}})
+    save_checkpoint(add("five.pt", "task.num_classes is 'five'"),
+                    {"model": state, "config": cfg.to_dict(), "task": {"num_classes": "five"}})
+    add("text.safetensors", "a text file").write_text("these are not the weights\n")
+    add("empty.safetensors", "an empty file (0 bytes)").write_bytes(b"")
+    whole = add("truncated.safetensors", "truncated or damaged")
+    save_file(state, str(whole), metadata=meta)
+    whole.write_bytes(whole.read_bytes()[:-100])
+    lying = add("lying.safetensors", "its header claims 1000000 bytes")
+    lying.write_bytes((1000000).to_bytes(8, "little") + b'{"w": {}}')
+    save_file(state, str(add("config.safetensors", "its metadata config is not JSON")),
+              metadata={**meta, "config": "{model: pctnet"})
+    save_file(state, str(add("classes.safetensors", "task.num_classes is 'five'")),
+              metadata={**meta, "num_classes": "five"})
+    return files
+
+
+@pytest.mark.parametrize("command", ["predict", "finetune", "convert", "export"])
+def test_a_checkpoint_with_the_wrong_contents_is_refused_in_one_line_naming_it(tmp_path, capsys, command):
+    image = tmp_path / "ct.nii.gz"
+    write_image(image, _ct(0), GEOMETRY)
+    for name, (path, phrase) in bad_checkpoint_contents(tmp_path / "checkpoints").items():
+        args = {"predict": ["predict", "-m", str(path), "-i", str(image), "-o", str(tmp_path / "out")],
+                "finetune": ["finetune", "--data", str(tmp_path / "nowhere"), "--pretrained", str(path),
+                             "--out", str(tmp_path / "run")],
+                "convert": ["convert", str(path), "--out", str(tmp_path / "ours.pt")],
+                "export": ["export", "nnunet", "--checkpoint", str(path), "--plans",
+                           str(write_ct_plans(tmp_path / "p.json")), "--out", str(tmp_path / "nnunet")]}[command]
+        assert main(["-q", *args]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"volumefusion {args[0]}: error: {path}: ") and phrase in err, (name, err)
+        assert "\n" not in err, (name, err)
+    assert not (tmp_path / "ours.pt").exists() and not (tmp_path / "nnunet").exists()
+
+
+def test_load_model_names_the_file_and_the_problem_of_every_bad_checkpoint(tmp_path):
+    import volumefusion as vf
+    from volumefusion import VolumeFusionError
+
+    files = write_bad_checkpoints(tmp_path / "files")
+    del files["safetensors"]  # tensors without a config: tests/test_api.py
+    catalogue = {**bad_checkpoint_contents(tmp_path), **files}
+    cfg = config.load(overrides=TINY_MODEL[:4])
+    save_checkpoint(tmp_path / "no_task.pt", {"model": build_model(cfg.model, 3).state_dict(), "config": cfg.to_dict()})
+    catalogue["no_task"] = (tmp_path / "no_task.pt", "no task.num_classes")
+    for name, (path, phrase) in catalogue.items():
+        with pytest.raises(VolumeFusionError) as error:
+            vf.load_model(path)
+        assert str(error.value).startswith(f"{path}: ") and phrase in str(error.value), (name, str(error.value))
+
+
+def test_builtin_weights_are_taken_wherever_a_checkpoint_is(tmp_path, capsys):
+    import volumefusion as vf
+
+    assert vf.load_model("builtin:demo").num_classes == 5
+    out = tmp_path / "nnunet"
+    plans = write_ct_plans(tmp_path / "p.json")
+    assert main(["-q", "export", "nnunet", "--checkpoint", "builtin:demo", "--plans", str(plans),
+                 "--out", str(out)]) == 0
+    assert (out / "nnUNetPlans_volumefusion_3d_fullres_pctnet.pth").is_file()
+    assert main(["-q", "convert", "builtin:demo", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "builtin:demo: a volumefusion checkpoint, which needs no conversion" in capsys.readouterr().err
 def test_a_checkpoint_with_nonfinite_weights_is_refused_by_every_reader(tmp_path, capsys, tiny_checkpoint):
     """A diverged run's weights: predicting, fine-tuning or loading from them is refused in one line."""
     from volumefusion import api

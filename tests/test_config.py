@@ -156,3 +156,25 @@ def test_quiet_goes_before_or_after_the_command_and_hides_progress_bars(monkeypa
     assert not vf_log.progress(range(2)).disable
     vf_log.setup(-1)
     assert vf_log.progress(range(2), disable=None).disable
+
+
+def test_a_command_module_that_fails_to_import_is_an_error_not_a_missing_command(monkeypatch):
+    from volumefusion import cli
+
+    monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, "evalute"])  # a typo
+    with pytest.raises(ModuleNotFoundError, match="volumefusion.commands.evalute"):
+        cli.build_parser()
+
+
+def test_another_commands_settings_file_is_recognised_by_its_content_wherever_it_lies(tmp_path):
+    copy = tmp_path / "my_settings.yaml"
+    copy.write_text((config.PRESETS / "demo.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"my_settings.yaml holds the settings of `volumefusion demo`.*demo -c"):
+        config.load(copy)
+    unnamed = tmp_path / "unnamed.yaml"  # foreign sections without a first line saying whose: the field is named
+    unnamed.write_text("phantoms: {pool: 3}\n")
+    with pytest.raises(ConfigError, match="phantoms: unknown field"):
+        config.load(unnamed)
+    own = tmp_path / "run.yaml"  # a run config may name its command too
+    own.write_text("# `volumefusion pretrain` on my scans\noptim: {lr: 0.5}\n")
+    assert config.load(own).optim.lr == 0.5

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from volumefusion import config
 from volumefusion.config import PRESETS, ConfigError
 from volumefusion.demo import ARMS, load_settings
 from volumefusion.demo.data import paired_organs_merged
@@ -27,6 +29,11 @@ def quick_demo(tmp_path_factory):
     return out
 
 
+def _arms(settings, n):
+    proto = settings.protocol
+    return [a for a in ARMS if a in (proto.arms if n == proto.primary else proto.other_arms)]
+
+
 @pytest.mark.slow
 def test_quick_demo_runs_every_arm_regime_and_seed_on_every_held_out_phantom(quick_demo):
     settings = load_settings(quick=True)
@@ -34,48 +41,74 @@ def test_quick_demo_runs_every_arm_regime_and_seed_on_every_held_out_phantom(qui
     cases = {p.name.removesuffix(".nii.gz") for p in (quick_demo / "data" / "test" / "labels").iterdir()}
     assert len(cases) == settings.phantoms.test
     runs = {(r["labelled"], r["seed"], r["arm"]): r for r in results["runs"]}
-    assert set(runs) == {(n, s, a) for n in settings.protocol.labelled for s in settings.protocol.seeds for a in ARMS}
+    assert set(runs) == {(n, s, a) for n in settings.protocol.labelled for s in settings.protocol.seeds
+                         for a in _arms(settings, n)}
+    assert set(ARMS) <= {a for _, _, a in runs}, "the quick demo keeps every stage"
     for run in runs.values():
-        assert set(run["dice"]) == {"lung", "heart", "aorta", "liver", "spleen", "kidney", "spine"}
+        for key in ("dice", "early_dice"):
+            assert set(run[key]) == {"lung", "heart", "aorta", "liver", "spleen", "kidney", "spine"}
+            for per_case in run[key].values():
+                assert set(per_case) == cases and all(0.0 <= d <= 1.0 for d in per_case.values())
         for organ, per_case in run["dice"].items():
-            assert set(per_case) == cases and all(0.0 <= d <= 1.0 for d in per_case.values())
             assert run["organ_dice"][organ] == pytest.approx(np.mean(list(per_case.values())))
+        assert 0 < run["early_step"] < settings.finetune_run_config().run.max_steps
         assert run["curve"], "no validation curve recorded"
+    gate = results["gate"]
+    assert gate["mean"] == pytest.approx(np.mean(list(gate["levels"].values())))
+    floors = gate["mean"] >= gate["mean_floor"] and min(gate["levels"].values()) >= gate["level_floor"]
+    assert gate["passed"] == floors
 
 
 @pytest.mark.slow
-def test_quick_demo_arms_differ_only_in_starting_weights(quick_demo):
+def test_quick_demo_arms_differ_only_in_starting_weights_and_recipe(quick_demo):
+    """Arms that start from weights share one recipe; the probes hold the encoder; each arm loads
+    the weights it names (the random probe an untrained copy of the built-in network)."""
     run = quick_demo / "runs" / "1labelled" / "seed0"
-    configs = {arm: (run / arm / "config.yaml").read_text() for arm in ARMS}
-    assert configs["scratch"] == configs["builtin"] == configs["live"]
-    builtin = json.loads((run / "builtin" / "load_report.json").read_text())
-    live = json.loads((run / "live" / "load_report.json").read_text())
-    assert builtin["source"].endswith("demo.pt") and "runs/pretrain" in live["source"]
+    configs = {arm: config.load([run / arm / "config.yaml"]) for arm in ARMS}
+    assert configs["builtin"] == configs["live"] == configs["control"]
+    assert configs["probe_builtin"] == configs["probe_random"]
+    assert configs["probe_builtin"].finetune.freeze_encoder_steps >= configs["probe_builtin"].run.max_steps
+    scratch, pretrained = config.to_dict(configs["scratch"]), config.to_dict(configs["builtin"])
+    assert {k: v for k, v in scratch.items() if k not in ("optim", "finetune")} == \
+        {k: v for k, v in pretrained.items() if k not in ("optim", "finetune")}
+    source = {arm: json.loads((run / arm / "load_report.json").read_text())["source"]
+              for arm in ARMS if arm != "scratch"}
+    assert source["builtin"].endswith("demo.pt") and source["probe_builtin"].endswith("demo.pt")
+    assert "runs/pretrain" in source["live"] and "runs/control" in source["control"]
+    assert source["probe_random"].endswith("random_encoder.pt")
     assert not (run / "scratch" / "load_report.json").exists()
+    # which phantoms are labelled is drawn from the seed, the same for every arm
+    split = json.loads((quick_demo / "data" / "splits" / "1labelled_seed0.json").read_text())
+    assert len(split["train"]) == 1
 
 
 @pytest.mark.slow
 def test_quick_demo_report_agrees_with_report_json(quick_demo):
     """Every per-seed and per-organ number of report.md is the one in report.json (3 decimals)."""
+    settings = load_settings(quick=True)
     report = (quick_demo / "report.md").read_text()
     results = json.loads((quick_demo / "report.json").read_text())
     sections = re.split(r"^### (\d+) labelled training phantoms?$", report, flags=re.M)
     tables = dict(zip(sections[1::2], sections[2::2]))
     assert set(tables) == set(results["regimes"])
     for n, text in tables.items():
-        regime = results["regimes"][n]
+        regime, arms = results["regimes"][n], _arms(settings, int(n))
         for organ in regime["organ_dice"]["scratch"]:
             row = re.search(rf"^\| {organ} \|(.*)\|$", text, re.M).group(1)
-            cells = [float(c) for c in row.split("|")]
-            assert cells == [round(regime["organ_dice"][a][organ], 3) for a in ARMS], organ
+            assert [float(c) for c in row.split("|")] == [round(regime["organ_dice"][a][organ], 3) for a in arms]
         for seed in regime["seeds"]:
             row = re.search(rf"^\| {seed} \|(.*)\|$", text, re.M).group(1)
-            from_runs = [next(r["mean_dice"] for r in results["runs"]
-                              if (r["labelled"], r["seed"], r["arm"]) == (int(n), seed, a)) for a in ARMS]
-            assert [float(c) for c in row.split("|")] == [round(d, 3) for d in from_runs]
-        for name, c in regime["comparisons"].items():
-            assert f"| {name} | {c['mean_difference']:+.3f} | {c['ci_low']:+.3f} to {c['ci_high']:+.3f} |" in text
-    assert f"{results['primary']['mean_difference']:+.3f}" in report.split("## Protocol")[0]
+            run = {r["arm"]: r for r in results["runs"] if (r["labelled"], r["seed"]) == (int(n), seed)}
+            cells = [re.fullmatch(r"\s*([\d.]+) \(([\d.]+)\)\s*", c).groups() for c in row.split("|")]
+            assert [(float(f), float(e)) for f, e in cells] == \
+                [(round(run[a]["mean_dice"], 3), round(run[a]["early_mean_dice"], 3)) for a in arms]
+        for readout in ("final", "early"):
+            for c in regime[readout]["comparisons"].values():
+                assert f"| {c['mean_difference']:+.3f} | {c['ci_low']:+.3f} to {c['ci_high']:+.3f} |" in report
+    assert f"{results['primary']['mean_difference']:+.3f}" in report.split("## Secondary")[0]
+    assert f"**{results['gate']['mean']:.3f}**" in report
+    assert f"{results['headroom']['gap']:+.3f}" in report
+    assert str(quick_demo) not in report, "the report names its files relative to the demo folder"
 
 
 @pytest.mark.slow
@@ -88,13 +121,56 @@ def test_quick_demo_writes_every_picture_it_links(quick_demo):
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", link
 
 
-def test_demo_refuses_to_overwrite_an_earlier_demo(tmp_path):
+@pytest.mark.slow
+def test_a_rerun_resumes_the_demo_and_redoes_only_what_is_missing(quick_demo, tmp_path):
+    """A moved copy of a finished demo with one run's result and the report deleted: the same command
+    runs that one run again and keeps every other result as it was."""
+    from volumefusion.demo import run_demo
+
+    copy = tmp_path / "moved"
+    shutil.copytree(quick_demo, copy)
+    lost = copy / "runs" / "1labelled" / "seed0" / "builtin"
+    (lost / "result.json").unlink()
+    (copy / "report.md").unlink()
+    kept = {p: p.stat().st_mtime_ns for p in copy.glob("runs/**/result.json")}
+    result = run_demo(copy, quick=True, device="cpu")
+    assert (lost / "result.json").is_file() and (copy / "report.md").is_file()
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    before = json.loads((quick_demo / "report.json").read_text())["runs"]
+    assert [(r.labelled, r.seed, r.arm) for r in result.runs] == [(r["labelled"], r["seed"], r["arm"]) for r in before]
+
+
+def test_demo_refuses_a_folder_that_holds_other_work_and_leaves_it_unchanged(tmp_path):
     from volumefusion import VolumeFusionError
     from volumefusion.demo import run_demo
 
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "finetune.yaml").write_text("mine\n")
     (tmp_path / "report.md").write_text("earlier")
-    with pytest.raises(VolumeFusionError, match="earlier demo"):
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(VolumeFusionError, match="not empty"):
         run_demo(tmp_path, quick=True)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_demo_refuses_a_demo_folder_of_other_settings(tmp_path):
+    from volumefusion import VolumeFusionError
+    from volumefusion.demo.run import claim_folder
+
+    assert claim_folder(tmp_path / "d", load_settings(quick=True)) is False
+    assert claim_folder(tmp_path / "d", load_settings(quick=True)) is True
+    with pytest.raises(VolumeFusionError, match="other settings"):
+        claim_folder(tmp_path / "d", load_settings(quick=True, seeds=[7]))
+
+
+def test_an_interrupted_stage_stops_the_demo_with_what_to_do(tmp_path):
+    from volumefusion import VolumeFusionError
+    from volumefusion.demo.run import _finished
+    from volumefusion.train.engine import FitResult
+
+    _finished(FitResult(step=6), "the live pretraining", tmp_path)
+    with pytest.raises(VolumeFusionError, match="stopped at step 1 .*rerun the same demo command"):
+        _finished(FitResult(step=1, interrupted="SIGINT"), "the live pretraining", tmp_path)
 
 
 def test_settings_fix_the_protocol_and_quick_overrides_it():
@@ -110,10 +186,12 @@ def test_settings_fix_the_protocol_and_quick_overrides_it():
 
 
 @pytest.mark.parametrize("edit, field", [
-    (("labelled: [1, 4]", "labelled: [1, 9]"), "protocol.labelled"),
+    (("labelled: [1, 2, 8]", "labelled: [1, 9]"), "protocol.labelled"),
+    (("    max_steps: 240", "    max_stepz: 240"), "finetune.run.max_stepz"),
+    (("arms: [scratch, builtin, control", "arms: [scratch, builtin, kontrol"), "protocol.arms"),
     (("alternative: greater", "alternative: less"), "protocol.alternative"),
     (("pool: 24", "pool: many"), "phantoms.pool"),
-    (("    lr: 6.0e-3", "    lr: fast"), "optim.lr"),
+    (("{lr: 6.0e-3", "{lr: fast"), "scratch.optim.lr"),
     (("pretrain_config: pretrain_demo", "pretrain_config: pretrain_demo\nextra: 1"), "extra"),
 ])
 def test_bad_demo_settings_name_the_field(tmp_path, edit, field):
@@ -163,9 +241,9 @@ def test_builtin_weights_load_with_every_encoder_tensor_matched():
     demo's fine-tuning network (only the class-dependent outputs start fresh)."""
     import torch
 
-    from volumefusion.checkpoint import load_checkpoint
+    from volumefusion.checkpoint import load_checkpoint, resolve_weights
     from volumefusion.nets import build_model
-    from volumefusion.nets.weights import load_pretrained, resolve_weights
+    from volumefusion.nets.weights import load_pretrained
 
     path = resolve_weights("builtin:demo")
     assert path.stat().st_size <= 10 * 2**20
@@ -185,7 +263,7 @@ def test_builtin_weights_load_with_every_encoder_tensor_matched():
 
 def test_unknown_builtin_weights_name_the_available_ones():
     from volumefusion import VolumeFusionError
-    from volumefusion.nets.weights import resolve_weights
+    from volumefusion.checkpoint import resolve_weights
 
     with pytest.raises(VolumeFusionError, match="builtin:demo"):
         resolve_weights("builtin:nope")

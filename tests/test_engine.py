@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ from volumefusion.config import OptimConfig
 from volumefusion.train import engine
 from volumefusion.train.engine import lr_factor
 from volumefusion.train.logging import RunLogger
-from volumefusion.train.runs import pretrain
+from volumefusion.train.runs import evaluate_pretext, pretrain
 
 
 def _cfg(*extra):
@@ -94,6 +95,23 @@ def test_pretext_task_is_learned(phantom_store, tmp_path):
     assert val[-1]["val_score"] > val[0]["val_score"]
 
 
+def test_pretext_dice_of_a_checkpoint_on_other_volumes(phantom_store, tmp_path):
+    """The gate's measurement: per-level pretext Dice of a pretraining checkpoint on fused crops of a
+    store, the same crops for the same seed, with its mean as the score."""
+    pretrain(_cfg("run.max_steps=2", "run.val_every=100"), phantom_store, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "latest.pt"
+    first = evaluate_pretext(ckpt, phantom_store, samples=8, seed=3)
+    np.testing.assert_equal(first, evaluate_pretext(ckpt, phantom_store, samples=8, seed=3))  # NaN: level absent
+    levels = np.array([first[f"dice_a{i}"] for i in range(5)])
+    assert first["score"] == pytest.approx(np.nanmean(levels)) and np.nanmin(levels) >= 0 and np.nanmax(levels) <= 1
+    assert evaluate_pretext(ckpt, phantom_store, samples=8, seed=4)["loss"] != first["loss"]
+    other = load_checkpoint(ckpt)
+    other["task"]["kind"] = "segmentation"
+    torch.save(other, tmp_path / "seg.pt")
+    with pytest.raises(VolumeFusionError, match="not a Volume Fusion pretraining checkpoint"):
+        evaluate_pretext(tmp_path / "seg.pt", phantom_store)
+
+
 def _run_cli(args, **kwargs):
     env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "volumefusion", *args], env=env,
@@ -152,7 +170,7 @@ DDP_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import volumefusion.train.engine as engine
     from volumefusion import config
-    from volumefusion.train.runs import pretrain
+    from volumefusion.train.runs import evaluate_pretext, pretrain
     from volumefusion.train.tasks import PretrainTask
 
     store, out, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]

@@ -42,6 +42,16 @@ def test_finetune_from_pretrained_loads_all_but_the_head(pretrained, phantom_dat
     assert ckpt["task"]["preprocessing"] == load_checkpoint(pretrained)["task"]["preprocessing"]
 
 
+def test_finetune_reads_the_pretrained_checkpoint_once_and_returns_its_load_report(pretrained, phantom_dataset,
+                                                                                     tmp_path, count_reads):
+    reads = count_reads(pretrained)  # the shape check before the data is prepared and the real load share it
+    result = finetune([], [*TINY_MODEL, "run.max_steps=1", "run.val_every=100"], phantom_dataset, tmp_path,
+                      pretrained)
+    assert reads == {"opened": 1, "loaded": 1}
+    saved = json.loads((tmp_path / "load_report.json").read_text())
+    assert json.loads(json.dumps(result.load_report.to_dict())) == saved
+
+
 def test_frozen_encoder_keeps_the_pretrained_weights(pretrained, phantom_dataset, tmp_path):
     finetune([], [*TINY_MODEL, "run.max_steps=2", "run.val_every=2", "finetune.freeze_encoder_steps=2"],
              phantom_dataset, tmp_path, pretrained)

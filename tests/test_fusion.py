@@ -216,6 +216,21 @@ def test_boxes_mode_fuses_the_crops_as_they_are():
         make_fused_batch(background, foreground[:, :, :8], FusionConfig(), gen(3))
 
 
+def test_boxes_with_views_fuse_augmented_views_of_larger_crops():
+    background = torch.rand(2, 1, 24, 48, 48) * 2 - 1
+    foreground = torch.rand(2, 1, 24, 48, 48) * 2 - 1
+    crop = (16, 32, 32)
+    cfg = dataclasses.replace(FusionConfig(), views=True, num_boxes=(4, 8), box_size_min=(4, 6, 6),
+                              box_size_max=(8, 16, 16))
+    assert source_shape(crop, cfg) == (24, 48, 48)
+    fused, labels = make_fused_batch(background, foreground, cfg, gen(5), out_shape=crop)
+    views = fusion_pair(background, foreground, cfg, gen(5), out_shape=crop)
+    assert fused.shape == (2, 1, *crop) and views[0].shape == (2, 1, *crop)
+    # the background level is the background's view, not the crop: the views were resized and recontrasted
+    assert torch.equal(fused[:, 0][labels == 0], views[0][:, 0][labels == 0])
+    assert not torch.equal(views[0], background[:, :, :16, :32, :32])
+
+
 def test_no_boxes_leave_the_background():
     cfg = dataclasses.replace(FusionConfig(), num_boxes=(0, 0))
     labels = sample_labels((2, *CROP), cfg, gen(), CPU)

@@ -9,7 +9,8 @@ import pytest
 import SimpleITK as sitk
 
 from volumefusion import VolumeFusionError
-from volumefusion.io import Geometry, case_id_from_path, discover_inputs, read_image, write_image
+from volumefusion.data.datasets import case_id_from_path, discover_inputs
+from volumefusion.io import Geometry, read_image, write_image
 
 # anisotropic, float32-exact values and a non-identity (flipped, permuted) direction: exact in every format
 AXIS_ALIGNED = Geometry((6, 9, 11), (2.5, 0.75, 0.625), (-120.5, 33.25, -400.0),
@@ -304,3 +305,19 @@ def test_reads_the_slicerio_chest_ct():
     assert set(np.unique(label)) == set(range(8))
     names = chest_ct_label_names()
     assert len(names) == 8 and names[5] == "right lung" and names[0] == "background"
+
+
+@pytest.mark.parametrize(("name", "home"), [("discover_inputs", "volumefusion.data.datasets"),
+                                            ("case_id_from_path", "volumefusion.data.datasets"),
+                                            ("atomic_write_text", "volumefusion.files"),
+                                            ("check_writable_folder", "volumefusion.files")])
+def test_names_that_left_io_still_import_from_it_for_one_release_with_a_warning(name, home):
+    import importlib
+
+    import volumefusion.io
+
+    with pytest.warns(DeprecationWarning, match=f"volumefusion.io.{name} moved to {home}.{name}"):
+        alias = getattr(volumefusion.io, name)
+    assert alias is getattr(importlib.import_module(home), name)
+    with pytest.raises(AttributeError):
+        volumefusion.io.no_such_name  # noqa: B018

@@ -139,3 +139,36 @@ def test_write_msd_dataset_layout(tmp_path):
         assert entry["image"].startswith("./imagesTr/") and entry["label"].startswith("./labelsTr/")
         assert image.dtype == np.int16 and image.shape == label.shape == (12, 32, 32)
         assert set(np.unique(label)) <= set(LABEL_NAMES)
+
+
+def test_varied_scans_differ_as_ct_scans_do_and_keep_labels_aligned():
+    """Across seeds, varied phantoms cover the contrast phases, turned and tilted poses, sizes and
+    fields of view, missing organs and lesions; each is still deterministic, and organ HU follow the phase."""
+    shape, spacing = (24, 48, 48), (6.0, 7.0, 7.0)
+    scans = [make_phantom(seed, shape, spacing, vary=True) for seed in range(24)]
+    info = [p.scan for p in scans]
+    assert {s["phase"] for s in info} >= {"native", "arterial", "portal", "delayed"}
+    rotations = [s["rotation_deg"] for s in info]
+    assert min(rotations) < -8 and max(rotations) > 8 and all(abs(r) <= 15 for r in rotations)
+    assert max(abs(s["tilt_deg"]) for s in info) > 4
+    assert max(s["size"] for s in info) - min(s["size"] for s in info) > 0.1
+    assert max(s["shift_zyx"][0] for s in info) - min(s["shift_zyx"][0] for s in info) > 0.3
+    assert any(s["missing"] for s in info) and any(s["lesions"] for s in info)
+    assert len({round(s["noise_sd"]) for s in info}) > 10
+    for p, s in zip(scans, info):
+        present = set(np.unique(p.label))
+        for organ in s["missing"]:
+            assert NAME_TO_LABEL[organ] not in present, (organ, s)
+    # blood is dark without contrast and bright with it
+    aorta = {s["phase"]: _mean_hu(p, "aorta") for p, s in zip(scans, info) if (p.label == 4).sum() > 20}
+    assert aorta["native"] < 80 < aorta["portal"] < aorta["arterial"]
+    again = make_phantom(5, shape, spacing, vary=True)
+    assert np.array_equal(again.image, scans[5].image) and np.array_equal(again.label, scans[5].label)
+
+
+def test_unvaried_phantoms_keep_their_anatomy_and_scan():
+    """vary=False is the upright, centred, portal-venous phantom: its scan record is empty and the
+    varied one of the same seed differs."""
+    fixed, varied = make_phantom(3, (16, 32, 32)), make_phantom(3, (16, 32, 32), vary=True)
+    assert fixed.scan == {} and varied.scan
+    assert not np.array_equal(fixed.image, varied.image)

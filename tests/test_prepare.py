@@ -637,6 +637,16 @@ def test_cli_help_explains_inputs_resume_and_sharding(capsys):
         assert phrase in text
 
 
+def test_the_body_threshold_help_states_the_default_prepare_uses(capsys):
+    from volumefusion.preprocess import BODY_THRESHOLD_HU
+
+    with pytest.raises(SystemExit):
+        cli_main(["prepare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    stated = {float(v) for v in re.findall(r"HU > (-?\d+)", text) + re.findall(r"body box \(default: (-?\d+)\)", text)}
+    assert stated == {BODY_THRESHOLD_HU} == {PrepareSettings().body_threshold}
+
+
 def test_names_without_an_ascii_form_keep_distinct_readable_case_ids(tmp_path):
     image, _ = ct_case(1)
     for name in ("肝臓", "脾臓", "Müller_3"):

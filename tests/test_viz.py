@@ -105,6 +105,21 @@ def test_show_fusion_reads_a_folder_of_images(tmp_path):
     read_png(out)
 
 
+def test_show_crops_within_the_body_box_prepare_would_store(tmp_path):
+    """The body box of ``show`` is prepare's: the largest component above the threshold, so a CT
+    table apart from the body does not widen it."""
+    from volumefusion.commands.show import _volumes
+    from volumefusion.io import Geometry, write_image
+    from volumefusion.preprocess import body_box
+
+    image = np.full((8, 32, 32), -1000, np.int16)
+    image[2:6, 8:20, 8:20] = 40  # the body
+    image[:, 28:30, :] = 200  # the table, not connected to it
+    write_image(tmp_path / "ct.nii.gz", image, Geometry(image.shape, (2.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
+    [(_, _, box)] = _volumes([str(tmp_path / "ct.nii.gz")])
+    assert box == body_box(image, -600) == ((2, 6), (8, 20), (8, 20))
+
+
 def test_show_fusion_names_a_missing_input(tmp_path, capsys):
     missing = str(tmp_path / "none.nii.gz")
     assert main(["show", "fusion", "--out", str(tmp_path / "x.png"), "-i", missing]) == 2

@@ -13,7 +13,12 @@ class VolumeFusionError(Exception):
 
 def __getattr__(name: str):
     import importlib
+    import importlib.util
 
+    # A submodule is imported, never looked up in the API: `from volumefusion import nets` inside the
+    # library must not import the API (and with it most of the library) half-way through its own import.
+    if name.startswith("_") or importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        raise AttributeError(f"module 'volumefusion' has no attribute {name!r}")
     api = importlib.import_module("volumefusion.api")
     if name in api.__all__:
         return getattr(api, name)

@@ -19,34 +19,30 @@ Example (see ``docs/python-api.md`` for more)::
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from volumefusion import VolumeFusionError, config
-from volumefusion.checkpoint import clean_state_dict, load_checkpoint
 from volumefusion.config import Config
 from volumefusion.data.prepare import PrepareSummary, prepare
 from volumefusion.evaluate import evaluate_folders
+from volumefusion.geometry import Geometry
 from volumefusion.infer import Predictor, PredictSummary, predict_files
-from volumefusion.io import Geometry
 from volumefusion.metrics import evaluate_case
-from volumefusion.nets import build_model
-from volumefusion.nets.weights import load_exactly, model_from_misfm
+from volumefusion.nets.weights import model_from_checkpoint
 from volumefusion.preprocess import PrepareSettings, check_spacing
 from volumefusion.train import runs
 from volumefusion.train.engine import FitResult
+from volumefusion.train.runs import FinetuneResult
 
 __all__ = [
-    "Config", "FitResult", "LoadedModel", "PredictSummary", "PrepareSettings", "PrepareSummary", "Predictor",
-    "dice_per_class", "evaluate_arrays", "evaluate_folders", "finetune", "load_config", "load_model",
+    "Config", "FinetuneResult", "FitResult", "LoadedModel", "PredictSummary", "PrepareSettings", "PrepareSummary",
+    "Predictor", "dice_per_class", "evaluate_arrays", "evaluate_folders", "finetune", "load_config", "load_model",
     "load_predictor", "predict_array", "predict_files", "prepare_collection", "pretrain",
 ]
 
@@ -119,13 +115,15 @@ def pretrain(data: str | Path, out: str | Path, config_files: ConfigSource = Non
 
 def finetune(data: str | Path, out: str | Path, pretrained: str | Path | None = None,
              config_files: ConfigSource = None, *, overrides: str | Sequence[str] = (),
-             resume: bool | str | Path = False) -> FitResult:
+             resume: bool | str | Path = False) -> FinetuneResult:
     """Fine-tune a segmentation network on labelled data, as ``volumefusion finetune``.
 
     ``data``: a store with labels, or anything :func:`prepare_collection` takes with labels (an MSD /
     nnU-Net v2 dataset folder; it is prepared into ``out`` first). ``pretrained``: a volumefusion
-    pretraining checkpoint or an official MIS-FM one (it fixes the architecture and the HU window);
-    None trains from scratch. The best model is ``out/checkpoints/best.pt`` (for :func:`load_predictor`).
+    pretraining checkpoint, an official MIS-FM one or ``builtin:NAME`` (it fixes the architecture and
+    the HU window); None trains from scratch. The best model is ``out/checkpoints/best.pt`` (for
+    :func:`load_predictor`). Returns the run's steps and history, and with ``load_report`` how the
+    pretrained weights loaded.
 
     Example: ``finetune("Task09_Spleen/", "runs/spleen", "runs/vf/checkpoints/latest.pt")``.
     """
@@ -146,33 +144,13 @@ class LoadedModel:
 
 def load_model(path: str | Path) -> LoadedModel:
     """The network stored in ``path``: a volumefusion checkpoint (``.pt``), an official MIS-FM / PyMIC
-    checkpoint (architecture inferred from its weights) or a ``.safetensors`` export written by
-    ``volumefusion convert --safetensors``. Weights load with ``weights_only`` semantics (no pickled code).
+    checkpoint (architecture inferred from its weights), a ``.safetensors`` export written by
+    ``volumefusion convert --safetensors``, or ``builtin:NAME``. Weights load with ``weights_only``
+    semantics (no pickled code).
 
     Example: ``net = load_model("pctnet_ct10k_volf.pt").model; logits = net(torch.zeros(1, 1, 32, 64, 64))``.
     """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise VolumeFusionError(f"{path}: file not found")
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        if "config" not in metadata or "num_classes" not in metadata:
-            raise VolumeFusionError(f"{path}: no volumefusion config in its metadata; "
-                                    "export it with `volumefusion convert --safetensors`")
-        cfg = config.from_dict(json.loads(metadata["config"]))
-        num_classes, state = int(metadata["num_classes"]), load_file(str(path))
-    else:
-        ckpt = load_checkpoint(path)
-        if "model_state_dict" in ckpt:  # MIS-FM / PyMIC
-            model, cfg, num_classes, _ = model_from_misfm(ckpt, name=str(path))
-            return LoadedModel(model.eval(), cfg, num_classes)
-        if not {"model", "config", "task"} <= set(ckpt):
-            raise VolumeFusionError(f"{path}: neither a volumefusion nor a MIS-FM checkpoint "
-                                    "(expected keys 'model', 'config' and 'task', or 'model_state_dict')")
-        cfg, num_classes, state = config.from_dict(ckpt["config"]), int(ckpt["task"]["num_classes"]), ckpt["model"]
-    model = build_model(cfg.model, num_classes)
-    load_exactly(model, clean_state_dict(state), path)
+    model, cfg, num_classes = model_from_checkpoint(path)
     return LoadedModel(model.eval(), cfg, num_classes)
 
 

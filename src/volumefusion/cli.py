@@ -51,14 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _add_verbosity(common, top_level=False)
     sub.add_parser = functools.partial(sub.add_parser, parents=[common])
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"volumefusion.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"volumefusion.commands.{name}":
-                continue  # command not part of this build
-            raise
-        module.register(sub)
+    for name in COMMANDS:  # a command that fails to import is a bug to see, not a command to leave out
+        importlib.import_module(f"volumefusion.commands.{name}").register(sub)
     parser.commands = sub.choices  # {name: its parser}, for errors in the command's own usage
     return parser
 

@@ -1,47 +1,46 @@
-"""Typed, validated configuration.
+"""The run configuration: what every command's settings are, with defaults that reproduce the paper.
 
-A :class:`Config` is a tree of dataclasses whose defaults reproduce the MIS-FM paper. It is built
-from YAML files (the bundled presets of ``volumefusion/configs/`` can be named: ``-c pretrain_paper``)
-and ``--set section.field=value`` overrides, and validated before any work starts: every error is
-one line naming the field, the value and what is allowed.
-
-Each field may carry ``metadata`` with ``choices`` (allowed values), ``min``/``max`` (inclusive
-bounds, applied to every element of a tuple) and ``help`` (documentation, shown by
-``volumefusion config --fields``).
-
-A single value for a list field of any length (``tuple[X, ...]``) means a list of one: ``window_size: 6``
-reads as ``[6]``, so files and checkpoints written before a field took a list still load.
+A :class:`Config` is a tree of dataclasses whose fields are declared with
+:func:`~volumefusion.typed_config.setting` (type, default, allowed values, help). :func:`load` builds
+one from YAML files (the bundled presets of ``volumefusion/configs/`` can be named: ``-c pretrain_paper``)
+and ``--set section.field=value`` overrides, and :func:`validate` checks it and the rules between
+fields before any work starts: every error is one line naming the field, the value and what is
+allowed. The machinery (typed dataclasses from plain data, YAML files, presets, overrides) is
+:mod:`volumefusion.typed_config`; nnU-Net plans files are read by :mod:`volumefusion.nnunet_plans`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from volumefusion import VolumeFusionError
-from volumefusion.io import atomic_write_text
+from volumefusion.files import atomic_write_text
+from volumefusion.nnunet_plans import plans_configuration
+from volumefusion.typed_config import (
+    PRESETS,
+    ConfigError,
+    build_dataclass,
+    declared_command,
+    merge,
+    parse_override,
+    presets,
+    read_yaml,
+    resolve_path,
+    setting,
+    to_dict,
+)
 
-
-class ConfigError(VolumeFusionError):
-    """An invalid configuration value; the message names the field."""
-
-
-def setting(default, help: str, *, choices=None, min=None, max=None):  # noqa: A002 - mirrors metadata names
-    """A dataclass field with the metadata :func:`build_dataclass` checks and ``--fields`` shows:
-    ``help``, ``choices`` (allowed values), ``min``/``max`` (inclusive bounds); each applies to every
-    element of a tuple."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
+__all__ = [
+    "PRESETS", "Config", "ConfigError", "DataConfig", "FinetuneConfig", "FusionConfig", "LossConfig", "ModelConfig",
+    "OptimConfig", "RunConfig", "build_dataclass", "changed_fields", "declared_command", "describe_fields",
+    "from_dict", "is_run_config", "load", "merge", "parse_override", "plans_configuration", "presets", "read_yaml",
+    "resolve_path", "save", "setting", "to_dict", "validate",
+]
 
 _f = setting  # the short name keeps the field tables below readable
 
@@ -182,90 +181,7 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------------
-# building and validation
-
-
-def _coerce(value: Any, annotation: Any, name: str) -> Any:
-    """Convert ``value`` to ``annotation`` (int, float, bool, str, tuples, optionals) or raise."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], name)
-    if origin is tuple:
-        variable = len(args) == 2 and args[1] is Ellipsis
-        if variable and not isinstance(value, (list, tuple, dict)):
-            return (_coerce(value, args[0], name),)  # a single value is a list of one
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        if variable:
-            return tuple(_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{name}: expected {len(args)} values, got {len(value)} ({list(value)!r})")
-        return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name}: expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        return int(value)
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        return float(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-        return value
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {annotation!r} for {name}")
-
-
-def _check_field(f: dataclasses.Field, value: Any, name: str) -> None:
-    meta = f.metadata
-    values = value if isinstance(value, tuple) else (value,)
-    wrong = [v for v in values if meta.get("choices") is not None and v not in meta["choices"]]
-    if wrong:
-        allowed = ", ".join(map(str, meta["choices"]))
-        raise ConfigError(f"{name}: {wrong[0]!r} is not allowed; choose one of: {allowed}")
-    for v in values:
-        if not isinstance(v, (int, float)) or v is None:
-            continue
-        if meta.get("min") is not None and v < meta["min"]:
-            raise ConfigError(f"{name}: {value!r} is out of range; must be >= {meta['min']}")
-        if meta.get("max") is not None and v > meta["max"]:
-            raise ConfigError(f"{name}: {value!r} is out of range; must be <= {meta['max']}")
-
-
-def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """An instance of the dataclass ``cls`` (fields declared like this module's) from plain ``data``:
-    values converted to the field types and checked against their metadata; unknown fields, wrong
-    types and out-of-range values raise :class:`ConfigError` naming ``prefix.field``."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"{name}: unknown field; allowed: {', '.join(fields)}")
-    kwargs = {}
-    for key, value in data.items():
-        name = f"{prefix}.{key}" if prefix else key
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = build_dataclass(hint, value or {}, name)
-        else:
-            kwargs[key] = _coerce(value, hint, name)
-            _check_field(fields[key], kwargs[key], name)
-    return cls(**kwargs)
+# validation, loading, saving
 
 
 def validate(cfg: Config) -> Config:
@@ -314,101 +230,13 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def plans_configuration(path: str | Path, name: str) -> dict[str, Any]:
-    """Configuration ``name`` of the nnU-Net plans file ``path`` as a dict, with the entries it
-    inherits (``inherits_from``) filled in; errors name ``model.plans`` / ``model.configuration``.
-
-    Only the JSON is read (no nnU-Net import): ``patch_size`` (z, y, x voxels of nnU-Net's
-    preprocessed arrays), ``spacing``, ``architecture`` (``network_class_name``, ``arch_kwargs``).
-    """
-    import json
-
-    try:
-        plans = json.loads(Path(path).read_text())
-        configurations = plans["configurations"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"model.plans: {path} is not a readable nnU-Net plans file ({exc})") from None
-    if name not in configurations:
-        raise ConfigError(f"model.configuration: {name!r} is not in {path}; it has: {', '.join(configurations)}")
-    merged: dict[str, Any] = {}
-    seen = []
-    while name is not None and name not in seen:  # the parent first, so the child's entries win
-        seen.append(name)
-        merged = {**configurations[name], **merged}
-        name = configurations[name].get("inherits_from")
-    merged.pop("inherits_from", None)
-    if len(merged.get("patch_size", [])) != 3 or "architecture" not in merged:
-        raise ConfigError(f"model.configuration: {seen[0]!r} of {path} is not a 3D configuration with an "
-                          "architecture (nnU-Net v2 plans); choose a 3d one such as 3d_fullres")
-    return merged
-
-
-def to_dict(obj: Any) -> Any:
-    """Plain nested dicts and lists, suitable for YAML/JSON and checkpoints."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (tuple, list)):
-        return [to_dict(v) for v in obj]
-    return obj
-
-
-def merge(base: dict, update: dict) -> dict:
-    """``base`` updated by ``update``, nested mappings merged key by key (neither is changed)."""
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def parse_override(text: str) -> dict[str, Any]:
-    """``'optim.lr=3e-4'`` -> ``{'optim': {'lr': 0.0003}}``; the value is parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected section.field=value, e.g. optim.lr=3e-4")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from None
-    if isinstance(value, str):
-        # YAML reads 3e-4 as a string (no dot); accept the usual float spellings.
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    out: dict[str, Any] = {}
-    node = out
-    parts = key.strip().split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-    return out
-
-
 def from_dict(data: dict[str, Any]) -> Config:
     return validate(build_dataclass(Config, data, ""))
 
 
-PRESETS = Path(__file__).parent / "configs"
-"""The presets shipped with the package: pretrain_paper, finetune, demo."""
-DEMO_PRESET = PRESETS / "demo.yaml"
-"""Not a run config: the settings of ``volumefusion demo``, which holds a run config per stage."""
-
-
-def presets() -> list[str]:
-    """Names of the bundled presets (usable as ``-c NAME``)."""
-    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
-
-
-def resolve_path(path: str | Path) -> Path:
-    """A config file: ``path`` itself when it exists, else the bundled preset of that name
-    (``pretrain_paper``, ``pretrain_paper.yaml`` or ``configs/pretrain_paper.yaml`` all name it)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    preset = PRESETS / f"{path.name.removesuffix('.yaml')}.yaml"
-    if preset.is_file() and path.parent.name in ("", "configs"):
-        return preset
-    raise ConfigError(f"config file {path} does not exist (bundled presets: {', '.join(presets())})")
+def is_run_config(content: dict[str, Any]) -> bool:
+    """Whether settings read from a file are a run config: every top-level key is a section of :class:`Config`."""
+    return set(content) <= {f.name for f in dataclasses.fields(Config)}
 
 
 def load(paths: list[str | Path] | str | Path | None = None, overrides: list[str] | None = None,
@@ -422,13 +250,11 @@ def load(paths: list[str | Path] | str | Path | None = None, overrides: list[str
         paths = [paths]
     for path in paths or []:
         path = resolve_path(path)
-        if path == DEMO_PRESET:
-            raise ConfigError(f"{path.name} holds the settings of `volumefusion demo` (phantoms, seeds, stages), "
-                              "not of a run; use it with `volumefusion demo -c`, or give -c pretrain_paper / finetune")
-        try:
-            content = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        content = read_yaml(path)
+        command = None if is_run_config(content) else declared_command(path)
+        if command:  # another command's settings file, which says so on its first line
+            raise ConfigError(f"{path.name} holds the settings of `{command}`, not a run config: use it with "
+                              f"`{command} -c`, or give a run config, e.g. -c pretrain_paper or -c finetune")
         data = merge(data, content)
     for text in overrides or []:
         data = merge(data, parse_override(text))

@@ -16,9 +16,11 @@ import numpy as np
 from scipy import ndimage
 
 from volumefusion import VolumeFusionError
-from volumefusion.data.datasets import read_dataset_description
+from volumefusion.data.datasets import case_id_from_path, read_dataset_description
 from volumefusion.data.store import safe_case_id
-from volumefusion.io import Geometry, atomic_write_text, case_id_from_path, is_image_file, missing_reason, read_image
+from volumefusion.files import atomic_write_text, missing_reason
+from volumefusion.geometry import Geometry
+from volumefusion.io import is_image_file, read_image
 from volumefusion.log import get_logger, progress
 from volumefusion.metrics import METRICS, both_empty_metrics, evaluate_case, summarise
 from volumefusion.processes import worker_pool
@@ -75,7 +77,7 @@ def list_cases(folder: Path, role: str) -> dict[str, Path]:
 
 
 def _check_same_grid(case: str, pred: Geometry, ref: Geometry) -> None:
-    """Error naming the case when two :class:`~volumefusion.io.Geometry` differ (mm tolerances)."""
+    """Error naming the case when two :class:`~volumefusion.geometry.Geometry` differ (mm tolerances)."""
     checks = [("shape (z y x)", pred.shape_zyx, ref.shape_zyx, 0),
               ("spacing (z y x)", pred.spacing_zyx, ref.spacing_zyx, 1e-4),
               ("origin", pred.origin, ref.origin, 1e-3),

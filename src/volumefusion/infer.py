@@ -31,24 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from volumefusion import VolumeFusionError
-from volumefusion.checkpoint import clean_state_dict, load_checkpoint
-from volumefusion.config import Config, from_dict
-from volumefusion.data.datasets import CaseTask, unique_case_ids
+from volumefusion.checkpoint import read_checkpoint
+from volumefusion.config import Config
+from volumefusion.data.datasets import CaseTask, case_id_from_path, discover_inputs, unique_case_ids
 from volumefusion.device import autocast, autocast_dtype, resolve_device
-from volumefusion.io import (
-    IMAGE_SUFFIXES,
-    SERIES_SEPARATOR,
-    case_id_from_path,
-    check_writable_folder,
-    discover_inputs,
-    read_image,
-    resolved,
-    write_image,
-)
+from volumefusion.files import check_writable_folder, resolved
+from volumefusion.io import IMAGE_SUFFIXES, SERIES_SEPARATOR, read_image, write_image
 from volumefusion.log import get_logger
 from volumefusion.log import progress as progress_bar
-from volumefusion.nets import build_model, deep_supervision_owner, main_output
-from volumefusion.nets.weights import load_exactly
+from volumefusion.nets import deep_supervision_owner, main_output
+from volumefusion.nets.weights import model_from_checkpoint
 from volumefusion.preprocess import (
     PrepareSettings,
     normalise_hu,
@@ -361,32 +353,25 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path, device: str | torch.device = "auto", **options) -> Predictor:
-        """Load a volumefusion checkpoint (model, config, task); ``options`` as in the constructor."""
-
-        ckpt = load_checkpoint(path, expected="a checkpoint written by `volumefusion finetune`")
-        missing = [k for k in ("model", "config", "task") if k not in ckpt]
-        if missing:
-            raise VolumeFusionError(
-                f"{path}: not a volumefusion checkpoint (no {', '.join(missing)}); predict needs a model "
-                "trained with `volumefusion finetune` (fine-tune an official MIS-FM checkpoint first)"
-            )
-        task = ckpt["task"]
-        if task.get("kind") == "pretrain":
-            log.warning("%s is a pretraining checkpoint: its classes are Volume Fusion "
-                                         "mixing levels, not anatomy", path)
-        cfg = from_dict(ckpt["config"])
-        if cfg.model.in_channels != 1:
-            raise VolumeFusionError(f"{path}: the model takes {cfg.model.in_channels} input channels; "
-                                    "predict handles single-channel CT")
-        model = build_model(cfg.model, int(task["num_classes"]))
-        load_exactly(model, clean_state_dict(ckpt["model"]), path)
-        return cls(model, cfg, task, resolve_device(device, setting="device"), **options)
+        """Load a volumefusion checkpoint (model, config, task; a file, ``builtin:NAME`` or a
+        :class:`~volumefusion.checkpoint.Checkpoint` already read); ``options`` as in the constructor."""
+        ckpt = read_checkpoint(path, expected="a checkpoint written by `volumefusion finetune`")
+        ckpt.require("predict needs a model trained with `volumefusion finetune` (fine-tune an official MIS-FM "
+                     "checkpoint first)", "config", "task", "num_classes")
+        if ckpt.task.get("kind") == "pretrain":
+            log.warning("%s is a pretraining checkpoint: its classes are Volume Fusion mixing levels, not anatomy",
+                        ckpt.source)
+        if ckpt.run_config().model.in_channels != 1:
+            raise ckpt.error(f"the model takes {ckpt.run_config().model.in_channels} input channels; predict "
+                             "handles single-channel CT")
+        model, cfg, _ = model_from_checkpoint(ckpt)
+        return cls(model, cfg, ckpt.task, resolve_device(device, setting="device"), **options)
 
     def predict(self, image, geometry, *, probabilities: bool = False, progress: bool | str = False):
         """Segment one CT image.
 
         ``image``: (z, y, x) HU, any numeric dtype; ``geometry``: its
-        :class:`~volumefusion.io.Geometry`. The image goes through the checkpoint's
+        :class:`~volumefusion.geometry.Geometry`. The image goes through the checkpoint's
         :func:`~volumefusion.preprocess.preprocess_case` and ``normalise_hu``, is segmented in
         prepared space and mapped back with ``restore_to_original``. Returns ``(labels, probs)`` as
         numpy arrays on the original grid: ``labels`` (z, y, x) uint8 class indices; ``probs``
@@ -471,7 +456,8 @@ def predict_files(model: str | Path | Predictor, inputs: str | Path | Sequence[s
     ``model``: a checkpoint written by fine-tuning, or a :class:`Predictor` (then ``device``,
     ``patch_size``, ``overlap``, ``window_batch``, ``tta`` and ``precision`` are its own).
     ``inputs``: one or a list of image files (NIfTI, NRRD, MHA), folders, DICOM series folders, globs
-    or .txt/.csv lists, as :func:`volumefusion.io.discover_inputs` takes them; case ids as ``prepare`` makes them.
+    or .txt/.csv lists, as :func:`volumefusion.data.datasets.discover_inputs` takes them; case ids as
+    ``prepare`` makes them.
     Writes ``CASE.nii.gz`` (``fmt="same"``: the input's format), uint8 class indices on the input's
     grid, and with ``save_probabilities`` ``probabilities/CASE_classK.nii.gz`` (uint8, probability =
     value / 255). ``channel`` picks one channel of 4D inputs. A case that fails is recorded in the

@@ -1,194 +1,44 @@
-"""File I/O: atomic writes (every file the toolkit writes goes through these) and images with geometry.
+"""Images with their geometry: reading (checked), writing (atomic) and recognising image files.
 
 Images are read with SimpleITK into a numpy array ``(z, y, x)`` in the file's native dtype plus a
-:class:`Geometry` (ITK conventions: physical LPS millimetres, ``origin`` is the centre of voxel
-``(0, 0, 0)``, ``direction`` the row-major 3x3 matrix whose columns are the x, y, z index axes).
-Supported: NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage (``.mha``, ``.mhd``)
-and DICOM series (a folder, or ``folder::SERIES_UID`` to pick one series of several).
+:class:`~volumefusion.geometry.Geometry` (ITK conventions: physical LPS millimetres, ``origin`` is the
+centre of voxel ``(0, 0, 0)``, ``direction`` the row-major 3x3 matrix whose columns are the x, y, z
+index axes). Supported: NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage (``.mha``,
+``.mhd``) and DICOM series (a folder, or ``folder::SERIES_UID`` to pick one series of several).
 
 Geometry round trips exactly through MHA/MHD; through NRRD exactly for axis-aligned directions (a
 rotated direction comes back within one float64 ulp, since NRRD stores direction times spacing);
 through NIfTI to float32 precision (its header is float32), exactly for float32-representable
 values and axis-aligned directions.
+
+Which files a list of inputs names (folders, globs, lists, datasets) is :mod:`volumefusion.data.datasets`;
+atomic writes and writability checks are :mod:`volumefusion.files`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import errno
-import glob
 import gzip
-import hashlib
 import os
 import shutil
 import struct
 import tempfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from volumefusion import VolumeFusionError
+from volumefusion import VolumeFusionError, files
+from volumefusion.deprecated import moved
+from volumefusion.geometry import Geometry
+
+__all__ = ["IMAGE_SUFFIXES", "SERIES_SEPARATOR", "Geometry", "is_image_file", "read_image", "sniff_image_format",
+           "split_series", "write_image"]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-LIST_SUFFIXES = (".csv", ".txt")
 SERIES_SEPARATOR = "::"
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed to ``path``, else removed.
-
-    The temporary name keeps the suffixes of ``path`` (``.nii.gz``, ``.npy``) so writers that look
-    at the extension choose the right format.
-    """
-    path = Path(path)
-    tmp_path = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        suffix = "".join(path.suffixes)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-        os.close(fd)
-        tmp_path = Path(tmp)
-        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the final file the usual mode
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except OSError as exc:
-        if exc.filename is None or Path(exc.filename) in (tmp_path, path.parent):
-            # name the file being written, not its temporary twin (disk full, permissions)
-            raise type(exc)(exc.errno, exc.strerror, str(path)) from None
-        raise
-    finally:
-        if tmp_path is not None and tmp_path.exists():
-            tmp_path.unlink()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def check_writable_folder(folder: str | Path, what: str) -> None:
-    """Make sure files can be created in ``folder``, or in the nearest folder above it that exists (where
-    it will be created), before a command does its expensive part; VolumeFusionError naming the folder
-    and the option ``what`` (``"--out"``) if not. Nothing is created: a run refused later leaves no
-    empty folder behind (the writers create folders as they write)."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise VolumeFusionError(f"{folder}: is a file; {what} takes a folder")
-    existing = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
-    if not existing.is_dir():
-        raise VolumeFusionError(f"{folder}: cannot be created for {what}: {existing} is a file")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as exc:
-        raise VolumeFusionError(f"{folder}: {what} folder is not writable ({exc.strerror or exc})") from None
-
-
-def check_writable_file(path: str | Path, what: str) -> None:
-    """Make sure a file can be written (atomically) at ``path``: not a folder, its folder writable;
-    VolumeFusionError naming the path and the option ``what`` if not. An existing file is fine: it is
-    replaced."""
-    path = Path(path)
-    if path.is_dir():
-        raise VolumeFusionError(f"{path}: is a folder; {what} takes a file name")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise VolumeFusionError(f"{path}: cannot be created for {what}: {path.parent} is a file")
-    check_writable_folder(path.parent, what)
-
-
-def resolved(path: str | Path) -> Path:
-    """``path`` made absolute with symbolic links resolved, as far as they resolve: a link loop is
-    kept as it is instead of raising (the read that follows reports it)."""
-    try:
-        return Path(path).resolve()
-    except (OSError, RuntimeError):  # RuntimeError: "Symlink loop" before Python 3.13
-        return Path(os.path.abspath(path))
-
-
-def missing_reason(path: str | Path) -> str:
-    """Why ``path`` does not exist, for messages: a plain ``"file not found"``, ``"folder not
-    found"`` when it was written as a folder, or what is wrong with the symbolic link it is."""
-    as_folder = str(path).endswith(("/", os.sep))
-    path = Path(path)
-    if os.path.islink(path):
-        try:
-            os.stat(path)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                return "symbolic link loop (following it leads back to itself)"
-            return f"symbolic link to a missing {os.readlink(path)}"
-    parent = path.parent
-    while not os.path.lexists(parent) and parent != parent.parent:
-        parent = parent.parent
-    if parent != path.parent:
-        return f"not found (no folder {path.parent})"
-    return "folder not found" if as_folder else "file not found"
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Where a ``(z, y, x)`` voxel array sits in physical space (ITK conventions, millimetres).
-
-    ``shape_zyx`` and ``spacing_zyx`` are in array order; ``origin`` (x, y, z) and ``direction``
-    (9 floats, row-major, columns = index axes x, y, z) are in ITK's physical order, as SimpleITK
-    reports them.
-    """
-
-    shape_zyx: tuple[int, int, int]
-    spacing_zyx: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-
-    def __post_init__(self):
-        object.__setattr__(self, "shape_zyx", tuple(int(v) for v in self.shape_zyx))
-        object.__setattr__(self, "spacing_zyx", tuple(float(v) for v in self.spacing_zyx))
-        object.__setattr__(self, "origin", tuple(float(v) for v in self.origin))
-        object.__setattr__(self, "direction", tuple(float(v) for v in self.direction))
-        if len(self.shape_zyx) != 3 or len(self.spacing_zyx) != 3 or len(self.origin) != 3:
-            raise ValueError(f"Geometry needs 3 values for shape, spacing and origin, got {self}")
-        if len(self.direction) != 9:
-            raise ValueError(f"Geometry.direction needs 9 values, got {len(self.direction)}")
-
-    def to_dict(self) -> dict:
-        """JSON-serialisable; floats survive ``json`` exactly."""
-        return {"shape_zyx": list(self.shape_zyx), "spacing_zyx": list(self.spacing_zyx),
-                "origin": list(self.origin), "direction": list(self.direction)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Geometry:
-        return cls(tuple(d["shape_zyx"]), tuple(d["spacing_zyx"]), tuple(d["origin"]), tuple(d["direction"]))
-
-    @classmethod
-    def from_sitk(cls, image) -> Geometry:
-        """Geometry of a 3D ``SimpleITK.Image``."""
-        return cls(tuple(reversed(image.GetSize())), tuple(reversed(image.GetSpacing())),
-                   image.GetOrigin(), image.GetDirection())
-
-    def apply_to(self, image) -> None:
-        """Set spacing, origin and direction of a 3D ``SimpleITK.Image`` (its size must match)."""
-        if tuple(reversed(image.GetSize())) != self.shape_zyx:
-            raise ValueError(f"image size {image.GetSize()} (x y z) does not match geometry {self.shape_zyx}")
-        image.SetSpacing(tuple(reversed(self.spacing_zyx)))
-        image.SetOrigin(self.origin)
-        image.SetDirection(self.direction)
 
 
 @contextlib.contextmanager
@@ -204,7 +54,8 @@ def _quiet_itk() -> Iterator[None]:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
-def _split_series(path: str | Path) -> tuple[Path, str | None]:
+def split_series(path: str | Path) -> tuple[Path, str | None]:
+    """``(folder, SERIES_UID)`` of ``folder::SERIES_UID``; ``(path, None)`` for any other path."""
     text = str(path)
     if SERIES_SEPARATOR in text:
         folder, uid = text.rsplit(SERIES_SEPARATOR, 1)
@@ -361,7 +212,7 @@ def _check_metaimage_complete(path: Path) -> None:
     else:
         data, start_in_data = path.parent / name, 0
         if not os.path.lexists(data):
-            raise VolumeFusionError(f"{path}: its data file {data}: {missing_reason(data)}")
+            raise VolumeFusionError(f"{path}: its data file {data}: {files.missing_reason(data)}")
         if not data.is_file():
             return  # a pipe or device: its length is not known beforehand
     size = data.stat().st_size
@@ -398,9 +249,9 @@ def _check_slice_gaps(folder: Path, reader, image) -> None:
 def _read_sitk(path: str | Path):
     import SimpleITK as sitk
 
-    folder, uid = _split_series(path)
+    folder, uid = split_series(path)
     if not folder.exists():
-        raise VolumeFusionError(f"{folder}: {missing_reason(folder)}")
+        raise VolumeFusionError(f"{folder}: {files.missing_reason(folder)}")
     try:
         if folder.is_dir():
             reader = sitk.ImageSeriesReader()
@@ -506,7 +357,7 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, *, comp
     if path.name.lower().endswith((".mhd", ".nhdr")):
         _write_detached(path, image, compress)
         return
-    with atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         _sitk_write(image, tmp, path, compress)
 
 
@@ -563,136 +414,8 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def _is_dicom_file(path: Path) -> bool:
-    """By extension, else by the DICM magic (exports often name slices by UID: ``1.2.840....7``)."""
-    if path.suffix.lower() in (".dcm", ".ima"):
-        return True
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def _dataset_images(folder: Path) -> str:
-    """The folder of images to segment in an MSD / nnU-Net dataset: ``imagesTs``, else ``imagesTr``."""
-    for name in ("imagesTs", "imagesTr"):
-        if (folder / name).is_dir() and any(not n.startswith(".") for n in os.listdir(folder / name)):
-            return name
-    raise VolumeFusionError(f"{folder}: dataset folder (dataset.json) with no images in imagesTs/ or imagesTr/")
-
-
-def _search_folder(folder: Path) -> list[Path]:
-    """Image files and DICOM series folders under ``folder`` (hidden entries skipped); of a dataset
-    folder (``dataset.json``), only the images of :func:`_dataset_images`, never its labels."""
-    found: list[Path] = []
-    for root, dirs, files in os.walk(folder):
-        root_path = Path(root)
-        if "dataset.json" in files:
-            dirs[:], files = [_dataset_images(root_path)], []
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        visible = [f for f in files if not f.startswith(".")]
-        found.extend(root_path / f for f in visible if is_image_file(f))
-        if any(_is_dicom_file(root_path / f) for f in visible if not is_image_file(f)):
-            found.append(root_path)
-    return found
-
-
-def _read_list(path: Path) -> list[Path]:
-    """Paths listed one per line (.txt) or in the first / ``image`` / ``path`` column (.csv)."""
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix.lower() == ".csv":
-        rows = [r for r in csv.reader(text.splitlines()) if r and r[0].strip()]
-        header = [c.strip().lower() for c in rows[0]] if rows else []
-        column = next((header.index(n) for n in ("image", "path", "file") if n in header), None)
-        if column is not None:
-            rows = rows[1:]
-        entries = [r[column or 0].strip() for r in rows if len(r) > (column or 0)]
-    else:
-        entries = [line.strip() for line in text.splitlines()]
-    entries = [e for e in entries if e and not e.startswith("#")]
-    return [p if p.is_absolute() else path.parent / p for p in map(Path, entries)]
-
-
-def _discover_one(item: str | Path) -> list[Path]:
-    """Expand one input (file, folder, glob, ``folder::UID``) into images; VolumeFusionError if none."""
-    text = str(item)
-    if SERIES_SEPARATOR in text:
-        folder, _ = _split_series(text)
-        if not folder.is_dir():
-            raise VolumeFusionError(f"{folder}: DICOM folder not found")
-        return [Path(text)]
-    path = Path(text)
-    if path.is_dir():
-        found = _search_folder(path)
-        if not found:
-            raise VolumeFusionError(f"{path}: folder holds no NIfTI/NRRD/MHA images or DICOM series")
-        return found
-    if path.is_file():
-        return [path]
-    if glob.has_magic(text):
-        matches = sorted(glob.glob(text, recursive=True))
-        found = [p for m in matches for p in (_search_folder(Path(m)) if Path(m).is_dir() else [Path(m)])]
-        found = [p for p in found if p.is_dir() or is_image_file(p)]
-        if not found:
-            raise VolumeFusionError(f"{text}: pattern matches no images")
-        return found
-    raise VolumeFusionError(f"{text}: {missing_reason(text)}")
-
-
-def discover_inputs(inputs: list[str | Path], errors: list[tuple[str, str]] | None = None) -> list[Path]:
-    """Images named by ``inputs``, deduplicated, in sorted order.
-
-    Each input may be an image file, a folder (searched recursively for NIfTI/NRRD/MHA files and
-    DICOM series folders), a glob pattern, or a ``.csv``/``.txt`` list whose entries may be any of
-    these (relative paths are relative to the list). An input or list entry that matches nothing
-    raises VolumeFusionError, or, when ``errors`` is given, is appended to it as ``(input, reason)``
-    and skipped, so one missing file does not stop a batch.
-
-    An MSD / nnU-Net dataset folder (one holding ``dataset.json``), given or found while searching,
-    contributes only the images to segment: ``imagesTs/``, or ``imagesTr/`` when ``imagesTs/`` is
-    missing or empty; never the ``labelsTr/`` label maps. (``prepare`` given a dataset folder itself
-    takes its labelled training cases instead.)
-    """
-    found: set[Path] = set()
-
-    def fail(item, exc: VolumeFusionError) -> None:
-        if errors is None:
-            raise exc
-        errors.append((str(item), str(exc)))
-
-    def add(item) -> None:
-        try:
-            found.update(_discover_one(item))
-        except VolumeFusionError as exc:
-            fail(item, exc)
-
-    for item in inputs:
-        path = Path(item)
-        if path.is_file() and path.name.lower().endswith(LIST_SUFFIXES):
-            entries = _read_list(path)
-            if not entries:
-                fail(path, VolumeFusionError(f"{path}: the list is empty"))
-            for entry in entries:
-                add(entry)
-        else:
-            add(item)
-    return sorted(found, key=str)
-
-
-def case_id_from_path(path: str | Path) -> str:
-    """A case name from a path: the file name without image suffixes; a DICOM folder's name.
-
-    ``ct/liver_3.nii.gz`` -> ``liver_3``; ``dicom/patient7/`` -> ``patient7``; a picked series
-    ``dicom/patient7::1.2.3`` -> ``patient7_<8 hex digits of the UID's hash>``.
-    """
-    folder, uid = _split_series(path)
-    if uid is not None:
-        return f"{folder.name}_{hashlib.sha1(uid.encode()).hexdigest()[:8]}"
-    name = folder.name
-    lower = name.lower()
-    for suffix in IMAGE_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+__getattr__ = moved(__name__, {
+    **dict.fromkeys(("atomic_path", "atomic_write_bytes", "atomic_write_text", "check_writable_folder",
+                     "check_writable_file", "resolved", "missing_reason"), "volumefusion.files"),
+    **dict.fromkeys(("discover_inputs", "case_id_from_path", "LIST_SUFFIXES"), "volumefusion.data.datasets"),
+})

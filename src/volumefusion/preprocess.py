@@ -33,9 +33,12 @@ import torch
 from scipy import ndimage
 
 from volumefusion import VolumeFusionError
-from volumefusion.io import Geometry
+from volumefusion.geometry import Geometry
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+BODY_THRESHOLD_HU = -600.0
+"""HU above which a voxel counts as body (air and lung lie below it): the body box of ``prepare``
+and of the pictures of ``show``."""
 _AXIS_LETTERS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
 
 
@@ -47,7 +50,7 @@ class PrepareSettings:
     """target voxel spacing (mm, z y x); None keeps each image's native spacing."""
     crop_to_body: bool = True
     """crop the stored arrays to the body box."""
-    body_threshold: float = -600.0
+    body_threshold: float = BODY_THRESHOLD_HU
     """HU above which a voxel counts as body for the body box."""
     orientation: str = "LPS"
     """canonical orientation, DICOM letters for the x, y, z index axes (see module docstring)."""

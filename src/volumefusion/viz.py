@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from volumefusion.io import atomic_path
+from volumefusion.files import atomic_path
 
 # Fixed class colours (RGB in [0, 1]): class i always has colour i, in every picture.
 LABEL_COLORS = np.array([

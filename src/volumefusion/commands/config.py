@@ -33,7 +33,8 @@ def run(args) -> int:
     if args.presets:
         for name in config.presets():
             path = config.PRESETS / (name + ".yaml")
-            note = "  (for `volumefusion demo -c`)" if path == config.DEMO_PRESET else ""
+            command = None if config.is_run_config(config.read_yaml(path)) else config.declared_command(path)
+            note = f"  (for `{command} -c`)" if command else ""
             print(f"{name:16s} {path}{note}")
         return 0
     cfg = config.load(args.config, args.overrides)

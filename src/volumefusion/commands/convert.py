@@ -32,40 +32,37 @@ def run(args) -> int:
     import json
 
     from volumefusion import VolumeFusionError
-    from volumefusion.checkpoint import load_checkpoint, save_checkpoint
-    from volumefusion.io import atomic_path, check_writable_file
+    from volumefusion.checkpoint import read_checkpoint, save_checkpoint
+    from volumefusion.files import atomic_path, check_writable_file
     from volumefusion.nets.weights import model_from_misfm
 
     check_writable_file(args.out, "--out")
     if args.safetensors:
         check_writable_file(args.safetensors, "--safetensors")
-    ckpt = load_checkpoint(args.checkpoint, expected="a MIS-FM / PyMIC PCT-Net checkpoint (.pt)")
-    if not isinstance(ckpt.get("model_state_dict") if isinstance(ckpt, dict) else None, dict):
-        ours = isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt
-        raise VolumeFusionError(f"{args.checkpoint}: not a MIS-FM/PyMIC checkpoint (no 'model_state_dict'); "
-                                + ("it is a volumefusion checkpoint, which needs no conversion" if ours else
-                                   "convert reads MIS-FM / PyMIC PCT-Net checkpoints"))
+    ckpt = read_checkpoint(args.checkpoint, expected="a MIS-FM / PyMIC PCT-Net checkpoint (.pt)")
+    if ckpt.layout == "volumefusion":
+        raise ckpt.error(f"{ckpt.kind}, which needs no conversion")
+    if ckpt.layout != "misfm":
+        raise ckpt.error(f"not a MIS-FM PCT-Net state dict ({ckpt.kind}); convert reads MIS-FM / PyMIC PCT-Net "
+                         "checkpoints")
     if any(not o.startswith("model.") for o in args.overrides):
         raise VolumeFusionError("convert --set changes model fields only (model.FIELD=VALUE)")
     model, cfg, num_classes, report = model_from_misfm(ckpt, args.overrides, args.resolution_mode,
-                                                       name=args.checkpoint, partial=None)  # checked below
+                                                       partial=None)  # checked below
     print(report.format())
     if report.missing or report.shape_skipped or report.adapted:
         bad = len(report.missing) + len(report.shape_skipped)
         raise VolumeFusionError(f"{args.checkpoint}: {bad} tensors of the inferred architecture are "
                                 "missing or mis-shaped; not converted")
     weights = model.state_dict()
-    save_checkpoint(args.out, {
-        "model": weights,
-        "config": cfg.to_dict(),
-        "task": {"kind": "pretrain", "num_classes": num_classes, "label_names": None, "preprocessing": {}},
-        "step": int(ckpt.get("iteration", 0)),
-    })
+    task = {"kind": "pretrain", "num_classes": num_classes, "label_names": None, "preprocessing": {}}
+    save_checkpoint(args.out, {"model": weights, "config": cfg.to_dict(), "task": task,
+                               "step": int(ckpt.payload.get("iteration", 0))})
     print(f"wrote {args.out}")
     if args.safetensors:
         from safetensors.torch import save_file
 
-        metadata = {"config": json.dumps(cfg.to_dict()), "num_classes": str(num_classes)}
+        metadata = {"config": json.dumps(cfg.to_dict()), "task": json.dumps(task), "num_classes": str(num_classes)}
         with atomic_path(args.safetensors) as tmp:
             save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata=metadata)
         print(f"wrote {args.safetensors}")

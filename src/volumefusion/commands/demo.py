@@ -8,19 +8,21 @@ from volumefusion.commands import positive_int
 
 EXAMPLES = """\
 examples:
-  volumefusion demo                          # full demo into ./vf-demo (about 30 minutes on 2 CPU cores)
+  volumefusion demo                          # full demo into ./vf-demo (states its expected time first)
   volumefusion demo --quick --out /tmp/d     # a smoke run of every stage (about 2 minutes)
   volumefusion demo --seeds 11 12 13 14 15 16 --device cuda
 
-Three arms fine-tune the same small PCT-Net with the same config, seed and data, differing only in
-the starting weights: from scratch, from the built-in Volume Fusion weights (builtin:demo, see
-docs/weights.md), and from weights pretrained by the demo itself for a short while. For each label
-regime (1 and 4 labelled training phantoms) and seed, every run is scored on held-out phantoms;
-DIR/report.md gives the Dice tables, the pre-registered paired test (Wilcoxon signed-rank and a 95 %
-bootstrap interval), learning curves and predictions; DIR/report.json every number. The expected
-time is stated up front (measured on this machine) and each finished run is logged. Settings: the
-bundled preset demo.yaml (`volumefusion config --presets` shows where; --quick applies its quick
-section).
+The same small PCT-Net is fine-tuned on varied CT phantoms in arms that differ in their starting
+weights: from scratch, from the built-in Volume Fusion weights (builtin:demo, see docs/weights.md),
+from a network pretrained with labels on other phantoms (positive control), and with the built-in or
+a random encoder held still (probes); the quick run adds weights pretrained by the demo itself. For
+each label regime and seed, every run is scored on held-out phantoms. DIR/report.md first checks the
+preconditions (gate: is the pretext learned on unseen phantoms? headroom: do more labels help from
+scratch?), then gives the pre-registered paired test (Wilcoxon signed-rank and a 95 % bootstrap
+interval), the secondary readouts, every seed, learning curves and predictions; DIR/report.json every
+number. Rerun the same command in the same folder to resume an interrupted demo (finished runs are
+kept); a folder that holds anything else is refused. Settings: the bundled preset demo.yaml
+(`volumefusion config --presets` shows where; --quick applies its quick section).
 """
 
 

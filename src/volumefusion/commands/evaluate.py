@@ -63,7 +63,7 @@ def run(args) -> int:
     if args.workers < 1:
         raise VolumeFusionError(f"--workers {args.workers}: must be >= 1")
     from volumefusion.evaluate import evaluate_folders, read_label_names
-    from volumefusion.io import check_writable_file
+    from volumefusion.files import check_writable_file
 
     out = Path(args.out) if args.out else Path(args.pred) / "metrics.csv"
     check_writable_file(out, "--out")  # before the cases are evaluated, not after

@@ -63,4 +63,7 @@ def run(args) -> int:
     if args.partial_load:
         overrides.append(f"finetune.partial_load={json.dumps(args.partial_load)}")
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
-    return finetune(args.config, overrides, args.data, args.out, pretrained, resume=args.resume).exit_status
+    result = finetune(args.config, overrides, args.data, args.out, pretrained, resume=args.resume)
+    if result.load_report is not None:
+        print(result.load_report.format())
+    return result.exit_status

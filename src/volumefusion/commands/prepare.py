@@ -82,7 +82,7 @@ def register(sub) -> None:
     p.add_argument("--spacing", nargs=3, type=_positive_float, metavar=("Z", "Y", "X"),
                    help="resample to this voxel spacing in mm (default: keep each image's spacing)")
     p.add_argument("--no-crop", action="store_true", help="store the whole volume, not just the body box")
-    p.add_argument("--body-threshold", type=float, default=-600.0, metavar="HU",
+    p.add_argument("--body-threshold", type=float, metavar="HU",
                    help="HU above which a voxel is body, for the body box (default: -600)")
     p.add_argument("--workers", "-j", type=positive_int, default=1, metavar="N",
                    help="parallel worker processes (default: 1; each holds a few copies of one volume)")
@@ -122,7 +122,7 @@ def run(args) -> int:
     settings = PrepareSettings(
         spacing_zyx=tuple(args.spacing) if args.spacing else None,
         crop_to_body=not args.no_crop,
-        body_threshold=args.body_threshold,
+        **({} if args.body_threshold is None else {"body_threshold": args.body_threshold}),
     )
     terminated = []
 

@@ -47,17 +47,17 @@ def register(sub) -> None:
 def _volumes(inputs: list[str]):
     """``[(name, array-like (z, y, x) HU, body box ((z0, z1), (y0, y1), (x0, x1)))]``; store cases are
     read lazily, crop by crop. Inputs that are not stores name images as every other command takes
-    them (files, folders, globs, lists: :func:`volumefusion.io.discover_inputs`). Images that cannot
+    them (files, folders, globs, lists: :func:`volumefusion.data.datasets.discover_inputs`). Images that cannot
     be read are skipped with a warning naming them; an error if nothing is left."""
     from pathlib import Path
 
-    import numpy as np
-
     from volumefusion import VolumeFusionError
+    from volumefusion.data.datasets import case_id_from_path, discover_inputs
     from volumefusion.data.samples import chest_ct
     from volumefusion.data.store import Store
-    from volumefusion.io import case_id_from_path, discover_inputs, read_image
+    from volumefusion.io import read_image
     from volumefusion.log import get_logger
+    from volumefusion.preprocess import BODY_THRESHOLD_HU, body_box
 
     volumes, images = [], []
     for item in inputs or [str(chest_ct()[0])]:
@@ -73,12 +73,7 @@ def _volumes(inputs: list[str]):
         except VolumeFusionError as exc:
             failures.append((str(path), str(exc)))
             continue
-        body = array > -600  # same threshold as prepare's body crop
-        box = []
-        for axis in range(3):
-            hit = np.nonzero(body.any(tuple(a for a in range(3) if a != axis)))[0]
-            box.append((int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, array.shape[axis]))
-        volumes.append((case_id_from_path(path), array, tuple(box)))
+        volumes.append((case_id_from_path(path), array, body_box(array, BODY_THRESHOLD_HU)))
     for _, reason in failures:
         get_logger(__name__).warning("skipped %s", reason)
     if not volumes:
@@ -106,8 +101,8 @@ def run_fusion(args) -> int:
     import torch
 
     from volumefusion import VolumeFusionError, config
+    from volumefusion.files import check_writable_file
     from volumefusion.fusion import fuse, fusion_pair, source_shape, uses_views
-    from volumefusion.io import check_writable_file
     from volumefusion.log import get_logger
     from volumefusion.preprocess import normalise_hu
     from volumefusion.viz import save_montage

@@ -45,7 +45,7 @@ from typing import NamedTuple
 import numpy as np
 
 from volumefusion import VolumeFusionError
-from volumefusion.io import atomic_path
+from volumefusion.files import atomic_path
 from volumefusion.log import get_logger, progress
 
 log = get_logger(__name__)

@@ -29,7 +29,9 @@ import numpy as np
 from scipy import ndimage
 
 from volumefusion import VolumeFusionError
-from volumefusion.io import Geometry, atomic_write_text, write_image
+from volumefusion.files import atomic_write_text
+from volumefusion.geometry import Geometry
+from volumefusion.io import write_image
 
 LABEL_NAMES: dict[int, str] = {
     0: "background",

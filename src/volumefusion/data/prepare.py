@@ -23,7 +23,9 @@ from volumefusion import VolumeFusionError
 from volumefusion.data.datasets import CaseTask, absolute_source, collect_cases
 from volumefusion.data.index import update_index
 from volumefusion.data.store import STORE_ENTRIES, CaseRecord, init_store, name_found_labels, read_record, write_case
-from volumefusion.io import SERIES_SEPARATOR, Geometry, check_writable_folder, missing_reason, read_image
+from volumefusion.files import check_writable_folder, missing_reason
+from volumefusion.geometry import Geometry
+from volumefusion.io import SERIES_SEPARATOR, read_image
 from volumefusion.log import get_logger, progress
 from volumefusion.preprocess import PrepareSettings, preprocess_case, suspicious_values
 from volumefusion.processes import worker_pool

@@ -37,7 +37,8 @@ import numpy as np
 
 from volumefusion import VolumeFusionError
 from volumefusion.data.index import INDEX_FILE, CaseIndex, CaseInfo, file_lock, load_index, update_index
-from volumefusion.io import atomic_path, atomic_write_text, is_image_file
+from volumefusion.files import atomic_path, atomic_write_text
+from volumefusion.io import is_image_file
 
 FORMAT = "volumefusion-store"
 VERSION = 1

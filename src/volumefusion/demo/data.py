@@ -18,7 +18,8 @@ from volumefusion.data.phantoms import write_msd_dataset, write_phantoms
 from volumefusion.data.prepare import prepare
 from volumefusion.data.samples import chest_ct
 from volumefusion.demo.settings import SEED_BASE, DemoSettings
-from volumefusion.io import atomic_write_text, read_image, write_image
+from volumefusion.files import atomic_write_text
+from volumefusion.io import read_image, write_image
 from volumefusion.log import get_logger
 from volumefusion.preprocess import PrepareSettings
 
@@ -48,16 +49,22 @@ class DemoData:
     def split(self, labelled: int, seed: int) -> Path:
         return self.splits[f"{labelled}/{seed}"]
 
-    def to_dict(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else {a: str(b) for a, b in v.items()} if k == "splits" else v)
-                for k, v in asdict(self).items()}
+    def to_dict(self, root: Path) -> dict:
+        """Plain data, paths relative to ``root`` (so a moved demo folder still reads)."""
+        def rel(path: Path | None) -> str | None:
+            return None if path is None else str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+        out = {k: rel(v) if isinstance(v, Path) or v is None else v for k, v in asdict(self).items()}
+        out["splits"] = {k: rel(v) for k, v in self.splits.items()}
+        return out
 
     @classmethod
-    def from_dict(cls, d: dict) -> DemoData:
-        paths = {k: Path(v) if isinstance(v, str) else v for k, v in d.items()}
-        paths["splits"] = {k: Path(v) for k, v in d["splits"].items()}
-        paths["label_names"] = {int(k): v for k, v in d["label_names"].items()}
-        return cls(**paths)
+    def from_dict(cls, d: dict, root: Path) -> DemoData:
+        def path(value: str | None) -> Path | None:
+            return None if value is None else root / value
+        fields = {k: path(v) if k not in ("label_names", "chest_ct", "splits") else v for k, v in d.items()}
+        fields["splits"] = {k: path(v) for k, v in d["splits"].items()}
+        fields["label_names"] = {int(k): v for k, v in d["label_names"].items()}
+        return cls(**fields)
 
 
 def phantom_seeds(settings: DemoSettings, role: str) -> list[int]:
@@ -80,7 +87,7 @@ def make_data(settings: DemoSettings, root: Path, with_pool: bool) -> DemoData:
     """
     done = root / "data.json"
     if done.is_file():
-        return DemoData.from_dict(json.loads(done.read_text()))
+        return DemoData.from_dict(json.loads(done.read_text()), root)
     p = settings.phantoms
     geometry = {"shape": tuple(p.shape), "spacing_zyx": tuple(p.spacing_zyx), "vary": p.vary}
     # every store is resampled onto the phantoms' grid, as the built-in weights' pool was
@@ -117,7 +124,7 @@ def make_data(settings: DemoSettings, root: Path, with_pool: bool) -> DemoData:
     names = merge_paired_organs([dataset, control], [root / "test" / "labels"])
     data = DemoData(pool_store, gate_store, dataset, splits, control, control_split, test[0].parent,
                     root / "test" / "labels", names, with_ct)
-    atomic_write_text(done, json.dumps(data.to_dict(), indent=1) + "\n")
+    atomic_write_text(done, json.dumps(data.to_dict(root), indent=1) + "\n")
     return data
 
 

@@ -25,7 +25,8 @@ from volumefusion.demo.data import DemoData
 from volumefusion.demo.results import GateResult, PretrainResult, RunResult
 from volumefusion.demo.settings import ARM_TEXT, ARMS, DemoSettings
 from volumefusion.demo.stats import compare_paired
-from volumefusion.io import atomic_write_text, read_image
+from volumefusion.files import atomic_write_text
+from volumefusion.io import read_image
 from volumefusion.processes import cpu_count
 from volumefusion.viz import label_overlay, save_band_curves, save_curves, save_montage
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from volumefusion import VolumeFusionError
-from volumefusion.checkpoint import load_checkpoint, save_checkpoint
+from volumefusion.checkpoint import load_checkpoint, resolve_weights, save_checkpoint
 from volumefusion.config import Config, from_dict, load, save, to_dict
 from volumefusion.demo.data import DemoData, make_data
 from volumefusion.demo.report import write_report
@@ -34,11 +34,10 @@ from volumefusion.demo.results import DemoResult, GateResult, PretrainResult, Ru
 from volumefusion.demo.settings import PROBE_ARMS, DemoSettings, load_settings
 from volumefusion.device import resolve_device
 from volumefusion.evaluate import evaluate_folders
+from volumefusion.files import atomic_write_text, check_writable_folder
 from volumefusion.infer import predict_files
-from volumefusion.io import atomic_write_text, check_writable_folder
 from volumefusion.log import get_logger, setup
 from volumefusion.nets import build_model, main_output
-from volumefusion.nets.weights import resolve_weights
 from volumefusion.processes import cpu_count, worker_pool
 from volumefusion.train.logging import read_metrics
 from volumefusion.train.runs import evaluate_pretext, finetune, pretrain
@@ -153,33 +152,34 @@ def _stage_done(run_dir: Path) -> PretrainResult | None:
                           [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_score" in r])
 
 
-def run_pretraining(config: Path, overrides: tuple[str, ...], store: Path, run_dir: Path,
-                    threads: int | None = None, verbosity: int | None = None) -> PretrainResult:
-    """The live Volume Fusion pretraining (``threads``/``verbosity`` as in :func:`run_job`)."""
+def _run_stage(what: str, run_dir: Path, train: Callable[[], object], threads: int | None,
+               verbosity: int | None) -> PretrainResult:
+    """A pretraining stage: its kept result, or ``train()`` from nothing (an unfinished run starts again)."""
     finished = _stage_done(run_dir)
     if finished:
         return finished
     _worker_setup(threads, verbosity)
     _fresh(run_dir)
     t0 = time.perf_counter()
-    result = pretrain(load([config], list(overrides)), store, run_dir)
-    _finished(result, "the live pretraining", run_dir)
+    result = train()
+    _finished(result, what, run_dir)
     return _stage_result(run_dir, time.perf_counter() - t0, result.step)
+
+
+def run_pretraining(config: Path, overrides: tuple[str, ...], store: Path, run_dir: Path,
+                    threads: int | None = None, verbosity: int | None = None) -> PretrainResult:
+    """The live Volume Fusion pretraining (``threads``/``verbosity`` as in :func:`run_job`)."""
+    return _run_stage("the live pretraining", run_dir,
+                      lambda: pretrain(load([config], list(overrides)), store, run_dir), threads, verbosity)
 
 
 def run_control(config: Path, overrides: tuple[str, ...], dataset: Path, split: Path, run_dir: Path,
                 threads: int | None = None, verbosity: int | None = None) -> PretrainResult:
     """The positive control's supervised pretraining: a network trained from scratch with every label
     of the control phantoms (``threads``/``verbosity`` as in :func:`run_job`)."""
-    finished = _stage_done(run_dir)
-    if finished:
-        return finished
-    _worker_setup(threads, verbosity)
-    _fresh(run_dir)
-    t0 = time.perf_counter()
-    result = finetune([str(config)], [*overrides, f"finetune.split_file={split}"], dataset, run_dir, None)
-    _finished(result, "the positive control's supervised pretraining", run_dir)
-    return _stage_result(run_dir, time.perf_counter() - t0, result.step)
+    overrides = (*overrides, f"finetune.split_file={split}")
+    return _run_stage("the positive control's supervised pretraining", run_dir,
+                      lambda: finetune([str(config)], list(overrides), dataset, run_dir, None), threads, verbosity)
 
 
 def measure_gate(settings: DemoSettings, builtin: Path, store: Path, device: str, out: Path) -> GateResult:

@@ -19,8 +19,10 @@ from collections.abc import Sequence
 from torch import nn
 
 from volumefusion import VolumeFusionError
-from volumefusion.config import ModelConfig, plans_configuration
-from volumefusion.nets.pctnet import PCTNet, PreActConv, _scale
+from volumefusion.config import ModelConfig
+from volumefusion.nets.blocks import PreActConv, scale_factors
+from volumefusion.nets.pctnet import PCTNet
+from volumefusion.nnunet_plans import plans_configuration
 
 NNUNET_EXTRA_HINT = "install the extra: pip install 'volumefusion[nnunet]'"
 
@@ -32,7 +34,7 @@ def pctnet_strides(resolution_mode: int) -> list[list[int]]:
     which gives exactly PCT-Net's four outputs (full, 1/2, 1/4, 1/8; in-plane only where
     ``resolution_mode`` says so).
     """
-    stem = [list(_scale(level < resolution_mode)) for level in range(2)]
+    stem = [list(scale_factors(level < resolution_mode)) for level in range(2)]
     return [[1, 1, 1], *stem, [2, 2, 2], [2, 2, 2]]
 
 

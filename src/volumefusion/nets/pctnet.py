@@ -10,8 +10,9 @@ Layout (``resolution_mode`` 1 shown; features ``f0..f4``, input (N, C_in, D, H, 
     head:     up2(x1, d2) -> conv1 -> up1(x0, .) -> conv0 -> 1x1 conv -> logits (full resolution)
 
 A PCT block is ``ConvBlock(x) + SwinLayer(x)``. Every convolution is pre-activation
-(BatchNorm -> PReLU -> Conv). ``resolution_mode`` m makes the first m stem down-samplings (and their
-mirror images in the head) in-plane only, with (1, 3, 3) convolutions at those levels.
+(BatchNorm -> PReLU -> Conv; the convolutional blocks are :mod:`volumefusion.nets.blocks`).
+``resolution_mode`` m makes the first m stem down-samplings (and their mirror images in the head)
+in-plane only, with (1, 3, 3) convolutions at those levels.
 
 This is our own implementation of the computation in openmedlab/MIS-FM ``net/pct_net.py`` and
 ``net/transformer.py``; :mod:`volumefusion.nets.weights` maps that code's checkpoint keys onto ours.
@@ -32,19 +33,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from volumefusion.nets.blocks import ConvBlock, DownSample, PreActConv, UpCat, kernel_and_padding
+
 REL_POS_KINDS = ("exact", "reference")
 # Additive mask value between tokens of different regions of a shifted window (the reference's).
 SHIFT_MASK_VALUE = -100.0
-
-
-def _kernel(planar: bool) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """(kernel, padding) of a 3x3x3 convolution, or of a 1x3x3 one when ``planar``."""
-    return ((1, 3, 3), (0, 1, 1)) if planar else ((3, 3, 3), (1, 1, 1))
-
-
-def _scale(planar: bool) -> tuple[int, int, int]:
-    """Down/up-sampling factor (z, y, x): in-plane only when ``planar``."""
-    return (1, 2, 2) if planar else (2, 2, 2)
 
 
 @contextlib.contextmanager
@@ -88,74 +81,6 @@ def run_module(module: nn.Module, *args: torch.Tensor, checkpoint: bool = False)
         return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
     return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False,
                                              context_fn=functools.partial(_recompute_contexts, module))
-
-
-# --------------------------------------------------------------------------------------------------
-# convolutional pieces
-
-
-class PreActConv(nn.Module):
-    """BatchNorm -> PReLU (one slope) -> [Dropout] -> Conv3d (or ConvTranspose3d).
-
-    (N, in_channels, D, H, W) -> (N, out_channels, D', H', W').
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel: int | Sequence[int] = 1,
-                 padding: int | Sequence[int] = 0, dropout: float = 0.0, stride: int | Sequence[int] = 1,
-                 transpose: bool = False):
-        super().__init__()
-        self.norm = nn.BatchNorm3d(in_channels)
-        self.act = nn.PReLU()
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        conv = nn.ConvTranspose3d if transpose else nn.Conv3d
-        self.conv = conv(in_channels, out_channels, kernel, stride=stride, padding=padding)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.drop(self.act(self.norm(x))))
-
-
-class ConvBlock(nn.Module):
-    """Two pre-activation convolutions (3x3x3, or 1x3x3 when ``planar``); dropout before the second."""
-
-    def __init__(self, in_channels: int, out_channels: int, planar: bool = False, dropout: float = 0.0):
-        super().__init__()
-        kernel, padding = _kernel(planar)
-        self.unit1 = PreActConv(in_channels, out_channels, kernel, padding)
-        self.unit2 = PreActConv(out_channels, out_channels, kernel, padding, dropout=dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.unit2(self.unit1(x))
-
-
-class DownSample(PreActConv):
-    """Max-pooling by 2 (in-plane only when ``pool_planar``), then a pre-activation convolution."""
-
-    def __init__(self, in_channels: int, out_channels: int, pool_planar: bool = False,
-                 conv_planar: bool = False):
-        kernel, padding = _kernel(conv_planar)
-        super().__init__(in_channels, out_channels, kernel, padding)
-        self.scale = _scale(pool_planar)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.max_pool3d(x, self.scale))
-
-
-class UpCat(nn.Module):
-    """Up-sample the coarse features by a pre-activation transposed convolution, concatenate them after
-    the fine features, and fuse with a pre-activation convolution.
-
-    ``forward(fine (N, c_fine, ...), coarse (N, c_coarse, ...)) -> (N, c_fine, ...)``.
-    """
-
-    def __init__(self, c_fine: int, c_coarse: int, up_planar: bool = False, conv_planar: bool = False):
-        super().__init__()
-        scale = _scale(up_planar)
-        kernel, padding = _kernel(conv_planar)
-        self.up = PreActConv(c_coarse, c_fine, scale, stride=scale, transpose=True)
-        self.fuse = PreActConv(2 * c_fine, c_fine, kernel, padding)
-
-    def forward(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-        return self.fuse(torch.cat([fine, self.up(coarse)], dim=1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,7 +337,7 @@ class Stem(nn.Module):
                  dropout: Sequence[float]):
         super().__init__()
         f0, f1, f2 = channels
-        kernel, padding = _kernel(planar[0])
+        kernel, padding = kernel_and_padding(planar[0])
         self.proj = nn.Conv3d(in_channels, f0, kernel, padding=padding)
         self.conv0 = ConvBlock(f0, f0, planar[0], dropout[0])
         self.down1 = DownSample(f0, f1, pool_planar=planar[0], conv_planar=planar[1])

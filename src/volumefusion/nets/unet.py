@@ -14,21 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from volumefusion.nets.pctnet import PreActConv, UpCat, _kernel, _scale
+from volumefusion.nets.blocks import ConvBlock, PreActConv, UpCat, kernel_and_padding, scale_factors
 
 
-class ResBlock(nn.Module):
-    """Two pre-activation convolutions plus a shortcut (1x1x1 convolution when channels change)."""
+class ResBlock(ConvBlock):
+    """A :class:`ConvBlock` plus a shortcut (1x1x1 convolution when channels change)."""
 
     def __init__(self, in_channels: int, out_channels: int, planar: bool = False, dropout: float = 0.0):
-        super().__init__()
-        kernel, padding = _kernel(planar)
-        self.unit1 = PreActConv(in_channels, out_channels, kernel, padding)
-        self.unit2 = PreActConv(out_channels, out_channels, kernel, padding, dropout=dropout)
+        super().__init__(in_channels, out_channels, planar, dropout)
         self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.skip(x) + self.unit2(self.unit1(x))
+        return self.skip(x) + super().forward(x)
 
 
 class UNet3D(nn.Module):
@@ -50,9 +47,9 @@ class UNet3D(nn.Module):
             raise ValueError(f"resolution_mode {resolution_mode}: must be in [0, {levels - 1}]")
         f = list(feature_channels)
         planar = [i < resolution_mode for i in range(levels)]  # level i's convs; pooling i -> i+1
-        self.scales = [_scale(planar[i]) for i in range(levels - 1)]
+        self.scales = [scale_factors(planar[i]) for i in range(levels - 1)]
         self.deep_supervision = deep_supervision
-        kernel, padding = _kernel(planar[0])
+        kernel, padding = kernel_and_padding(planar[0])
         self.proj = nn.Conv3d(in_channels, f[0], kernel, padding=padding)
         self.encoders = nn.ModuleList(
             ResBlock(f[max(i - 1, 0)], f[i], planar[i], dropout[i]) for i in range(levels)

@@ -1,13 +1,12 @@
-"""Load pretrained weights into a network, from our checkpoints or the official MIS-FM ones.
+"""Load weights into a network: pretrained ones, tolerantly and with a report, or a network's own, exactly.
 
 :func:`load_pretrained` copies every tensor whose name and shape match, adapts the first convolution
 to a different number of input channels, leaves shape-mismatched tensors (e.g. the class-dependent
 output convolutions) at their fresh initialisation, and says what it did in a :class:`LoadReport`.
-
-MIS-FM / PyMIC checkpoints (``{'model_state_dict': ...}``) store three stems (``embeddings.{0,1,2}``)
-and three heads (``pred_heads.{0,1,2}``); the pair of the model's ``resolution_mode`` is mapped onto
-``stem.`` / ``head.`` and the others are reported as unused. Their remaining names map onto ours by
-:func:`misfm_key`.
+MIS-FM / PyMIC checkpoints have their tensor names mapped onto ours (:mod:`volumefusion.nets.misfm`);
+the stems and heads of the other resolution modes are reported as unused.
+:func:`model_from_checkpoint` builds the network a checkpoint describes and loads it exactly.
+Checkpoints are read by :func:`volumefusion.checkpoint.read_checkpoint`, once per load.
 
 Relative-position index: it is a persistent buffer of every attention module, so a state dict carries
 the index its bias tables were trained with, and loading copies it. A MIS-FM checkpoint therefore
@@ -17,7 +16,6 @@ which index the model runs with after loading (store it as ``model.rel_pos_index
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,41 +26,15 @@ import torch
 from torch import nn
 
 from volumefusion import VolumeFusionError, config
-from volumefusion.checkpoint import check_finite_weights, clean_state_dict, load_checkpoint, save_checkpoint
+from volumefusion.checkpoint import Checkpoint, check_finite_weights, read_checkpoint
 from volumefusion.config import Config
+from volumefusion.deprecated import moved
 from volumefusion.log import get_logger
 from volumefusion.nets import build_model
-from volumefusion.nets.pctnet import REL_POS_KINDS, WindowAttention, relative_position_index
+from volumefusion.nets.misfm import misfm_key
+from volumefusion.nets.pctnet import WindowAttention
 
 log = get_logger(__name__)
-
-BUILTIN = Path(__file__).parent / "builtin"
-"""Weights shipped with the package, named ``builtin:NAME`` (``BUILTIN/NAME.pt``; docs/weights.md)."""
-
-MISFM_PREFIXES = ("embeddings.", "pyramid_ct.", "pred_heads.")
-# The reference's nn.Sequential indices -> our module names.
-_CONV_BLOCK = {"0": "unit1.norm", "1": "unit1.act", "2": "unit1.conv", "3": "unit2.norm", "4": "unit2.act",
-               "6": "unit2.conv"}
-_PRE_ACT = {"0": "norm", "1": "act", "2": "conv"}
-
-
-def misfm_key(key: str, resolution_mode: int) -> str | None:
-    """Our state-dict name for a MIS-FM PCT-Net key, or None for tensors the reference stores but does
-    not use with ``resolution_mode`` (the other stems and heads, the unused ``norm_layer``)."""
-    m = re.match(r"(embeddings|pred_heads)\.(\d+)\.(.*)", key)
-    if m:
-        if int(m[2]) != resolution_mode:
-            return None
-        key = ("stem." if m[1] == "embeddings" else "head.") + m[3]
-    elif key.startswith("pyramid_ct."):
-        key = "pyramid." + key[len("pyramid_ct."):].replace("convtrans_", "", 1)
-        if ".norm_layer." in key:
-            return None
-    key = re.sub(r"\.conv_conv\.(\d)\.", lambda g: f".{_CONV_BLOCK.get(g[1], 'conv_conv.' + g[1])}.", key)
-    key = re.sub(r"\.(down\d|out_conv\d)\.conv\.([012])\.", lambda g: f".{g[1]}.{_PRE_ACT[g[2]]}.", key)
-    key = re.sub(r"\.(up\d)\.up\.([012])\.", lambda g: f".{g[1]}.up.{_PRE_ACT[g[2]]}.", key)
-    key = re.sub(r"\.(up\d)\.conv\.([012])\.", lambda g: f".{g[1]}.fuse.{_PRE_ACT[g[2]]}.", key)
-    return key.replace(".trans.blocks.", ".swin.blocks.")
 
 
 @dataclass
@@ -127,72 +99,6 @@ def _summary(keys: list[str], by_module: bool = False, limit: int = 12) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def _read(source: str | Path | dict) -> tuple[dict[str, torch.Tensor], str, str]:
-    """(state dict without DDP/compile prefixes, layout, display name) of a path or a loaded dict."""
-    name = str(source) if isinstance(source, (str, Path)) else "the given state dict"
-    ckpt = load_checkpoint(source) if isinstance(source, (str, Path)) else source
-    if not isinstance(ckpt, dict):
-        raise VolumeFusionError(f"{name}: not a checkpoint (holds a {type(ckpt).__name__}, expected a dict)")
-    layout = "state_dict"
-    if isinstance(ckpt.get("model_state_dict"), dict):
-        state = ckpt["model_state_dict"]
-    elif isinstance(ckpt.get("model"), dict):
-        state, layout = ckpt["model"], "volumefusion"
-    elif isinstance(ckpt.get("state_dict"), dict):
-        state = ckpt["state_dict"]
-    else:
-        state = ckpt
-    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        keys = ", ".join(list(map(str, ckpt))[:6])
-        raise VolumeFusionError(
-            f"{name}: no model weights found (top-level keys: {keys}); expected a volumefusion checkpoint, "
-            "a MIS-FM/PyMIC checkpoint ({'model_state_dict': ...}) or a plain state dict")
-    state = clean_state_dict(state)
-    if any(k.startswith(MISFM_PREFIXES) for k in state):
-        layout = "misfm"
-    return state, layout, name
-
-
-def builtin_weights() -> list[str]:
-    """Names of the weights shipped with the package (usable as ``builtin:NAME``)."""
-    return sorted(p.stem for p in BUILTIN.glob("*.pt"))
-
-
-def resolve_weights(source: str | Path) -> Path:
-    """The checkpoint file ``source`` names: ``builtin:NAME`` is a checkpoint shipped with the package
-    (:func:`builtin_weights`), anything else a path. Raises :class:`VolumeFusionError` when it does
-    not exist."""
-    text = str(source)
-    if text.startswith("builtin:"):
-        name = text.removeprefix("builtin:")
-        path = BUILTIN / f"{name}.pt"
-        if not path.is_file():
-            raise VolumeFusionError(f"{text}: no such built-in weights; available: "
-                                    f"{', '.join('builtin:' + n for n in builtin_weights()) or 'none'}")
-        return path
-    path = Path(source)
-    if not path.is_file():
-        raise VolumeFusionError(f"{path}: checkpoint file not found")
-    return path
-
-
-def export_weights(checkpoint: str | Path, out: str | Path, card: dict[str, Any] | None = None,
-                   dtype: torch.dtype = torch.float16) -> Path:
-    """A small weights file from a training checkpoint: model (floating tensors stored as ``dtype``;
-    loading copies them into the network's float32 parameters), config, task and step, plus ``card``
-    (what the weights are: data, command, pretext scores; shown by the demo report). Optimiser, RNG
-    and resume state are left out. Returns ``out``."""
-    ckpt = load_checkpoint(checkpoint)
-    missing = [k for k in ("model", "config", "task") if k not in ckpt]
-    if missing:
-        raise VolumeFusionError(f"{checkpoint}: not a volumefusion training checkpoint (no {', '.join(missing)})")
-    check_finite_weights(ckpt["model"], checkpoint)
-    model = {k: v.to(dtype) if v.is_floating_point() else v for k, v in clean_state_dict(ckpt["model"]).items()}
-    save_checkpoint(out, {"model": model, "config": ckpt["config"], "task": ckpt["task"],
-                          "step": ckpt.get("step"), "card": dict(card or {})})
-    return Path(out)
-
-
 def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     """First-convolution weights (out, c, ...) for ``in_channels`` inputs, exact for identical input
     channels: old channel i feeds the new channels j with i = j (mod min(c, in_channels)), shared equally
@@ -232,9 +138,11 @@ def _named_by(key: str, names: Sequence[str]) -> bool:
     return any(key == n or key.startswith(n.rstrip(".") + ".") for n in names)
 
 
-def load_pretrained(model: nn.Module, source: str | Path | dict, partial: Sequence[str] | None = (),
+def load_pretrained(model: nn.Module, source: str | Path | dict | Checkpoint, partial: Sequence[str] | None = (),
                     name: str | None = None) -> LoadReport:
-    """Copy matching tensors of ``source`` (a checkpoint path or an already loaded dict) into ``model``.
+    """Copy matching tensors of ``source`` into ``model``: anything :func:`~volumefusion.checkpoint.read_checkpoint`
+    takes (a checkpoint file, ``builtin:NAME``, a loaded dict, or a :class:`~volumefusion.checkpoint.Checkpoint`
+    already read, which is not read again).
 
     Every model tensor outside ``model.head_prefixes`` (the class-dependent output convolutions) must
     load, an adapted first convolution included, unless it is named in ``partial``: tensor names or
@@ -243,9 +151,8 @@ def load_pretrained(model: nn.Module, source: str | Path | dict, partial: Sequen
     dict came from, for messages and the report. Raises :class:`VolumeFusionError` naming the file for
     corrupt, foreign or mismatched checkpoints and for non-finite weights (a diverged run's).
     """
-    state, layout, read_name = _read(source)
-    name = name or read_name
-    check_finite_weights(state, name)
+    ckpt = read_checkpoint(source)
+    state, layout, name = ckpt.state, ckpt.layout, name or ckpt.source
     head_prefixes = tuple(getattr(model, "head_prefixes", ()))
     report = LoadReport(source=name, layout=layout, head_prefixes=head_prefixes)
     target = model.state_dict()
@@ -321,121 +228,56 @@ def _check_indices(model: nn.Module, name: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# reading a MIS-FM checkpoint's configuration
+# a checkpoint's own network
 
 
-def _shape(state: dict[str, torch.Tensor], key: str) -> torch.Size:
-    if key not in state:
-        raise VolumeFusionError(f"not a MIS-FM PCT-Net state dict: key {key!r} is missing")
-    return state[key].shape
-
-
-def misfm_num_classes(state: dict[str, torch.Tensor]) -> int:
-    """Output classes of a MIS-FM PCT-Net state dict."""
-    return _shape(clean_state_dict(state), "pred_heads.0.out_conv0.conv.2.weight")[0]
-
-
-def misfm_resolution_mode(state: dict[str, torch.Tensor]) -> int | None:
-    """The resolution mode whose stem was trained (the only one with BatchNorm batches tracked), or
-    None when that cannot be told (e.g. untrained weights)."""
-    tracked = [int(state.get(f"embeddings.{m}.conv0.conv_conv.0.num_batches_tracked", torch.tensor(0)))
-               for m in range(3)]
-    best = max(tracked)
-    return tracked.index(best) if best > 0 and tracked.count(best) == 1 else None
-
-
-def misfm_shifted_windows(windows: list[int]) -> list[bool]:
-    """Whether each pyramid level of a MIS-FM PCT-Net shifts its windows, from its window sizes.
-
-    The reference shrinks a level's window to the level's smallest feature side when that side is not
-    larger than the configured window, and shifts only where the side is larger
-    (:func:`~volumefusion.nets.pctnet.reference_windows`). The weights store the window (the size of the
-    relative-position table) but not the shift, so this assumes the configured window was the same at
-    every level (the reference's default ``[6, 6, 6]``): a level whose window is smaller than the model's
-    largest was shrunk and is unshifted, the others are shifted.
-
-    Limits, none of which the weights can tell: a level whose smallest side equalled its window exactly
-    (1/16 of a ``[48, 96, 96]`` input with window 6) kept its window but ran unshifted; a level with the
-    largest window is taken as shifted even when every level was shrunk (a 1/4 level no larger than the
-    window, i.e. a tiny training input); and per-level configured windows (say ``[8, 6, 4]``) look
-    shrunk. Set ``model.shifted_windows`` by hand there (``--set model.shifted_windows=[true,true,false]``).
-    """
-    return [w == max(windows) for w in windows]
-
-
-def model_config_from_misfm(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The ``model`` config section (:class:`volumefusion.config.ModelConfig` fields) of a MIS-FM
-    PCT-Net state dict: channels, heads, depths, windows and their shifts per level, input channels,
-    resolution mode and the reference relative-position index. Windows come from the size of each
-    level's relative-position table, shifts from :func:`misfm_shifted_windows`; both are one value when
-    every level agrees. Dropout is not stored and keeps its default. Where the resolution mode cannot be
-    told from the weights the paper's (1) is assumed, with a warning.
-    """
-    state = clean_state_dict(state)
-    channels = [
-        _shape(state, "embeddings.0.proj.weight")[0],
-        _shape(state, "embeddings.0.conv1.conv_conv.2.weight")[0],
-        _shape(state, "embeddings.0.down2.conv.2.weight")[0],
-        _shape(state, "pyramid_ct.down3.conv.2.weight")[0],
-        _shape(state, "pyramid_ct.down4.conv.2.weight")[0],
-    ]
-    heads, depths, windows, kinds = [], [], [], set()
-    for level in ("e2", "e3", "e4"):
-        prefix = f"pyramid_ct.convtrans_{level}.trans.blocks."
-        table = _shape(state, prefix + "0.attn.relative_position_bias_table")
-        heads.append(table[1])
-        depths.append(len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)}))
-        side = round(table[0] ** (1 / 3))
-        windows.append((side + 1) // 2)
-        index = state[prefix + "0.attn.relative_position_index"]
-        kinds.update(k for k in REL_POS_KINDS
-                     if torch.equal(index.cpu(), relative_position_index(windows[-1], k)))
-    shifted = misfm_shifted_windows(windows)
-    mode = misfm_resolution_mode(state)
-    if mode is None:
-        log.warning("cannot tell the resolution mode from the weights (no stem has tracked batches); "
-                    "assuming the paper's resolution_mode 1")
-        mode = 1
-    return {
-        "name": "pctnet",
-        "in_channels": _shape(state, "embeddings.0.proj.weight")[1],
-        "feature_channels": channels,
-        "depths": depths,
-        "num_heads": heads,
-        "window_size": _one_if_equal(windows),
-        "shifted_windows": _one_if_equal(shifted),
-        "resolution_mode": mode,
-        "rel_pos_index": "exact" if kinds == {"exact"} else "reference",
-        "deep_supervision": True,
-    }
-
-
-def _one_if_equal(values: list) -> list:
-    """``[v]`` when every level has the same value ``v``, else ``values`` (the config's two forms)."""
-    return values[:1] if len(set(values)) == 1 else values
-
-
-def model_from_misfm(ckpt: dict[str, Any], overrides: list[str] | None = None,
-                     resolution_mode: int | None = None, *, name: str = "the checkpoint",
+def model_from_misfm(ckpt: str | Path | dict | Checkpoint, overrides: list[str] | None = None,
+                     resolution_mode: int | None = None, *, name: str | None = None,
                      partial: Sequence[str] | None = ()) -> tuple[nn.Module, Config, int, LoadReport]:
-    """The network of an official MIS-FM / PyMIC checkpoint (``{"model_state_dict": ...}``), built from
-    the architecture its weights show and loaded: ``(model, config, num_classes, load report)``.
+    """The network of an official MIS-FM / PyMIC checkpoint (``{"model_state_dict": ...}``; anything
+    :func:`~volumefusion.checkpoint.read_checkpoint` takes), built from the architecture its weights show
+    and loaded: ``(model, config, num_classes, load report)``.
 
     ``overrides`` (``model.FIELD=VALUE``) and ``resolution_mode`` set what the weights cannot show;
     ``config.model.rel_pos_index`` is the relative-position index the weights were trained with.
-    ``name``: the file, for messages; ``partial``: as in :func:`load_pretrained` (None: the caller
-    checks the report).
+    ``name``: the file a loaded dict came from, for messages; ``partial``: as in :func:`load_pretrained`
+    (None: the caller checks the report).
     """
-    state = ckpt["model_state_dict"]
-    try:
-        model_cfg = model_config_from_misfm(state)
-        num_classes = misfm_num_classes(state)
-    except VolumeFusionError as exc:
-        raise VolumeFusionError(f"{name}: {exc}") from None
+    ckpt = read_checkpoint(ckpt)
+    name = name or ckpt.source
+    if ckpt.layout != "misfm":
+        raise VolumeFusionError(f"{name}: not a MIS-FM PCT-Net state dict ({ckpt.kind})")
+    model_cfg = dict(ckpt.config["model"])
     if resolution_mode is not None:
         model_cfg["resolution_mode"] = resolution_mode
     cfg = config.load(overrides=overrides, base={"model": model_cfg})
-    model = build_model(cfg.model, num_classes)
+    model = build_model(cfg.model, ckpt.num_classes)
     report = load_pretrained(model, ckpt, partial, name=name)
     cfg.model.rel_pos_index = report.rel_pos_index
-    return model, cfg, num_classes, report
+    return model, cfg, ckpt.num_classes, report
+
+
+def model_from_checkpoint(ckpt: str | Path | dict | Checkpoint) -> tuple[nn.Module, Config, int]:
+    """``(network, config, num_classes)`` of a checkpoint that describes its network: ours (``.pt`` or a
+    safetensors export), loaded exactly (:func:`load_exactly`), or an official MIS-FM one, whose
+    architecture is read from its weights (:func:`model_from_misfm`). The network is in training mode,
+    on the CPU."""
+    ckpt = read_checkpoint(ckpt)
+    if ckpt.layout == "misfm":
+        model, cfg, num_classes, _ = model_from_misfm(ckpt)
+        return model, cfg, num_classes
+    if ckpt.file_format == "safetensors" and not ckpt.config:
+        raise ckpt.error("no volumefusion config in its metadata; export it with `volumefusion convert --safetensors`")
+    ckpt.require("expected keys 'model', 'config' and 'task' (with num_classes), or 'model_state_dict'",
+                 "config", "num_classes")
+    cfg = ckpt.run_config()
+    model = build_model(cfg.model, ckpt.num_classes)
+    load_exactly(model, ckpt.state, ckpt.source)
+    return model, cfg, ckpt.num_classes
+
+
+__getattr__ = moved(__name__, {
+    **dict.fromkeys(("BUILTIN", "builtin_weights", "resolve_weights", "export_weights"), "volumefusion.checkpoint"),
+    **dict.fromkeys(("MISFM_PREFIXES", "misfm_num_classes", "misfm_resolution_mode", "misfm_shifted_windows",
+                     "model_config_from_misfm"), "volumefusion.nets.misfm"),
+})

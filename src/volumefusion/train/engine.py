@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from volumefusion import VolumeFusionError
-from volumefusion.checkpoint import check_finite_weights, clean_state_dict, load_checkpoint, save_checkpoint
+from volumefusion.checkpoint import check_finite_weights, clean_state_dict, read_checkpoint, save_checkpoint
 from volumefusion.config import Config, OptimConfig, changed_fields
 from volumefusion.data.store import StoreChanged
 from volumefusion.device import autocast, autocast_dtype, resolve_device
@@ -304,25 +304,25 @@ class Trainer:
                 log.info("no checkpoint at %s: starting from step 0", path)
                 return
             raise VolumeFusionError(f"--resume {path}: checkpoint not found")
-        ckpt = load_checkpoint(path)
-        if "config" not in ckpt or "optimizer" not in ckpt:
+        ckpt = read_checkpoint(path)
+        state = ckpt.payload
+        if ckpt.layout != "volumefusion" or not ckpt.config or "optimizer" not in state:
             raise VolumeFusionError(f"--resume {path}: not a checkpoint of a volumefusion run (no config or "
                                     "optimizer state); to start from its weights use finetune --pretrained")
-        changes = changed_fields(ckpt["config"], self.cfg, ignore=RESUMABLE_CHANGES)
+        changes = changed_fields(ckpt.config, self.cfg, ignore=RESUMABLE_CHANGES)
         if changes:
             raise VolumeFusionError(
                 f"--resume {path}: the settings differ from the run's ({'; '.join(changes)}); resume with "
                 f"the run's own config ({self.out_dir / 'config.yaml'}), or start a new run in another folder. "
                 f"Only these may change on resume: {', '.join(sorted(RESUMABLE_CHANGES))}")
-        check_finite_weights(ckpt["model"], f"--resume {path}")
-        self.model.load_state_dict(clean_state_dict(ckpt["model"]))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.step = int(ckpt["step"])
-        self.best_score = ckpt.get("extra", {}).get("best_score")
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        self.model.load_state_dict(ckpt.state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.best_score = state.get("extra", {}).get("best_score")
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         log.info("resumed from %s at step %d", path, self.step)
 
     # ---------------------------------------------------------------------------------------- loop
@@ -428,6 +428,13 @@ class Trainer:
                         "data.crop_size") from None
                 except StoreChanged as exc:
                     self._stop_on_data_error(exc, bar)
+                except RuntimeError as exc:
+                    # a signal to the process group can end a loader worker before this step got its
+                    # batch: that is the stop that was asked for, not a failure
+                    if not signals.requested or "DataLoader worker" not in str(exc):
+                        raise
+                    result.interrupted = signals.requested
+                    break
                 self.step += 1
                 if loss is None:
                     skipped += 1

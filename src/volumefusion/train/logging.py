@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from volumefusion.io import atomic_write_text
+from volumefusion.files import atomic_write_text
 from volumefusion.log import get_logger
 from volumefusion.viz import save_curves
 

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from volumefusion import VolumeFusionError, nets
-from volumefusion.checkpoint import clean_state_dict, load_checkpoint
-from volumefusion.config import Config, changed_fields, from_dict, load, save
+from volumefusion.checkpoint import Checkpoint, read_checkpoint
+from volumefusion.config import Config, changed_fields, load, save, to_dict
 from volumefusion.data.prepare import prepare
 from volumefusion.data.store import Store
 from volumefusion.device import autocast, resolve_device
-from volumefusion.io import atomic_write_text, check_writable_folder
+from volumefusion.files import atomic_write_text, check_writable_folder
 from volumefusion.log import get_logger
-from volumefusion.nets.weights import load_exactly, load_pretrained, model_config_from_misfm, resolve_weights
+from volumefusion.nets.weights import LoadReport, load_pretrained, model_from_checkpoint
 from volumefusion.preprocess import PrepareSettings
 from volumefusion.train.engine import DistInfo, FitResult, Trainer, run_device
 from volumefusion.train.tasks import PretrainTask, SegmentationTask, split_cases
@@ -100,45 +101,39 @@ def pretrain(cfg: Config, data: str | Path, out_dir: str | Path, resume: bool | 
     return trainer.fit()
 
 
-def evaluate_pretext(checkpoint: str | Path, data: str | Path, *, samples: int = 64, seed: int = 0,
+def evaluate_pretext(checkpoint: str | Path | Checkpoint, data: str | Path, *, samples: int = 64, seed: int = 0,
                      device: str = "cpu") -> dict[str, float]:
-    """The Volume Fusion pretext Dice of a pretraining ``checkpoint`` on fused crops of the store at
-    ``data`` (e.g. volumes no pretraining saw), under the checkpoint's own crop size and fusion settings.
+    """The Volume Fusion pretext Dice of a pretraining ``checkpoint`` (a file, ``builtin:NAME`` or a
+    :class:`~volumefusion.checkpoint.Checkpoint`) on fused crops of the store at ``data`` (e.g. volumes
+    no pretraining saw), under the checkpoint's own crop size and fusion settings.
 
     ``samples`` fused crops are drawn from ``seed`` (the same crops for every checkpoint of one
     config). Returns ``{"score": mean Dice over the K+1 fusion levels, "dice_a<i>": Dice of level i
     (alpha = i / K), "loss": Dice + CE}``.
     """
-    ckpt = load_checkpoint(resolve_weights(checkpoint))
-    if ckpt.get("task", {}).get("kind") != "pretrain":
-        raise VolumeFusionError(f"{checkpoint}: not a Volume Fusion pretraining checkpoint")
-    cfg = from_dict(ckpt["config"])
+    ckpt = read_checkpoint(checkpoint)
+    if ckpt.layout != "volumefusion" or ckpt.task.get("kind") != "pretrain":
+        raise ckpt.error("not a Volume Fusion pretraining checkpoint")
+    model, cfg, _ = model_from_checkpoint(ckpt)
     cfg.run.val_samples, cfg.run.seed = samples, seed
     dev = resolve_device(device, setting="device")
     task = PretrainTask(cfg, Store.open(data))
-    model = nets.build_model(cfg.model, task.num_classes)
-    load_exactly(model, clean_state_dict(ckpt["model"]), checkpoint)
     model.to(dev).eval()
     with torch.no_grad():
         return task.validate(model, dev, lambda: autocast(dev, None))
 
 
-def _pretrained_base(pretrained: str | Path | None) -> tuple[dict | None, dict]:
+def _pretrained_base(pretrained: str | Path | None) -> tuple[Checkpoint | None, dict]:
     """The checkpoint (or None) and the config it imposes on fine-tuning (model and intensity)."""
     if pretrained is None:
         return None, {}
-    ckpt = load_checkpoint(resolve_weights(pretrained))
-    if not isinstance(ckpt, dict):
-        raise VolumeFusionError(f"{pretrained}: holds a {type(ckpt).__name__}, not a checkpoint dict")
-    if isinstance(ckpt.get("model_state_dict"), dict):  # an official MIS-FM / PyMIC checkpoint
-        try:
-            return ckpt, {"model": model_config_from_misfm(ckpt["model_state_dict"])}
-        except VolumeFusionError as exc:
-            raise VolumeFusionError(f"{pretrained}: {exc}") from None
-    if "model" not in ckpt or "config" not in ckpt:
-        raise VolumeFusionError(f"{pretrained}: neither a volumefusion nor a MIS-FM checkpoint "
-                                "(expected keys 'model' and 'config', or 'model_state_dict')")
-    return ckpt, {"model": ckpt["config"]["model"], "data": {"hu_window": ckpt["config"]["data"]["hu_window"]}}
+    ckpt = read_checkpoint(pretrained)
+    if ckpt.layout == "misfm":
+        return ckpt, {"model": ckpt.config["model"]}
+    ckpt.require("finetune starts from a volumefusion checkpoint (keys 'model' and 'config') or a MIS-FM one "
+                 "('model_state_dict')", "config")
+    saved = to_dict(ckpt.run_config())
+    return ckpt, {"model": saved["model"], "data": {"hu_window": saved["data"]["hu_window"]}}
 
 
 def _segmentation_store(data: str | Path, out_dir: Path, preprocessing: dict | None, workers: int):
@@ -167,9 +162,18 @@ def _segmentation_store(data: str | Path, out_dir: Path, preprocessing: dict | N
     return store
 
 
+@dataclass
+class FinetuneResult(FitResult):
+    """What :func:`finetune` did: the run (:class:`FitResult`) and how the pretrained weights loaded
+    (None from scratch; also written to ``OUT/load_report.json``)."""
+
+    load_report: LoadReport | None = None
+
+
 def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_dir: str | Path,
-             pretrained: str | Path | None, resume: bool | str = False) -> FitResult:
-    """Fine-tune on a labelled dataset from ``pretrained`` weights (or from scratch with ``None``).
+             pretrained: str | Path | None, resume: bool | str = False) -> FinetuneResult:
+    """Fine-tune on a labelled dataset from ``pretrained`` weights (a checkpoint file or ``builtin:NAME``;
+    from scratch with ``None``).
 
     The pretrained checkpoint fixes the architecture and the intensity window; asking for a different
     window is an error, so pretraining and fine-tuning intensities can never silently differ.
@@ -197,23 +201,24 @@ def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_d
     check_model_settings(cfg)
     if ckpt is not None:  # shapes only, on the meta device: no memory, no time
         with torch.device("meta"):
-            load_pretrained(nets.build_model(cfg.model, 2), ckpt, cfg.finetune.partial_load, name=str(pretrained))
+            load_pretrained(nets.build_model(cfg.model, 2), ckpt, cfg.finetune.partial_load)
     run_device(cfg)
     if cfg.finetune.split_file and not Path(cfg.finetune.split_file).is_file():
         raise VolumeFusionError(f"--split {cfg.finetune.split_file}: file not found")
-    preprocessing = (ckpt or {}).get("task", {}).get("preprocessing") or None
+    preprocessing = ckpt.preprocessing if ckpt is not None else None
     store = _segmentation_store(data, out_dir, preprocessing, cfg.data.workers)
     f = cfg.finetune
     train_ids, val_ids = split_cases(store.ids, f.num_folds, f.fold, f.split_file)
     task = SegmentationTask(cfg, store, train_ids, val_ids)
     model = build_model(cfg, task.num_classes)
+    report = None
     if ckpt is not None:
-        report = load_pretrained(model, ckpt, cfg.finetune.partial_load, name=str(pretrained))
+        report = load_pretrained(model, ckpt, cfg.finetune.partial_load)
         # the index travels in the weights; the saved config must say which one they use
         if report.rel_pos_index:
             cfg.model.rel_pos_index = report.rel_pos_index
+        log.info("%s (load_report.json)", report.format().splitlines()[0])
         if DistInfo.from_env().is_main:
-            print(report.format())
             atomic_write_text(out_dir / "load_report.json", json.dumps(report.to_dict(), indent=1))
     log.info("fine-tuning %s on %d training / %d validation cases, %d classes (%s)", cfg.model.name,
              len(train_ids), len(val_ids), task.num_classes, "pretrained" if ckpt is not None else "from scratch")
@@ -222,4 +227,5 @@ def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_d
         if f.freeze_encoder_steps and ckpt is not None else None
     trainer = Trainer(cfg, model, task, out_dir, resume=resume, freeze=freeze)
     write_config(cfg, out_dir)
-    return trainer.fit()
+    result = trainer.fit()
+    return FinetuneResult(**{f.name: getattr(result, f.name) for f in fields(result)}, load_report=report)
