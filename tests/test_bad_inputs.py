@@ -261,15 +261,23 @@ def test_evaluate_refuses_a_bad_label_map_in_one_line_and_writes_nothing(tmp_pat
 # bad checkpoints: every command that reads one refuses it in one line, before any work
 
 
+def _reading_command(command: str, checkpoint: Path, image: Path, tmp_path: Path) -> list[str]:
+    """The command line of ``command`` (predict, finetune, convert or export) reading ``checkpoint``."""
+    if command == "export":
+        return ["export", "nnunet", "--checkpoint", str(checkpoint), "--plans",
+                str(write_ct_plans(tmp_path / "p.json")), "--out", str(tmp_path / "nnunet")]
+    return {"predict": ["predict", "-m", str(checkpoint), "-i", str(image), "-o", str(tmp_path / "out")],
+            "finetune": ["finetune", "--data", str(tmp_path / "nowhere"), "--pretrained", str(checkpoint),
+                         "--out", str(tmp_path / "run")],
+            "convert": ["convert", str(checkpoint), "--out", str(tmp_path / "ours.pt")]}[command]
+
+
 @pytest.mark.parametrize("command", ["predict", "finetune", "convert"])
 def test_a_bad_checkpoint_is_refused_in_one_line_saying_what_it_is(tmp_path, capsys, command):
     image = tmp_path / "ct.nii.gz"
     write_image(image, _ct(0), GEOMETRY)
     for name, (path, phrase) in write_bad_checkpoints(tmp_path / "checkpoints").items():
-        args = {"predict": ["predict", "-m", str(path), "-i", str(image), "-o", str(tmp_path / "out")],
-                "finetune": ["finetune", "--data", str(tmp_path / "nowhere"), "--pretrained", str(path),
-                             "--out", str(tmp_path / "run")],
-                "convert": ["convert", str(path), "--out", str(tmp_path / "ours.pt")]}[command]
+        args = _reading_command(command, path, image, tmp_path)
         assert main(["-q", *args]) == 2, name
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"volumefusion {command}: error: {path}: ") and phrase in err, (name, err)
@@ -316,12 +324,7 @@ def test_a_checkpoint_with_the_wrong_contents_is_refused_in_one_line_naming_it(t
     image = tmp_path / "ct.nii.gz"
     write_image(image, _ct(0), GEOMETRY)
     for name, (path, phrase) in bad_checkpoint_contents(tmp_path / "checkpoints").items():
-        args = {"predict": ["predict", "-m", str(path), "-i", str(image), "-o", str(tmp_path / "out")],
-                "finetune": ["finetune", "--data", str(tmp_path / "nowhere"), "--pretrained", str(path),
-                             "--out", str(tmp_path / "run")],
-                "convert": ["convert", str(path), "--out", str(tmp_path / "ours.pt")],
-                "export": ["export", "nnunet", "--checkpoint", str(path), "--plans",
-                           str(write_ct_plans(tmp_path / "p.json")), "--out", str(tmp_path / "nnunet")]}[command]
+        args = _reading_command(command, path, image, tmp_path)
         assert main(["-q", *args]) == 2, name
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"volumefusion {args[0]}: error: {path}: ") and phrase in err, (name, err)
