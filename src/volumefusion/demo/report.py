@@ -30,7 +30,8 @@ from volumefusion.io import read_image
 from volumefusion.processes import cpu_count
 from volumefusion.viz import label_overlay, save_band_curves, save_curves, save_montage
 
-BASELINE = {arm: "scratch" for arm in ARMS if arm not in ("scratch", "probe_random")} | {"probe_builtin": "probe_random"}
+BASELINE = {arm: "scratch" for arm in ARMS if arm not in ("scratch", "probe_random")}
+BASELINE["probe_builtin"] = "probe_random"
 """The arm each arm is compared with, seed by seed (no entry for the baselines themselves)."""
 
 READOUT = {"final": "mean_dice", "early": "early_mean_dice"}
