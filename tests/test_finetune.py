@@ -63,6 +63,10 @@ def test_frozen_encoder_keeps_the_pretrained_weights(pretrained, phantom_dataset
     assert encoder and decoder
     assert all(after[k].equal(before[k]) for k in encoder)
     assert not all(after[k].equal(before[k]) for k in decoder)
+    # in one process a held encoder gets no gradients (so no Adam state): it costs no backward pass
+    optimizer = load_checkpoint(tmp_path / "checkpoints" / "latest.pt")["optimizer"]
+    stateless = sum(len(g["params"]) for g in optimizer["param_groups"]) - len(optimizer["state"])
+    assert stateless >= len(encoder)
 
 
 def test_finetune_refuses_a_different_intensity_window(pretrained, phantom_dataset, tmp_path):

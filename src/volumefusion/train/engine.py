@@ -200,8 +200,9 @@ class Trainer:
     """Train ``model`` on ``task`` under ``cfg`` (sections ``optim``, ``loss``, ``run``), writing to ``out_dir``.
 
     ``freeze``: ``(prefixes, steps)`` keeps the parameters whose names start with one of ``prefixes``
-    unchanged for the first ``steps`` optimiser steps (learning rate 0 for that group, which stays
-    DDP-safe, unlike toggling ``requires_grad``).
+    unchanged for the first ``steps`` optimiser steps: learning rate 0 for that group, and in a single
+    process no gradients for it either (a frozen encoder then costs no backward pass); under DDP the
+    gradients are still computed, since toggling ``requires_grad`` after wrapping breaks DDP.
     """
 
     def __init__(self, cfg: Config, model: nn.Module, task: Task, out_dir: str | Path, *,
@@ -228,6 +229,7 @@ class Trainer:
         self.freeze_steps = freeze[1] if freeze else 0
         frozen = [p for n, p in model.named_parameters() if freeze and n.startswith(freeze[0])]
         frozen_ids = {id(p) for p in frozen}
+        self._held = frozen if self.dist.world_size == 1 else []
         groups = [{"params": [p for p in model.parameters() if id(p) not in frozen_ids], "name": "main"}]
         if frozen:
             groups.append({"params": frozen, "name": "frozen"})
@@ -345,6 +347,10 @@ class Trainer:
         accumulate = self.cfg.optim.accumulate
         self.train_model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        held = self.step < self.freeze_steps
+        if self._held and self._held[0].requires_grad == held:
+            for p in self._held:
+                p.requires_grad_(not held)
         if self._running:
             torch._foreach_copy_(self._running_before, self._running)
         total = torch.zeros((), device=self.device)
@@ -484,6 +490,8 @@ class Trainer:
                     result.interrupted = signals.requested or "signal on another rank"
                     break
         bar.close()
+        for p in self._held:  # the model leaves as trainable as it came
+            p.requires_grad_(True)
         if self.nonfinite_in_row >= MAX_NONFINITE_STEPS:
             self.logger.close()
             raise VolumeFusionError(
