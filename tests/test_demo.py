@@ -187,11 +187,11 @@ def test_settings_fix_the_protocol_and_quick_overrides_it():
 
 @pytest.mark.parametrize("edit, field", [
     (("labelled: [1, 2, 8]", "labelled: [1, 9]"), "protocol.labelled"),
-    (("    max_steps: 240", "    max_stepz: 240"), "finetune.run.max_stepz"),
+    (("    max_steps: 1200", "    max_stepz: 1200"), "finetune.run.max_stepz"),
     (("arms: [scratch, builtin, control", "arms: [scratch, builtin, kontrol"), "protocol.arms"),
     (("alternative: greater", "alternative: less"), "protocol.alternative"),
     (("pool: 24", "pool: many"), "phantoms.pool"),
-    (("{lr: 6.0e-3", "{lr: fast"), "scratch.optim.lr"),
+    (("{lr: 3.0e-3", "{lr: fast"), "scratch.optim.lr"),
     (("pretrain_config: pretrain_demo", "pretrain_config: pretrain_demo\nextra: 1"), "extra"),
 ])
 def test_bad_demo_settings_name_the_field(tmp_path, edit, field):
