@@ -8,7 +8,8 @@ from volumefusion.commands import positive_int
 
 EXAMPLES = """\
 examples:
-  volumefusion demo                          # full demo into ./vf-demo (states its expected time first)
+  volumefusion demo                          # full demo into ./vf-demo: hours on a 2-core CPU (it states
+                                             # its estimate first; stop and rerun to resume)
   volumefusion demo --quick --out /tmp/d     # a smoke run of every stage (about 2 minutes)
   volumefusion demo --seeds 11 12 13 14 15 16 --device cuda
 
