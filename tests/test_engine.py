@@ -188,21 +188,47 @@ DDP_SCRIPT = textwrap.dedent("""
         record["weights"] = [p.detach().sum().item() for p in self.model.parameters()]
         return result
     engine.Trainer.fit = recording_fit
-    pretrain(config.load(overrides=overrides), store, out)
+    fail = os.environ.get("FAIL_AT", "")  # "batches:1:2": rank 1's third batch finds the store changed
+    if fail:
+        from volumefusion.data.store import StoreChanged
+        where, rank, count = fail.split(":")
+        mine = os.environ["RANK"] == rank
+        def change():
+            raise StoreChanged("case_1/image.b2nd changed: was the store prepared again?")
+        batches, validate, calls = PretrainTask.batches, PretrainTask.validate, []
+        def changing_batches(self, *args):
+            for i, batch in enumerate(batches(self, *args)):
+                if mine and i == int(count):
+                    change()
+                yield batch
+        def changing_validate(self, *args):
+            calls.append(None)
+            if mine and len(calls) == int(count):
+                change()
+            return validate(self, *args)
+        setattr(PretrainTask, where, changing_batches if where == "batches" else changing_validate)
+    try:
+        pretrain(config.load(overrides=overrides), store, out)
+    except Exception as exc:
+        record["error"] = str(exc)
     with open(os.path.join(out, "rank%s.json" % os.environ["RANK"]), "w") as f:
         json.dump(record, f)
 """)
 
 
-def test_ddp_two_processes_share_weights_and_see_different_crops(phantom_store, tmp_path):
+def _torchrun(script_text, tmp_path, store, overrides, **env):
     script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
+    script.write_text(script_text)
     out = tmp_path / "run"
-    overrides = [*TINY_MODEL, "run.max_steps=3", "run.val_every=100"]
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1", **env)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--standalone", str(script), str(phantom_store), str(out), *overrides],
+                           "--standalone", str(script), str(store), str(out), *overrides],
                           env=env, capture_output=True, text=True, timeout=300)
+    return proc, out
+
+
+def test_ddp_two_processes_share_weights_and_see_different_crops(phantom_store, tmp_path):
+    proc, out = _torchrun(DDP_SCRIPT, tmp_path, phantom_store, [*TINY_MODEL, "run.max_steps=3", "run.val_every=100"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0 = json.loads((out / "rank0.json").read_text())
     r1 = json.loads((out / "rank1.json").read_text())
@@ -210,6 +236,25 @@ def test_ddp_two_processes_share_weights_and_see_different_crops(phantom_store, 
     assert r0["seen"][:3] != r1["seen"]  # each rank draws its own crops
     assert r0["weights"] == r1["weights"]  # gradients were synchronised
     assert r0["saves"] and not r1["saves"]  # only rank 0 writes checkpoints
+
+
+@pytest.mark.parametrize("fail_at", ["batches:1:2", "validate:0:1"])
+def test_ddp_data_that_changes_under_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(
+        phantom_store, tmp_path, fail_at):
+    # rank 1's loader finds the store changed in step 3, or rank 0's validation does after step 2:
+    # the other rank would wait for it in a collective; all stop, and rank 0 saves step 2
+    overrides = [*TINY_MODEL, "run.max_steps=6", "run.val_every=2", "run.checkpoint_every=100"]
+    proc, out = _torchrun(DDP_SCRIPT, tmp_path, phantom_store, overrides, FAIL_AT=fail_at)
+    ranks = [out / "rank0.json", out / "rank1.json"]
+    assert all(r.is_file() for r in ranks), proc.stdout[-3000:] + proc.stderr[-3000:]
+    failing = int(fail_at.split(":")[1])
+    errors = [json.loads(r.read_text()).get("error", "") for r in ranks]
+    assert "case_1/image.b2nd changed" in errors[failing], errors
+    assert "another rank" in errors[1 - failing] and "prepared again" in errors[1 - failing], errors
+    assert "stopped at step 2, " in errors[0] and "--resume" in errors[0], errors
+    assert load_checkpoint(out / "checkpoints/latest.pt")["step"] == 2
+    weights = [json.loads(r.read_text()).get("weights") for r in ranks]
+    assert weights == [None, None]  # fit did not return on either rank
 
 
 def test_progress_picture_is_redrawn_at_most_once_a_minute_unless_forced(tmp_path):

@@ -55,6 +55,14 @@ RESUMABLE_CHANGES = frozenset({
 MAX_NONFINITE_STEPS = 5
 """Non-finite steps in a row after which a run stops: one is a bad batch, several are divergence."""
 
+_SIGNAL, _DATA_ERROR = 1.0, 2.0
+"""Why the ranks of a run stop together (the larger wins in their all-reduce)."""
+
+
+def _changed_elsewhere() -> StoreChanged:
+    return StoreChanged("the data changed under another rank of this run (its log names the file): "
+                        "was the store prepared again while the run read it?")
+
 
 class Task(Protocol):
     """What a training run is about; see :mod:`volumefusion.train.tasks`."""
@@ -244,6 +252,9 @@ class Trainer:
         self._running = [b for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
                          for b in m.buffers()]
         self._running_before = [b.clone() for b in self._running]
+        # the shapes and types of the last training inputs: a rank whose data fails mid-run under DDP
+        # still takes part in that step's gradient reduction, with zeros of these
+        self._input_like: tuple | None = None
         self.ckpt_dir = self.out_dir / "checkpoints"
         if resume:
             self._resume(resume)
@@ -329,13 +340,15 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- loop
 
-    def _stop_requested(self, signals: _Signals) -> bool:
-        """Whether any rank got a signal (all ranks must stop at the same step)."""
+    def _stop_requested(self, signals: _Signals, data_error: bool = False) -> float:
+        """Whether any rank must stop, agreed by all ranks (they must stop at the same step): 0 no,
+        ``_SIGNAL`` a rank got a signal, ``_DATA_ERROR`` a rank's data changed under the run."""
+        flag = _DATA_ERROR if data_error else _SIGNAL if signals.requested else 0.0
         if self.dist.world_size == 1:
-            return bool(signals.requested)
-        flag = torch.tensor([1.0 if signals.requested else 0.0], device=self.device)
+            return flag
+        flag = torch.tensor([flag], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return flag.item()
 
     def _train_step(self, data: Iterator[dict[str, Any]], keep: bool) -> tuple[torch.Tensor | None, int, tuple | None]:
         """One optimiser step over ``accumulate`` micro-batches.
@@ -355,10 +368,22 @@ class Trainer:
             torch._foreach_copy_(self._running_before, self._running)
         total = torch.zeros((), device=self.device)
         samples = 0
+        data_error = None
         for micro in range(accumulate):
             micro_step = self.step * accumulate + micro
             generator = torch.Generator().manual_seed(step_seed(self.cfg.run.seed, self.dist.rank, micro_step))
-            x, y = self.task.make_inputs(next(data), generator, self.device)
+            if data_error is None:
+                try:
+                    x, y = self.task.make_inputs(next(data), generator, self.device)
+                    self._input_like = (x.shape, x.dtype, y.shape, y.dtype)
+                except StoreChanged as exc:
+                    if self.dist.world_size == 1 or self._input_like is None:
+                        raise
+                    data_error = exc  # the other ranks wait in this step's gradient reduction: join them
+            if data_error is not None:
+                x_shape, x_dtype, y_shape, y_dtype = self._input_like
+                x = torch.zeros(x_shape, dtype=x_dtype, device=self.device)
+                y = torch.zeros(y_shape, dtype=y_dtype, device=self.device)
             if self.cfg.run.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             sync = micro == accumulate - 1 or not isinstance(self.train_model, nn.parallel.DistributedDataParallel)
@@ -376,13 +401,18 @@ class Trainer:
         # one synchronisation a step; under DDP the gradients agree but the losses are per rank
         bad = (~torch.isfinite(norm + total)).float()
         if self.dist.world_size > 1:
+            if data_error is not None:
+                bad.fill_(_DATA_ERROR)
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        finite = not bad.item()
+        verdict = bad.item()
+        finite = not verdict
         if finite:
             self.optimizer.step()
-        else:
-            if self._running:
-                torch._foreach_copy_(self._running, self._running_before)
+        elif self._running:
+            torch._foreach_copy_(self._running, self._running_before)
+        if verdict == _DATA_ERROR:  # every rank stops before this step, with the weights of the last
+            raise data_error or _changed_elsewhere()
+        if not finite:
             log.warning("step %d: the loss (%s) or the gradient norm (%s) is not finite; step skipped",
                         self.step + 1, f"{total.item():.4g}", f"{norm.item():.4g}")
         self.scheduler.step()
@@ -472,21 +502,27 @@ class Trainer:
                     x, y, outputs = last
                     pred = main_output(outputs).argmax(1)
                     self.task.save_images(self.out_dir / "images" / f"step_{self.step:08d}.png", x, y, pred)
+                data_error = None
                 if self.step % run.val_every == 0 or self.step == run.max_steps:
                     if self.dist.is_main:
                         try:
                             metrics = self.validate()
+                            record = {"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}}
+                            self.logger.log(record)
+                            result.history.append(record)
                         except StoreChanged as exc:
-                            self._stop_on_data_error(exc, bar)
-                        record = {"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}}
-                        self.logger.log(record)
-                        result.history.append(record)
+                            if self.dist.world_size == 1:
+                                self._stop_on_data_error(exc, bar)
+                            data_error = exc  # the other ranks hear of it below, and all stop together
                     self.logger.plot(force=False)
                 if self.step % run.checkpoint_every == 0:
                     self.save("latest.pt")
                     if run.keep_last:
                         self._save_numbered()
-                if self._stop_requested(signals):
+                stop = self._stop_requested(signals, data_error is not None)
+                if stop == _DATA_ERROR:
+                    self._stop_on_data_error(data_error or _changed_elsewhere(), bar)
+                if stop:
                     result.interrupted = signals.requested or "signal on another rank"
                     break
         bar.close()
