@@ -230,6 +230,42 @@ def test_prepare_resumes_after_a_kill(tmp_path):
     assert_same_store(before, snapshot(store))
 
 
+KILLED_WRITER = """
+import sys, time
+from volumefusion.data import store
+from volumefusion.data.prepare import prepare
+write_array = store.write_array
+def write_then_hang(path, array):
+    write_array(path, array)
+    print(path.parent.name, flush=True)
+    time.sleep(120)
+store.write_array = write_then_hang
+prepare([sys.argv[1]], sys.argv[2])
+"""
+
+
+def test_a_prepare_killed_mid_write_leaves_a_private_folder_that_the_next_prepare_removes(tmp_path, caplog):
+    from volumefusion.data.store import private_folder
+
+    write_cases(tmp_path / "in", [1, 2])
+    store = tmp_path / "store"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "in"), str(store)],
+                              stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    private = store / "arrays" / writer.stdout.readline().strip()
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert private.name.startswith(".case") and (private / "image.b2nd").is_file()
+    running = private_folder(store, "case9")  # this process's: a writer still at work
+    running.mkdir()
+    elsewhere = store / "arrays" / ".case9.123-another-machine.0123456789ab.tmp"
+    elsewhere.mkdir()
+    with caplog.at_level(logging.INFO):
+        summary = prepare([str(tmp_path / "in")], store)
+    assert summary.ok and sorted(summary.prepared) == ["case1", "case2"]
+    assert not private.exists() and running.is_dir() and elsewhere.is_dir()
+    assert "removed 1 temporary folder(s) of killed prepare runs" in caplog.text and "kept 2" in caplog.text
+
+
 def test_two_shards_give_the_same_store_as_one_run(tmp_path):
     write_cases(tmp_path / "in", range(8))  # ids that hash to both shards
     whole = prepare([str(tmp_path / "in")], tmp_path / "one")

@@ -22,7 +22,15 @@ import numpy as np
 from volumefusion import VolumeFusionError
 from volumefusion.data.datasets import CaseTask, absolute_source, collect_cases
 from volumefusion.data.index import update_index
-from volumefusion.data.store import STORE_ENTRIES, CaseRecord, init_store, name_found_labels, read_record, write_case
+from volumefusion.data.store import (
+    STORE_ENTRIES,
+    CaseRecord,
+    init_store,
+    name_found_labels,
+    read_record,
+    remove_killed_writers_folders,
+    write_case,
+)
 from volumefusion.files import check_writable_folder, missing_reason
 from volumefusion.geometry import Geometry
 from volumefusion.io import SERIES_SEPARATOR, read_image
@@ -297,6 +305,10 @@ def prepare(
         summary.total, summary.seconds = len(summary.failed), time.perf_counter() - start
         return summary
     init_store(out, settings.to_dict(), dataset_names or label_names)
+    removed, kept = remove_killed_writers_folders(out)
+    if removed or kept:
+        log.info("%s: removed %d temporary folder(s) of killed prepare runs on this machine%s", out, removed,
+                 f"; kept {kept} of running ones or of other machines (arrays/.*.tmp)" if kept else "")
     mine = [t for t in tasks if shard_of(t.case_id, count) == index]
     summary.total = len(mine) + len(summary.failed)
     todo = []

@@ -12,11 +12,13 @@ Layout::
 A case exists once its record file exists: arrays are written first (into a private folder, moved
 into place), the record last, so a killed run never leaves a half case; the move and the record are
 written under the store's writer lock (``.write.lock``), after a last look at the case's record, so
-two runs writing one case id never both succeed. :meth:`Store.open` reads the index, not the records
-(a record is read only when its case's :meth:`Store.case` is asked for, e.g. to restore a
-prediction), and rebuilds the index when it is missing or older than the records. Arrays are
-chunked ``(32, 128, 128)`` with ``(8, 32, 32)`` blocks, LZ4HC + bit shuffle: a ``[64, 128, 128]``
-crop decompresses only the blocks it touches, LZ4 decodes fast, and bit shuffle brings the size
+two runs writing one case id never both succeed. The private folder
+(``arrays/.<id>.<pid>-<host>.<hex>.tmp``) names its writer, so the next ``prepare`` on that machine
+removes the folders of killed writers. :meth:`Store.open` reads the index, not the records (a record
+is read only when its case's :meth:`Store.case` is asked for, e.g. to restore a prediction), and
+rebuilds the index when it is missing or older than the records. Arrays are chunked
+``(32, 128, 128)`` with ``(8, 32, 32)`` blocks, LZ4HC + bit shuffle: a ``[64, 128, 128]`` crop
+decompresses only the blocks it touches, LZ4 decodes fast, and bit shuffle brings the size
 within a few percent of ZSTD's (see ``benchmarks/store.py`` for the measurement behind this choice).
 """
 
@@ -28,6 +30,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,6 +52,46 @@ STORE_ENTRIES = ("store.json", "cases", "arrays", INDEX_FILE)
 """what a store folder holds (besides hidden temporary files and locks)."""
 WRITE_LOCK = ".write.lock"
 """The lock under which a case's record is checked and its files are put in place (:func:`write_case`)."""
+
+
+_PRIVATE = re.compile(r"\.(?P<case>.+)\.(?P<pid>\d+)-(?P<host>[A-Za-z0-9-]*)\.[0-9a-f]{12}\.tmp")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+
+
+def private_folder(store_path: str | Path, case_id: str, pid: int | None = None) -> Path:
+    """A new name for the folder a writer fills before moving it to :func:`case_dir`; it names the
+    writing process and machine (see :func:`remove_killed_writers_folders`)."""
+    name = f".{case_id}.{os.getpid() if pid is None else pid}-{_host()}.{secrets.token_hex(6)}.tmp"
+    return case_dir(store_path, case_id).parent / name
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_killed_writers_folders(store_path: str | Path) -> tuple[int, int]:
+    """Remove the private folders left by writers on this machine that no longer run (a killed
+    ``prepare``: SIGKILL, power loss; what they held was never part of the store). Returns (removed,
+    kept): folders of running writers or of other machines stay."""
+    removed = kept = 0
+    arrays = Path(store_path) / "arrays"
+    for folder in arrays.glob(".*.tmp") if arrays.is_dir() else ():
+        found = _PRIVATE.fullmatch(folder.name)
+        if found and found["host"] == _host() and not _alive(int(found["pid"])):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+        else:
+            kept += 1
+    return removed, kept
 
 
 def safe_case_id(name: str) -> str:
@@ -352,7 +395,7 @@ def write_case(
     record_file = record_path(store_path, case_id)
     folder = case_dir(store_path, case_id)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    private = folder.parent / f".{case_id}.{secrets.token_hex(6)}.tmp"
+    private = private_folder(store_path, case_id)
     private.mkdir()
     try:
         write_array(private / "image.b2nd", prepared.image)
