@@ -266,6 +266,22 @@ def test_a_prepare_killed_mid_write_leaves_a_private_folder_that_the_next_prepar
     assert "removed 1 temporary folder(s) of killed prepare runs" in caplog.text and "kept 2" in caplog.text
 
 
+def test_a_file_system_without_locks_is_said_once_and_the_store_is_still_made(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def refuse(handle, operation):  # what flock does on a parallel file system mounted without locks
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    write_cases(tmp_path / "in", [1, 2])
+    with caplog.at_level(logging.WARNING):
+        summary = prepare([str(tmp_path / "in")], tmp_path / "store")
+    assert summary.ok and sorted(summary.prepared) == ["case1", "case2"]
+    assert Store.open(tmp_path / "store").ids == ["case1", "case2"]
+    warnings = [r.getMessage() for r in caplog.records if "refuses file locks" in r.getMessage()]
+    assert len(warnings) == 1 and "--shard" in warnings[0], warnings
+
+
 def test_two_shards_give_the_same_store_as_one_run(tmp_path):
     write_cases(tmp_path / "in", range(8))  # ids that hash to both shards
     whole = prepare([str(tmp_path / "in")], tmp_path / "one")

@@ -294,6 +294,10 @@ class _NotWritable(VolumeFusionError):
     """The index cannot be written (a read-only store)."""
 
 
+_UNLOCKED: set[Path] = set()
+"""Folders whose file system refused a lock (said once each)."""
+
+
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """Hold the exclusive lock of the file ``path`` (created if missing; waits for its holder), among
@@ -310,7 +314,11 @@ def file_lock(path: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError as exc:  # e.g. a parallel file system mounted without lock support
-            log.debug("%s: no lock (%s); atomic writes still keep each file whole", path, exc)
+            if path.parent not in _UNLOCKED:
+                _UNLOCKED.add(path.parent)
+                log.warning("%s: this file system refuses file locks (%s): each file is still written whole, "
+                            "but two prepare runs writing the same cases at once may both write a case; "
+                            "split the work with --shard i/n instead", path.parent, exc)
         yield
     finally:
         handle.close()
