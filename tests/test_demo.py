@@ -84,10 +84,22 @@ def test_quick_demo_arms_differ_only_in_starting_weights_and_recipe(quick_demo):
 
 @pytest.mark.slow
 def test_quick_demo_report_agrees_with_report_json(quick_demo):
-    """Every per-seed and per-organ number of report.md is the one in report.json (3 decimals)."""
-    settings = load_settings(quick=True)
     report = (quick_demo / "report.md").read_text()
-    results = json.loads((quick_demo / "report.json").read_text())
+    _assert_report_agrees(report, json.loads((quick_demo / "report.json").read_text()), load_settings(quick=True))
+    assert str(quick_demo) not in report, "the report names its files relative to the demo folder"
+
+
+def test_the_committed_report_agrees_with_its_report_json_and_the_demo_settings():
+    docs = Path(__file__).parents[1] / "docs"
+    report = (docs / "demo-report.md").read_text()
+    results = json.loads((docs / "demo" / "report.json").read_text())
+    assert not results["quick"] and results["settings"] == config.to_dict(load_settings())
+    _assert_report_agrees(report, results, load_settings())
+    assert "/work/" not in report and "/home/" not in report
+
+
+def _assert_report_agrees(report: str, results: dict, settings) -> None:
+    """Every per-seed and per-organ number of report.md is the one in report.json (3 decimals)."""
     sections = re.split(r"^### (\d+) labelled training phantoms?$", report, flags=re.M)
     tables = dict(zip(sections[1::2], sections[2::2]))
     assert set(tables) == set(results["regimes"])
@@ -108,7 +120,6 @@ def test_quick_demo_report_agrees_with_report_json(quick_demo):
     assert f"{results['primary']['mean_difference']:+.3f}" in report.split("## Secondary")[0]
     assert f"**{results['gate']['mean']:.3f}**" in report
     assert f"{results['headroom']['gap']:+.3f}" in report
-    assert str(quick_demo) not in report, "the report names its files relative to the demo folder"
 
 
 @pytest.mark.slow
@@ -213,6 +224,36 @@ def test_paired_organs_become_one_class():
     assert table[by_name["lung_right"]] == table[by_name["lung_left"]] == lung
     assert sorted(set(table.tolist())) == list(range(len(names)))
     assert len(names) == len(LABEL_NAMES) - 2
+
+
+def _comparison(low, high):
+    return {"mean_difference": (low + high) / 2, "ci_low": low, "ci_high": high, "p_value": 0.5}
+
+
+@pytest.mark.parametrize("gate_mean, control, probe, room_passed, implied", [
+    (0.4, (0.02, 0.06), (0.01, 0.05), True, "have not learned their pretext"),
+    (0.7, (-0.01, 0.02), (0.01, 0.05), False, "too little room"),
+    (0.7, (-0.01, 0.02), (0.01, 0.05), True, "did not detect even supervised transfer"),
+    (0.7, (0.02, 0.06), (0.01, 0.05), False, "learned useful features"),
+    # the positive control shows the room, whatever the headroom rule said
+    (0.7, (0.02, 0.06), (-0.13, -0.07), False, "The pretraining, not the benchmark"),
+    (0.7, (0.02, 0.06), (-0.03, 0.02), True, "did not help here"),
+])
+def test_what_held_draws_the_implication_from_gate_control_probe_and_headroom(
+        gate_mean, control, probe, room_passed, implied):
+    from volumefusion.demo.report import _what_held
+    from volumefusion.demo.results import GateResult
+
+    settings = load_settings(None, False, None)
+    gate = GateResult({"a0": gate_mean, "a1": gate_mean}, gate_mean, 0.6, 0.3, 64, 32)
+    held = {"gap": True, "full": room_passed, "organs": room_passed}
+    room = {"gap": 0.16, "full_mean": 0.78, "full_organs": {"aorta": 0.58, "lung": 0.94}, "held": held,
+            "passed": room_passed}
+    summary = {str(settings.protocol.primary): {"final": {"comparisons": {
+        "control - scratch": _comparison(*control), "probe_builtin - probe_random": _comparison(*probe)}}}}
+    lines = _what_held(gate, room, summary, {"significant": False}, settings)
+    assert implied in lines[-1] and lines[-1].startswith("- So:"), lines
+    assert "gap +0.160 held" in lines[1] and f"full set 0.780 {'held' if room_passed else 'not'}" in lines[1]
 
 
 def test_wilcoxon_p_is_exact_and_one_sided_when_asked():

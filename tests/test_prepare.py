@@ -244,7 +244,8 @@ prepare([sys.argv[1]], sys.argv[2])
 """
 
 
-def test_a_prepare_killed_mid_write_leaves_a_private_folder_that_the_next_prepare_removes(tmp_path, caplog):
+def test_a_prepare_killed_mid_write_leaves_a_private_folder_that_the_next_prepare_removes(
+        tmp_path, caplog, monkeypatch):
     from volumefusion.data.store import private_folder
 
     write_cases(tmp_path / "in", [1, 2])
@@ -259,7 +260,8 @@ def test_a_prepare_killed_mid_write_leaves_a_private_folder_that_the_next_prepar
     running.mkdir()
     elsewhere = store / "arrays" / ".case9.123-another-machine.0123456789ab.tmp"
     elsewhere.mkdir()
-    with caplog.at_level(logging.INFO):
+    monkeypatch.setattr(logging.getLogger("volumefusion"), "propagate", True)  # the CLI's setup() turns it off
+    with caplog.at_level(logging.INFO, logger="volumefusion"):
         summary = prepare([str(tmp_path / "in")], store)
     assert summary.ok and sorted(summary.prepared) == ["case1", "case2"]
     assert not private.exists() and running.is_dir() and elsewhere.is_dir()
@@ -273,12 +275,15 @@ def test_a_file_system_without_locks_is_said_once_and_the_store_is_still_made(tm
     def refuse(handle, operation):  # what flock does on a parallel file system mounted without locks
         raise OSError(errno.ENOLCK, "No locks available")
     monkeypatch.setattr(fcntl, "flock", refuse)
+    monkeypatch.setattr(logging.getLogger("volumefusion"), "propagate", True)  # the CLI's setup() turns it off
     write_cases(tmp_path / "in", [1, 2])
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="volumefusion"):
         summary = prepare([str(tmp_path / "in")], tmp_path / "store")
     assert summary.ok and sorted(summary.prepared) == ["case1", "case2"]
     assert Store.open(tmp_path / "store").ids == ["case1", "case2"]
-    warnings = [r.getMessage() for r in caplog.records if "refuses file locks" in r.getMessage()]
+    # one record (earlier CLI tests may leave caplog's handler on the package logger too: the same record twice)
+    warnings = {id(r): r.getMessage() for r in caplog.records if "refuses file locks" in r.getMessage()}
+    warnings = list(warnings.values())
     assert len(warnings) == 1 and "--shard" in warnings[0], warnings
 
 
