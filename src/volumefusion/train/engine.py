@@ -253,7 +253,8 @@ class Trainer:
                          for b in m.buffers()]
         self._running_before = [b.clone() for b in self._running]
         # the shapes and types of the last training inputs: a rank whose data fails mid-run under DDP
-        # still takes part in that step's gradient reduction, with zeros of these
+        # still takes part in that step's gradient reduction, with zeros of these (in a run's first
+        # step there are none yet: that rank stops alone, and torchrun ends the others)
         self._input_like: tuple | None = None
         self.ckpt_dir = self.out_dir / "checkpoints"
         if resume:
