@@ -61,10 +61,10 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
 
 
-def private_folder(store_path: str | Path, case_id: str, pid: int | None = None) -> Path:
+def private_folder(store_path: str | Path, case_id: str) -> Path:
     """A new name for the folder a writer fills before moving it to :func:`case_dir`; it names the
     writing process and machine (see :func:`remove_killed_writers_folders`)."""
-    name = f".{case_id}.{os.getpid() if pid is None else pid}-{_host()}.{secrets.token_hex(6)}.tmp"
+    name = f".{case_id}.{os.getpid()}-{_host()}.{secrets.token_hex(6)}.tmp"
     return case_dir(store_path, case_id).parent / name
 
 

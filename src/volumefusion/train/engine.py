@@ -512,9 +512,7 @@ class Trainer:
                             self.logger.log(record)
                             result.history.append(record)
                         except StoreChanged as exc:
-                            if self.dist.world_size == 1:
-                                self._stop_on_data_error(exc, bar)
-                            data_error = exc  # the other ranks hear of it below, and all stop together
+                            data_error = exc  # every rank hears of it below, and all stop together
                     self.logger.plot(force=False)
                 if self.step % run.checkpoint_every == 0:
                     self.save("latest.pt")
