@@ -20,8 +20,9 @@ import torch
 from volumefusion import config
 from volumefusion.data.phantoms import write_phantoms
 from volumefusion.data.prepare import prepare
+from volumefusion.device import autocast, autocast_dtype
 from volumefusion.preprocess import PrepareSettings
-from volumefusion.train.engine import Trainer, autocast_for
+from volumefusion.train.engine import Trainer
 from volumefusion.train.losses import DeepSupervisionLoss
 from volumefusion.train.runs import build_model
 from volumefusion.train.tasks import PretrainTask
@@ -42,13 +43,13 @@ def bare_samples_per_s(cfg, task, steps: int, device: torch.device) -> float:
     loss_fn = DeepSupervisionLoss(task.num_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     batch = next(iter(task.batches(0, 0, 1)))
-    autocast = autocast_for(cfg.run, device)
+    dtype = autocast_dtype(cfg.run.precision, device)
     generator = torch.Generator().manual_seed(0)
 
     def step():
         x, y = task.make_inputs(batch, generator, device)
         optimizer.zero_grad(set_to_none=True)
-        with autocast():
+        with autocast(device, dtype):
             loss = loss_fn(model(x), y)
         loss.backward()
         optimizer.step()
