@@ -14,7 +14,7 @@ from volumefusion import config
 from volumefusion.config import PRESETS, ConfigError
 from volumefusion.demo import ARMS, load_settings
 from volumefusion.demo.data import paired_organs_merged
-from volumefusion.demo.stats import bootstrap_interval, compare_paired
+from volumefusion.stats import bootstrap_interval, compare_paired
 
 ROOT = Path(__file__).resolve().parents[1]
 

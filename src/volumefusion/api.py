@@ -36,14 +36,16 @@ from volumefusion.infer import Predictor, PredictSummary, predict_files
 from volumefusion.metrics import evaluate_case
 from volumefusion.nets.weights import model_from_checkpoint
 from volumefusion.preprocess import PrepareSettings, check_spacing
+from volumefusion.train import probe as probes
 from volumefusion.train import runs
 from volumefusion.train.engine import FitResult
+from volumefusion.train.probe import ProbeResult, probe_hook
 from volumefusion.train.runs import FinetuneResult
 
 __all__ = [
     "Config", "FinetuneResult", "FitResult", "LoadedModel", "PredictSummary", "PrepareSettings", "PrepareSummary",
     "Predictor", "dice_per_class", "evaluate_arrays", "evaluate_folders", "finetune", "load_config", "load_model",
-    "load_predictor", "predict_array", "predict_files", "prepare_collection", "pretrain",
+    "load_predictor", "predict_array", "predict_files", "prepare_collection", "pretrain", "probe", "ProbeResult",
 ]
 
 ConfigSource = str | Path | Sequence[str | Path] | None
@@ -110,7 +112,8 @@ def pretrain(data: str | Path, out: str | Path, config_files: ConfigSource = Non
 
     Example: ``pretrain("store/", "runs/vf", "pretrain_paper", overrides=["run.max_steps=1000"])``.
     """
-    return runs.pretrain(load_config(config_files, overrides), data, out, resume=resume)
+    cfg = load_config(config_files, overrides)
+    return runs.pretrain(cfg, data, out, resume=resume, on_checkpoint=probe_hook(cfg, out))
 
 
 def finetune(data: str | Path, out: str | Path, pretrained: str | Path | None = None,
@@ -130,6 +133,28 @@ def finetune(data: str | Path, out: str | Path, pretrained: str | Path | None = 
     files = _as_list(config_files, "config_files")
     return runs.finetune([str(f) for f in files], _as_list(overrides, "overrides"), data, out, pretrained,
                          resume=resume)
+
+
+def probe(weights: str | Path | Sequence[str | Path] | Mapping[str, str | Path], data: str | Path, out: str | Path,
+          config_files: ConfigSource = "finetune", *, overrides: str | Sequence[str] = (),
+          seeds: Sequence[int] = (0, 1), labelled: int | None = None, split_file: str | Path | None = None,
+          finetune: bool = False, device: str = "auto", workers: int | None = None) -> ProbeResult:
+    """Did pretraining learn features that serve a labelled task? As ``volumefusion probe``: for each
+    checkpoint in ``weights`` (a mapping names them) and seed, train only the decoder with the encoder
+    frozen, beside a frozen random encoder, and score the held-out cases (the split's validation cases).
+
+    ``data``: a labelled store or dataset folder; ``config_files``/``overrides``: the fine-tuning
+    recipe (``run.max_steps`` is the budget); ``labelled``: training cases per run, drawn by seed;
+    ``finetune``: also every layer trained from the weights, beside scratch. The result's ``table()``
+    and ``comparisons()`` give every seed, the means and the paired test; ``out/probe.md`` and
+    ``out/probe.json`` hold them too.
+
+    Example: ``vf.probe("runs/vf/checkpoints/latest.pt", "Task09_Spleen/", "probe", labelled=2).table()``.
+    """
+    named = weights if isinstance(weights, Mapping) else _as_list(weights, "weights")
+    return probes.probe(named, data, out, config=[str(f) for f in _as_list(config_files, "config_files")],
+                        overrides=_as_list(overrides, "overrides"), seeds=seeds, labelled=labelled,
+                        split_file=split_file, finetune_too=finetune, device=device, workers=workers)
 
 
 @dataclass

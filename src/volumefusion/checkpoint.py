@@ -460,6 +460,14 @@ def export_weights(checkpoint: str | Path | Checkpoint, out: str | Path, card: d
     ckpt = read_checkpoint(checkpoint)
     ckpt.require("export_weights takes a volumefusion training checkpoint", "config", "task")
     model = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt.state.items()}
-    save_checkpoint(out, {"model": model, "config": ckpt.config, "task": ckpt.task,
-                          "step": ckpt.payload.get("step"), "card": dict(card or {})})
-    return Path(out)
+    return write_weights(out, model, ckpt.config, ckpt.task, step=ckpt.payload.get("step"), card=card)
+
+
+def write_weights(path: str | Path, state: dict[str, torch.Tensor], config: dict[str, Any], task: dict[str, Any],
+                  *, step: int | None = None, card: dict[str, Any] | None = None) -> Path:
+    """Weights without training state (the layout of ``builtin:NAME``): the network's ``state``
+    (prefixes removed), its ``config`` and ``task`` as plain data, the optimiser ``step`` it was taken
+    at, and ``card``: what the weights are, in words. Written atomically; returns ``path``."""
+    save_checkpoint(path, {"model": clean_state_dict(state), "config": config, "task": task, "step": step,
+                           "card": dict(card or {})})
+    return Path(path)

@@ -15,7 +15,7 @@ import sys
 from volumefusion import VolumeFusionError, __version__
 from volumefusion.log import setup
 
-COMMANDS = ["demo", "prepare", "pretrain", "finetune", "predict", "evaluate", "show", "convert", "export",
+COMMANDS = ["demo", "prepare", "pretrain", "finetune", "probe", "predict", "evaluate", "show", "convert", "export",
             "config"]
 
 DESCRIPTION = """\
@@ -25,6 +25,7 @@ with fine-tuning, sliding-window prediction and evaluation.
 Typical pipeline:
   volumefusion prepare  /data/ct/ --out store/            # raw CT -> chunked int16 store
   volumefusion pretrain --data store/ --out runs/vf       # Volume Fusion pretraining
+  volumefusion probe    runs/vf/checkpoints/latest.pt --data Task09_Spleen/ --out probe/  # features vs random
   volumefusion finetune --data Task09_Spleen/ --pretrained runs/vf/checkpoints/latest.pt --out runs/ft
   volumefusion predict  -m runs/ft/checkpoints/best.pt -i images/ -o preds/
   volumefusion evaluate --pred preds/ --gt labels/ --out metrics.csv

@@ -37,9 +37,9 @@ from volumefusion.typed_config import (
 
 __all__ = [
     "PRESETS", "Config", "ConfigError", "DataConfig", "FinetuneConfig", "FusionConfig", "LossConfig", "ModelConfig",
-    "OptimConfig", "RunConfig", "build_dataclass", "changed_fields", "declared_command", "describe_fields",
-    "from_dict", "is_run_config", "load", "merge", "parse_override", "plans_configuration", "presets", "read_yaml",
-    "resolve_path", "save", "setting", "to_dict", "validate",
+    "OptimConfig", "ProbeConfig", "RunConfig", "build_dataclass", "changed_fields", "declared_command",
+    "describe_fields", "from_dict", "is_run_config", "load", "merge", "parse_override", "plans_configuration",
+    "presets", "read_yaml", "resolve_path", "save", "setting", "to_dict", "validate",
 ]
 
 _f = setting  # the short name keeps the field tables below readable
@@ -167,6 +167,19 @@ class FinetuneConfig:
 
 
 @dataclass
+class ProbeConfig:
+    every: int = _f(0, "pretraining: probe the checkpoint every N steps (0: never): train only the decoder on "
+                    "probe.data with the encoder held, beside a random encoder (volumefusion probe)", min=0)
+    data: str | None = _f(None, "the probe's labelled dataset: an MSD / nnU-Net folder or a labelled store")
+    split_file: str | None = _f(None, "the probe's {train: [ids], val: [ids]}; scored on val (default: fold 0 of 5)")
+    labelled: int = _f(0, "training cases per probe run, drawn by its seed (0: every training case)", min=0)
+    seeds: tuple[int, ...] = _f((0,), "probe runs: one per seed and arm", min=0)
+    steps: int = _f(500, "decoder training steps per probe run", min=1)
+    recipe: tuple[str, ...] = _f(("finetune",), "config files or presets of the probe's fine-tuning runs (lr, "
+                                 "batch, augmentation); the crop and network come from the pretraining")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
@@ -175,6 +188,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -225,6 +239,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"run.device: {cfg.run.device!r} is not a device; use auto, cpu, cuda or cuda:N")
     if ft.fold >= ft.num_folds:
         raise ConfigError(f"finetune.fold: {ft.fold} must be < finetune.num_folds ({ft.num_folds})")
+    if cfg.probe.every and not cfg.probe.data:
+        raise ConfigError(f"probe.data: probe.every is {cfg.probe.every}; name the labelled dataset to probe on "
+                          "(probe.data=PATH), or set probe.every=0")
     if len(set(ft.mirror_axes)) != len(ft.mirror_axes):
         raise ConfigError(f"finetune.mirror_axes: {list(ft.mirror_axes)} names an axis twice")
     return cfg

@@ -16,6 +16,10 @@ examples:
   # a short CPU try-out with a small network
   volumefusion pretrain --data store/ --out runs/try --device cpu --max-steps 50 \\
       --set model.feature_channels=[8,16,32,64,128] --set model.num_heads=[2,4,8] --set data.crop_size=[32,64,64]
+  # probe the features every 2000 steps: the decoder trained on 2 labelled cases of a small labelled
+  # set with the encoder frozen, beside a random encoder (probe_score / probe_random in progress.png)
+  volumefusion pretrain -c pretrain_paper --data store/ --out runs/vf --set probe.every=2000 \
+      --set probe.data=Task09_Spleen/ --set probe.labelled=2 --set probe.seeds=[0,1]
   # continue an interrupted run (the same command plus --resume)
   volumefusion pretrain -c pretrain_paper --data store/ --out runs/vf --resume
 
@@ -39,7 +43,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from volumefusion import config
+    from volumefusion.train.probe import probe_hook
     from volumefusion.train.runs import pretrain
 
     cfg = config.load(args.config, training_overrides(args))
-    return pretrain(cfg, args.data, args.out, resume=args.resume).exit_status
+    return pretrain(cfg, args.data, args.out, resume=args.resume, on_checkpoint=probe_hook(cfg, args.out)).exit_status

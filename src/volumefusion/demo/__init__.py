@@ -9,7 +9,7 @@ held-out phantoms, and tests the pre-registered comparison of the settings' ``pr
 
 Modules: :mod:`~volumefusion.demo.settings` (typed settings, bundled preset ``demo.yaml``),
 :mod:`~volumefusion.demo.data` (phantoms and splits), :mod:`~volumefusion.demo.run` (the runs and
-their scheduling over processes), :mod:`~volumefusion.demo.stats` (paired bootstrap interval and
+their scheduling over processes), :mod:`~volumefusion.stats` (paired bootstrap interval and
 Wilcoxon test), :mod:`~volumefusion.demo.report` (``report.md``, ``report.json``, figures).
 
 Output layout::

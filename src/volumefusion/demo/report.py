@@ -3,7 +3,7 @@ the pictures in ``figures/``.
 
 Numbers: a run's score is the mean over organs of its mean Dice over the held-out phantoms. Each
 regime compares every arm with ``scratch`` seed by seed (the probes with each other), at the end of
-the fine-tuning budget and at the early readout (:mod:`volumefusion.demo.stats`). Before the test
+the fine-tuning budget and at the early readout (:mod:`volumefusion.stats`). Before the test
 come its preconditions: the gate (can the built-in weights do their pretext task on phantoms they
 never saw?) and the headroom (do more labels help the model from scratch, so that there is a gain
 to be had?). Every path the report names is relative to the demo's folder.
@@ -19,15 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from volumefusion.checkpoint import load_checkpoint
+from volumefusion.checkpoint import read_checkpoint
 from volumefusion.config import to_dict
 from volumefusion.demo.data import DemoData
 from volumefusion.demo.results import GateResult, PretrainResult, RunResult
 from volumefusion.demo.settings import ARM_TEXT, ARMS, DemoSettings
-from volumefusion.demo.stats import compare_paired
 from volumefusion.files import atomic_write_text
 from volumefusion.io import read_image
 from volumefusion.processes import cpu_count
+from volumefusion.stats import compare_paired
 from volumefusion.viz import label_overlay, save_band_curves, save_curves, save_montage
 
 BASELINE = {arm: "scratch" for arm in ARMS if arm not in ("scratch", "probe_random")}
@@ -267,8 +267,8 @@ def _predictions_figure(out: Path, data: DemoData, settings: DemoSettings, path:
 
 def _builtin_card(path: Path) -> dict:
     """What the built-in checkpoint says about itself (its ``card``, written with the weights)."""
-    ckpt = load_checkpoint(path)
-    return {"step": ckpt.get("step"), **(ckpt.get("card") or {})}
+    payload = read_checkpoint(path).payload
+    return {"step": payload.get("step"), **(payload.get("card") or {})}
 
 
 def _tried() -> list[str]:

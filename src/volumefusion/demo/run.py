@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from volumefusion import VolumeFusionError
-from volumefusion.checkpoint import load_checkpoint, resolve_weights, save_checkpoint
-from volumefusion.config import Config, from_dict, load, save, to_dict
+from volumefusion.checkpoint import read_checkpoint, resolve_weights, write_weights
+from volumefusion.config import Config, load, save, to_dict
 from volumefusion.demo.data import DemoData, make_data
 from volumefusion.demo.report import write_report
 from volumefusion.demo.results import DemoResult, GateResult, PretrainResult, RunResult
@@ -38,7 +38,7 @@ from volumefusion.files import atomic_write_text, check_writable_folder
 from volumefusion.infer import predict_files
 from volumefusion.log import get_logger, setup
 from volumefusion.nets import build_model, main_output
-from volumefusion.processes import cpu_count, worker_pool
+from volumefusion.processes import plan_workers, worker_pool
 from volumefusion.train.logging import read_metrics
 from volumefusion.train.runs import evaluate_pretext, finetune, pretrain
 
@@ -200,23 +200,11 @@ def write_random_encoder(builtin: Path, path: Path) -> Path:
     the ``probe_random`` arm, so both probes load, freeze and train exactly alike."""
     if path.is_file():
         return path
-    ckpt = load_checkpoint(builtin)
+    ckpt = read_checkpoint(builtin)
     torch.manual_seed(0)
-    model = build_model(from_dict(ckpt["config"]).model, int(ckpt["task"]["num_classes"]))
-    save_checkpoint(path, {**ckpt, "model": model.state_dict(), "step": 0,
-                           "card": {"weights": "random initialisation (torch seed 0), not pretrained"}})
-    return path
-
-
-def plan_workers(device: str, workers: int | None, jobs: int) -> tuple[int, int | None]:
-    """``(processes, torch threads per process)``: on a CPU one process per core by default (a small
-    3D network gains little from a second intra-op thread, and independent runs scale linearly); on
-    a GPU one process (None: threads unchanged)."""
-    if resolve_device(device).type != "cpu":
-        return 1, None
-    cores = cpu_count()
-    workers = max(1, min(workers or cores, jobs))
-    return workers, max(1, cores // workers)
+    model = build_model(ckpt.run_config().model, ckpt.num_classes)
+    return write_weights(path, model.state_dict(), ckpt.config, ckpt.task, step=0,
+                         card={"weights": "random initialisation (torch seed 0), not pretrained"})
 
 
 def step_seconds(cfg, device: str, repeats: int = 3) -> float:

@@ -22,7 +22,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,6 +50,7 @@ RESUMABLE_CHANGES = frozenset({
     "run.max_steps", "run.device", "run.compile", "run.channels_last", "run.log_every", "run.val_every",
     "run.val_samples", "run.checkpoint_every", "run.keep_last", "run.image_every", "data.workers",
     "data.prefetch", "model.activation_checkpointing", "finetune.window_batch",
+    *(f"probe.{name}" for name in ("every", "data", "split_file", "labelled", "seeds", "steps", "recipe")),
 })
 
 MAX_NONFINITE_STEPS = 5
@@ -57,6 +58,15 @@ MAX_NONFINITE_STEPS = 5
 
 _SIGNAL, _DATA_ERROR = 1.0, 2.0
 """Why the ranks of a run stop together (the larger wins in their all-reduce)."""
+
+
+class RunInterrupted(VolumeFusionError):
+    """A run stopped by a signal (``signal``: ``"SIGINT"``, ``"SIGTERM"``) before its last step, after
+    writing ``latest.pt``."""
+
+    def __init__(self, message: str, signal_name: str):
+        super().__init__(message)
+        self.signal = signal_name
 
 
 def _changed_elsewhere() -> StoreChanged:
@@ -211,11 +221,17 @@ class Trainer:
     unchanged for the first ``steps`` optimiser steps: learning rate 0 for that group, and in a single
     process no gradients for it either (a frozen encoder then costs no backward pass); under DDP the
     gradients are still computed, since toggling ``requires_grad`` after wrapping breaks DDP.
+
+    ``on_checkpoint``: ``(every, fn)`` calls ``fn(latest.pt, step)`` on the main process every ``every``
+    steps, after writing ``latest.pt``, and logs the metrics it returns (the other processes wait);
+    a :class:`RunInterrupted` from it stops the run as a signal does.
     """
 
     def __init__(self, cfg: Config, model: nn.Module, task: Task, out_dir: str | Path, *,
-                 resume: bool | str | Path = False, freeze: tuple[tuple[str, ...], int] | None = None):
+                 resume: bool | str | Path = False, freeze: tuple[tuple[str, ...], int] | None = None,
+                 on_checkpoint: tuple[int, Callable[[Path, int], dict[str, float]]] | None = None):
         self.cfg, self.task, self.out_dir = cfg, task, Path(out_dir)
+        self.on_checkpoint = on_checkpoint
         self.dist = DistInfo.from_env()
         if self.dist.world_size > 1 and not dist.is_initialized():
             backend = "nccl" if cfg.run.device != "cpu" and torch.cuda.is_available() else "gloo"
@@ -429,6 +445,15 @@ class Trainer:
             self.save("best.pt")
         return metrics
 
+    def _call_hook(self, run) -> None:
+        if self.step % run.checkpoint_every:
+            self.save("latest.pt")
+        # the hook's own runs draw random numbers: the run's stream continues as if it had not been called
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            record = {"step": self.step, **self.on_checkpoint[1](self.ckpt_dir / "latest.pt", self.step)}
+        self.logger.log(record)
+        self.logger.plot(force=False)
+
     def _stop_on_data_error(self, exc: StoreChanged, bar) -> None:
         """The data changed under the run: write ``latest.pt`` (the weights of the last finished step)
         and stop with the data's error and where to continue from."""
@@ -518,6 +543,11 @@ class Trainer:
                     self.save("latest.pt")
                     if run.keep_last:
                         self._save_numbered()
+                if self.on_checkpoint and self.step % self.on_checkpoint[0] == 0 and self.dist.is_main:
+                    try:
+                        self._call_hook(run)
+                    except RunInterrupted as exc:
+                        signals.requested = exc.signal
                 stop = self._stop_requested(signals, data_error is not None)
                 if stop == _DATA_ERROR:
                     self._stop_on_data_error(data_error or _changed_elsewhere(), bar)

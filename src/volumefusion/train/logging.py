@@ -68,7 +68,8 @@ class RunLogger:
                     self._tb.add_scalar(key, value, record["step"])
 
     def plot(self, force: bool = True) -> None:
-        """Redraw ``progress.png``: loss, validation Dice per class, learning rate, throughput.
+        """Redraw ``progress.png``: loss, validation Dice per class, the probe (when a pretraining probes its
+        checkpoints), learning rate, throughput.
 
         Drawing takes about a second of CPU, so unless ``force`` it is skipped when the last drawing
         is less than :data:`PLOT_INTERVAL_S` old (the training loop calls it after each validation).
@@ -86,6 +87,8 @@ class RunLogger:
         panels = {
             "loss": {"train": series("loss"), "validation": series("val_loss")},
             "validation Dice": {k.removeprefix("val_dice_"): series(k) for k in keys if k.startswith("val_dice_")},
+            "probe: held-out Dice, encoder frozen": {"pretrained encoder": series("probe_score"),
+                                                    "random encoder": series("probe_random")},
             "learning rate": {"lr": series("lr")},
             "throughput (samples/s)": {"samples/s": series("samples_per_s")},
         }

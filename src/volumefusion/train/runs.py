@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -87,8 +88,10 @@ def write_config(cfg: Config, out_dir: str | Path) -> None:
         save(cfg, Path(out_dir) / "config.yaml")
 
 
-def pretrain(cfg: Config, data: str | Path, out_dir: str | Path, resume: bool | str = False) -> FitResult:
-    """Volume Fusion pretraining on the store at ``data``; outputs in ``out_dir``."""
+def pretrain(cfg: Config, data: str | Path, out_dir: str | Path, resume: bool | str = False,
+             on_checkpoint: tuple[int, Callable[[Path, int], dict[str, float]]] | None = None) -> FitResult:
+    """Volume Fusion pretraining on the store at ``data``; outputs in ``out_dir``. ``on_checkpoint``: as
+    in :class:`~volumefusion.train.engine.Trainer` (:func:`volumefusion.train.probe.probe_hook`)."""
     check_run_folder(out_dir, resume)
     check_writable_folder(out_dir, "--out")
     task = PretrainTask(cfg, Store.open(data))
@@ -96,7 +99,7 @@ def pretrain(cfg: Config, data: str | Path, out_dir: str | Path, resume: bool | 
     n_params = sum(p.numel() for p in model.parameters())
     log.info("pretraining %s (%.2f M parameters) on %d cases, %s", cfg.model.name, n_params / 1e6,
              len(task.store), f"fusion {cfg.fusion.mode}, K={cfg.fusion.num_classes - 1}")
-    trainer = Trainer(cfg, model, task, out_dir, resume=resume)
+    trainer = Trainer(cfg, model, task, out_dir, resume=resume, on_checkpoint=on_checkpoint)
     write_config(cfg, out_dir)
     return trainer.fit()
 
@@ -136,7 +139,7 @@ def _pretrained_base(pretrained: str | Path | None) -> tuple[Checkpoint | None, 
     return ckpt, {"model": saved["model"], "data": {"hu_window": saved["data"]["hu_window"]}}
 
 
-def _segmentation_store(data: str | Path, out_dir: Path, preprocessing: dict | None, workers: int):
+def segmentation_store(data: str | Path, out_dir: Path, preprocessing: dict | None, workers: int):
     """Open ``data`` as a labelled store, preparing it first (into OUT/store) when it is a raw dataset.
 
     ``preprocessing``: the pretrained checkpoint's preparation settings, which the store must match.
@@ -206,7 +209,7 @@ def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_d
     if cfg.finetune.split_file and not Path(cfg.finetune.split_file).is_file():
         raise VolumeFusionError(f"--split {cfg.finetune.split_file}: file not found")
     preprocessing = ckpt.preprocessing if ckpt is not None else None
-    store = _segmentation_store(data, out_dir, preprocessing, cfg.data.workers)
+    store = segmentation_store(data, out_dir, preprocessing, cfg.data.workers)
     f = cfg.finetune
     train_ids, val_ids = split_cases(store.ids, f.num_folds, f.fold, f.split_file)
     task = SegmentationTask(cfg, store, train_ids, val_ids)
