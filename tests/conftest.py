@@ -73,6 +73,13 @@ def unwritable_folder(tmp_path):
     pytest.skip("no unwritable folder on this machine for root")
 
 
+class _RunsCode:
+    """What a malicious checkpoint holds: unpickling it would run a command."""
+
+    def __reduce__(self):
+        return (os.system, ("echo unpickled",))
+
+
 def write_bad_checkpoints(folder):
     """Files given where a checkpoint is expected, the shared catalogue of bad checkpoints:
     ``{name: (path, phrase the error must contain)}``."""
@@ -99,10 +106,18 @@ def write_bad_checkpoints(folder):
     files["pickle"] = (folder / "raw.pt", "Python pickle")
     files["pickle"][0].write_bytes(pickle.dumps({"w": torch.zeros(2)}, protocol=4))
     files["numpy"] = (folder / "numpy.pt", "numpy")
+    files["malicious"] = (folder / "evil.pt", "never unpickles")  # and never called damaged
+    torch.save({"model": {"w": torch.zeros(2)}, "run": _RunsCode()}, files["malicious"][0])
     torch.save({"model": {"w": np.zeros(2)}}, files["numpy"][0])
     files["truncated"] = (folder / "cut.pt", "truncated or damaged")
     save_checkpoint(files["truncated"][0], {"model": torch.nn.Linear(40, 40).state_dict()})
     files["truncated"][0].write_bytes(files["truncated"][0].read_bytes()[:1000])
+    files["flipped"] = (folder / "flipped.pt", "damaged: the bytes of")
+    save_checkpoint(files["flipped"][0], {"model": {"w": torch.linspace(1, 2, 1000)}})
+    data = bytearray(files["flipped"][0].read_bytes())
+    at = data.index(torch.linspace(1, 2, 1000)[500:501].numpy().tobytes())  # one weight's 4 bytes
+    data[at:at + 4] = torch.tensor([7.0]).numpy().tobytes()
+    files["flipped"][0].write_bytes(bytes(data))
     files["empty"] = (folder / "empty.pt", "an empty file (0 bytes)")
     files["empty"][0].write_bytes(b"")
     return files

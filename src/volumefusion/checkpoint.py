@@ -202,11 +202,30 @@ def describe_file(path: str | Path) -> str:
 
 def _unsafe_globals(message: str) -> list[str]:
     """The Python objects a weights-only load refused, from torch's message."""
-    return sorted(set(re.findall(r"Unsupported global: GLOBAL ([\w.]+)", message)))
+    return sorted(set(re.findall(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", message)))
+
+
+def _check_archive(f: IO[bytes], path: Path, expected: str) -> None:
+    """Every member of a torch checkpoint archive against the CRC-32 the zip stores for it (torch.load
+    does not check them): one changed byte in a weight tensor is a damaged file, never different
+    weights. Reads the whole file once; the file is left at its start."""
+    try:
+        with zipfile.ZipFile(f) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+        bad = f"its archive ({exc})"
+    finally:
+        f.seek(0)
+    if bad:
+        raise VolumeFusionError(f"{path}: damaged: the bytes of {bad} inside it do not match the checksum stored "
+                                f"with them (changed on disk or in a copy); copy it again; expected {expected}")
 
 
 def _torch_load(f: IO[bytes], path: Path, what: str, expected: str, map_location) -> Any:
-    """``torch.load(f, weights_only=True)``; errors name the file and never suggest an unsafe load."""
+    """``torch.load(f, weights_only=True)`` after checking an archive's checksums; errors name the file and
+    never suggest an unsafe load."""
+    if what == "a torch checkpoint archive":
+        _check_archive(f, path, expected)
     try:
         with warnings.catch_warnings():
             # torch warns about the pickle protocol of files not written by torch.save; the error
@@ -222,6 +241,10 @@ def _torch_load(f: IO[bytes], path: Path, what: str, expected: str, map_location
         elif what == "a Python pickle":
             problem = ("a Python pickle that is not a torch checkpoint, or holds objects other than tensors "
                        "and plain data, which volumefusion never unpickles (unpickling can run code)")
+        elif what == "a torch checkpoint archive":  # its checksums held: intact, but not tensors and plain data
+            detail = next((line for line in str(exc).splitlines()[1:] if line.strip()), str(exc)).strip()
+            problem = (f"a torch checkpoint whose contents volumefusion does not load ({detail[:200]}); it loads only "
+                       "tensors and plain data, never other Python objects (unpickling can run code)")
         else:
             problem = "a torch checkpoint that cannot be read (truncated or damaged; copy it again)"
         raise VolumeFusionError(f"{path}: {problem}; expected {expected}") from None
