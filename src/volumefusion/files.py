@@ -119,3 +119,48 @@ def missing_reason(path: str | Path) -> str:
     if parent != path.parent:
         return f"not found (no folder {path.parent})"
     return "folder not found" if as_folder else "file not found"
+
+
+FOLDER_LOCK = ".volumefusion.lock"
+"""The file whose lock a run holds on its folder for its whole life (:func:`folder_lock`)."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, option: str = "--out") -> Iterator[None]:
+    """Hold ``folder`` (created if missing) for one run: a second run into it is refused at once, in
+    one line naming the folder and the process holding it, rather than mixing its files with this one's.
+
+    The lock is the system's (``flock`` on ``folder/.volumefusion.lock``): released on any exit, and by the
+    kernel when the holder is killed (``kill -9``, out of memory), so a stale lock file is never obeyed.
+    On a file system that refuses locks the run goes on unguarded, with a warning.
+    """
+    import fcntl
+    import logging
+    import socket
+    import time
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / FOLDER_LOCK
+    handle = open(path, "a+")  # noqa: SIM115 - held for the run, closed below
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise VolumeFusionError(f"{option} {folder}: another run is using this folder ({holder}); wait for it "
+                                    "to end, or choose another folder") from None
+        except OSError as exc:
+            logging.getLogger(__name__).warning(
+                "%s: this file system refuses file locks (%s): nothing stops a second run from writing into "
+                "this folder at the same time", folder, exc)
+        else:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            handle.flush()
+        yield
+    finally:
+        handle.close()

@@ -35,7 +35,7 @@ from volumefusion.checkpoint import read_checkpoint
 from volumefusion.config import Config
 from volumefusion.data.datasets import CaseTask, case_id_from_path, discover_inputs, unique_case_ids
 from volumefusion.device import autocast, autocast_dtype, resolve_device
-from volumefusion.files import check_writable_folder, resolved
+from volumefusion.files import check_writable_folder, folder_lock, resolved
 from volumefusion.io import IMAGE_SUFFIXES, SERIES_SEPARATOR, read_image, write_image
 from volumefusion.log import get_logger
 from volumefusion.log import progress as progress_bar
@@ -494,6 +494,14 @@ def predict_files(model: str | Path | Predictor, inputs: str | Path | Sequence[s
              predictor.window_batch, ", mirror TTA" if predictor.tta else "")
 
     summary = PredictSummary(out_dir, failed=failed)
+    with folder_lock(out_dir, "-o"):
+        _predict_cases(predictor, cases, outputs, out_dir, summary, save_probabilities, channel)
+    return summary
+
+
+def _predict_cases(predictor: Predictor, cases: list[CaseTask], outputs: dict[str, Path], out_dir: Path,
+                   summary: PredictSummary, save_probabilities: bool, channel: int | None) -> None:
+    failed = summary.failed
     for task in cases:
         source, case = task.image, task.case_id
         started = time.perf_counter()
@@ -519,4 +527,3 @@ def predict_files(model: str | Path | Predictor, inputs: str | Path | Sequence[s
         summary.written.append(case)
         log.info("%s: %s in %.1f s", case, "x".join(map(str, geometry.shape_zyx[::-1])),
                  time.perf_counter() - started)
-    return summary

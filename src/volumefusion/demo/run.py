@@ -34,7 +34,7 @@ from volumefusion.demo.results import DemoResult, GateResult, PretrainResult, Ru
 from volumefusion.demo.settings import PROBE_ARMS, DemoSettings, load_settings
 from volumefusion.device import resolve_device
 from volumefusion.evaluate import evaluate_folders
-from volumefusion.files import atomic_write_text, check_writable_folder
+from volumefusion.files import FOLDER_LOCK, atomic_write_text, check_writable_folder, folder_lock
 from volumefusion.infer import predict_files
 from volumefusion.log import get_logger, setup
 from volumefusion.nets import build_model, main_output
@@ -301,7 +301,7 @@ def claim_folder(out: Path, settings: DemoSettings) -> bool:
         if theirs != mine:
             raise VolumeFusionError(f"{out} holds a demo with other settings; remove it or choose another --out")
         return True
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.name != FOLDER_LOCK for p in out.iterdir())):
         raise VolumeFusionError(f"{out} is not empty and holds no demo of this version (no {MARKER}); the demo "
                                 "writes many files there: choose an empty or new folder for --out")
     check_writable_folder(out, "--out")
@@ -323,6 +323,13 @@ def run_demo(out: str | Path = "vf-demo", *, quick: bool = False, seeds: list[in
     resolve_device(device)
     builtin = resolve_weights(settings.protocol.builtin)
     out = Path(out).resolve()
+    check_writable_folder(out, "--out")
+    with folder_lock(out):
+        return _run_demo(settings, out, builtin, quick, device, workers)
+
+
+def _run_demo(settings: DemoSettings, out: Path, builtin: Path, quick: bool, device: str, workers: int | None
+              ) -> DemoResult:
     resumed = claim_folder(out, settings)
     proto = settings.protocol
     arms = set(proto.arms) | (set(proto.other_arms) if len(proto.labelled) > 1 else set())

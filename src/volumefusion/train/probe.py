@@ -38,7 +38,7 @@ import torch
 from volumefusion import VolumeFusionError, nets
 from volumefusion.checkpoint import read_checkpoint, write_weights
 from volumefusion.config import Config, load
-from volumefusion.files import atomic_write_text
+from volumefusion.files import atomic_write_text, check_writable_folder, folder_lock
 from volumefusion.log import get_logger
 from volumefusion.nets.weights import model_from_checkpoint
 from volumefusion.processes import plan_workers, worker_pool
@@ -246,7 +246,16 @@ def probe(weights: Sequence[str | Path] | Mapping[str, str | Path], data: str | 
     if not seeds or len(set(seeds)) != len(seeds):
         raise VolumeFusionError(f"probe: seeds {seeds} must be distinct, at least one")
     out = Path(out)
-    recipe = load(list(config), list(overrides))
+    check_writable_folder(out, "--out")
+    with folder_lock(out):
+        return _probe(named, data, out, list(map(str, config)), list(overrides), seeds, labelled, split_file,
+                      finetune_too, device, workers, on_run)
+
+
+def _probe(named: dict[str, str | Path], data: str | Path, out: Path, config: list[str], overrides: list[str],
+           seeds: list[int], labelled: int | None, split_file: str | Path | None, finetune_too: bool, device: str,
+           workers: int | None, on_run: Callable[[ProbeRun], None] | None) -> ProbeResult:
+    recipe = load(config, overrides)
     checkpoints = {name: read_checkpoint(w) for name, w in named.items()}
     architectures = {}
     for name, ckpt in checkpoints.items():

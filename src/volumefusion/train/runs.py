@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import json
 import math
 from collections.abc import Callable
@@ -17,7 +20,7 @@ from volumefusion.config import Config, changed_fields, load, save, to_dict
 from volumefusion.data.prepare import prepare
 from volumefusion.data.store import Store
 from volumefusion.device import autocast, resolve_device
-from volumefusion.files import atomic_write_text, check_writable_folder
+from volumefusion.files import atomic_write_text, check_writable_folder, folder_lock
 from volumefusion.log import get_logger
 from volumefusion.nets.weights import LoadReport, load_pretrained, model_from_checkpoint
 from volumefusion.preprocess import PrepareSettings
@@ -82,18 +85,33 @@ def check_run_folder(out_dir: str | Path, resume: bool | str) -> None:
                                 "continue it with --resume, or choose another --out folder")
 
 
+def one_run_per_folder(run):
+    """Decorate a run function with an ``out_dir`` argument: its folder is checked writable, then held for
+    the whole run (:func:`volumefusion.files.folder_lock`, by the main process under DDP), so a second
+    run into it is refused in one line instead of mixing the two runs' files."""
+
+    @functools.wraps(run)
+    def held(*args, **kwargs):
+        out_dir = inspect.signature(run).bind(*args, **kwargs).arguments["out_dir"]
+        check_writable_folder(out_dir, "--out")
+        with folder_lock(out_dir) if DistInfo.from_env().is_main else contextlib.nullcontext():
+            return run(*args, **kwargs)
+
+    return held
+
+
 def write_config(cfg: Config, out_dir: str | Path) -> None:
     """``out_dir/config.yaml``, written once the run (and any resume) is set up."""
     if DistInfo.from_env().is_main:
         save(cfg, Path(out_dir) / "config.yaml")
 
 
+@one_run_per_folder
 def pretrain(cfg: Config, data: str | Path, out_dir: str | Path, resume: bool | str = False,
              on_checkpoint: tuple[int, Callable[[Path, int], dict[str, float]]] | None = None) -> FitResult:
     """Volume Fusion pretraining on the store at ``data``; outputs in ``out_dir``. ``on_checkpoint``: as
     in :class:`~volumefusion.train.engine.Trainer` (:func:`volumefusion.train.probe.probe_hook`)."""
     check_run_folder(out_dir, resume)
-    check_writable_folder(out_dir, "--out")
     task = PretrainTask(cfg, Store.open(data))
     model = build_model(cfg, task.num_classes)
     n_params = sum(p.numel() for p in model.parameters())
@@ -173,6 +191,7 @@ class FinetuneResult(FitResult):
     load_report: LoadReport | None = None
 
 
+@one_run_per_folder
 def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_dir: str | Path,
              pretrained: str | Path | None, resume: bool | str = False) -> FinetuneResult:
     """Fine-tune on a labelled dataset from ``pretrained`` weights (a checkpoint file or ``builtin:NAME``;
@@ -183,7 +202,6 @@ def finetune(cfg_paths: list[str], overrides: list[str], data: str | Path, out_d
     """
     out_dir = Path(out_dir)
     check_run_folder(out_dir, resume)
-    check_writable_folder(out_dir, "--out")
     ckpt, base = _pretrained_base(pretrained)
     cfg = load(cfg_paths, overrides, base=base)
     if "model" in base:
