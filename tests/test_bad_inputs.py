@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
 import json
 import os
 import re
 import resource
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ from volumefusion.checkpoint import save_checkpoint
 from volumefusion.cli import main
 from volumefusion.io import Geometry, write_image
 from volumefusion.nets import build_model
+from volumefusion.preprocess import PrepareSettings
 
 SHAPE = (16, 32, 32)
 GEOMETRY = Geometry(SHAPE, (2.0, 1.5, 1.5), (0.0, 0.0, 0.0))
@@ -78,6 +81,12 @@ def bad_images(folder: Path) -> dict[str, str]:
     nan[1, 2, 3] = np.nan
     write_image(folder / "nan.nii.gz", nan, GEOMETRY)
     bad["nan.nii.gz"] = "1 voxels are NaN or infinite"
+    write_image(folder / "nan_spacing.nii.gz", good, GEOMETRY)  # ITK would assume 1 mm without a word
+    header = bytearray(gzip.decompress((folder / "nan_spacing.nii.gz").read_bytes()))
+    header[80:84] = struct.pack("<f", float("nan"))  # pixdim[1]
+    header[252:256] = bytes(4)  # qform_code and sform_code 0
+    (folder / "nan_spacing.nii.gz").write_bytes(gzip.compress(bytes(header)))
+    bad["nan_spacing.nii.gz"] = "its header's voxel size (pixdim[1:4]) is [nan,"
     (folder / "loop.nii.gz").symlink_to("loop.nii.gz")
     bad["loop.nii.gz"] = "symbolic link loop"
     (folder / "dangling.nii.gz").symlink_to("gone.nii.gz")
@@ -588,3 +597,13 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     task = {"kind": "segmentation", "num_classes": 3, "label_names": LABELS, "preprocessing": {}}
     save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict(), "task": task, "step": 0})
     return path
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan", "abc"])
+def test_prepare_refuses_a_voxel_size_that_is_not_a_positive_finite_number(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as stopped:
+        main(["prepare", str(tmp_path), "--out", str(tmp_path / "store"), "--spacing", value, "1", "1"])
+    assert stopped.value.code == 2 and "argument --spacing" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()
+    with pytest.raises(VolumeFusionError, match="positive, finite"):
+        PrepareSettings(spacing_zyx=(float(value) if value != "abc" else float("nan"), 1.0, 1.0))

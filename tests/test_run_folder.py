@@ -55,6 +55,7 @@ def test_a_killed_holder_does_not_block_the_next_run(holder, tmp_path, phantom_d
     run = ["finetune", "--data", str(phantom_dataset), "--pretrained", "none", "--out", str(tmp_path / "run"),
            *_sets([*TINY_MODEL, "run.max_steps=1", "run.val_every=100"])]
     assert main(["-q", *run]) == 0
+    assert not (tmp_path / "run" / FOLDER_LOCK).exists()  # a run that ends removes its lock file
 
 
 def test_predict_refuses_an_output_folder_another_predict_holds(holder, tmp_path, capsys, phantom_dataset):

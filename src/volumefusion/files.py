@@ -130,9 +130,10 @@ def folder_lock(folder: str | Path, option: str = "--out") -> Iterator[None]:
     """Hold ``folder`` (created if missing) for one run: a second run into it is refused at once, in
     one line naming the folder and the process holding it, rather than mixing its files with this one's.
 
-    The lock is the system's (``flock`` on ``folder/.volumefusion.lock``): released on any exit, and by the
-    kernel when the holder is killed (``kill -9``, out of memory), so a stale lock file is never obeyed.
-    On a file system that refuses locks the run goes on unguarded, with a warning.
+    The lock is the system's (``flock`` on ``folder/.volumefusion.lock``, removed when the run ends): it
+    is released on any exit, and by the kernel when the holder is killed (``kill -9``, out of memory),
+    so the file a killed run leaves is never obeyed. Folders it created and the run left empty are
+    removed. On a file system that refuses locks the run goes on unguarded, with a warning.
     """
     import fcntl
     import logging
@@ -140,27 +141,42 @@ def folder_lock(folder: str | Path, option: str = "--out") -> Iterator[None]:
     import time
 
     folder = Path(folder)
+    created = [f for f in (folder, *folder.parents) if not f.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / FOLDER_LOCK
-    handle = open(path, "a+")  # noqa: SIM115 - held for the run, closed below
-    try:
+    locked = False
+    while True:
+        handle = open(path, "a+")  # noqa: SIM115 - held for the run, closed below
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
+            handle.close()
             raise VolumeFusionError(f"{option} {folder}: another run is using this folder ({holder}); wait for it "
                                     "to end, or choose another folder") from None
         except OSError as exc:
             logging.getLogger(__name__).warning(
                 "%s: this file system refuses file locks (%s): nothing stops a second run from writing into "
                 "this folder at the same time", folder, exc)
-        else:
+            break
+        # the last holder may have removed the file between our open and our lock: lock the file in place
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+            locked = True
+            break
+        handle.close()
+    try:
+        if locked:
             handle.seek(0)
             handle.truncate()
-            handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
-                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
             handle.flush()
         yield
     finally:
+        if locked:
+            with contextlib.suppress(OSError):
+                path.unlink()  # while still held: a run that opened it before sees the change and retries
         handle.close()
+        for made in created:  # a run that wrote nothing (refused before any work) leaves no folder
+            with contextlib.suppress(OSError):
+                made.rmdir()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import math
 import os
 import shutil
 import struct
@@ -87,18 +88,21 @@ def _dicom_series_files(folder: Path, uid: str | None) -> list[str]:
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
 
 
-def _nifti_layout(header: bytes) -> tuple[int, int, np.dtype | None] | None:
-    """Where a NIfTI-1/2 file's voxels start and how many bytes they take, from its header, and
-    their dtype if float (else None); None if ``header`` is not NIfTI."""
+def _nifti_layout(header: bytes) -> tuple[int, int, np.dtype | None, tuple[float, ...]] | None:
+    """Where a NIfTI-1/2 file's voxels start and how many bytes they take, from its header, their
+    dtype if float (else None), and the voxel sizes of its spatial axes (``pixdim[1..3]``, as stored);
+    None if ``header`` is not NIfTI."""
     for order in "<>":
         size = struct.unpack(order + "i", header[:4])[0]
         if size == 348 and len(header) >= 112:
             dims = struct.unpack(order + "8h", header[40:56])
             datatype, bitpix = struct.unpack(order + "2h", header[70:74])
+            pixdim = struct.unpack(order + "8f", header[76:108])
             offset = int(struct.unpack(order + "f", header[108:112])[0])
         elif size == 540 and len(header) >= 176:
             datatype, bitpix = struct.unpack(order + "2h", header[12:16])
             dims = struct.unpack(order + "8q", header[16:80])
+            pixdim = struct.unpack(order + "8d", header[104:168])
             offset = struct.unpack(order + "q", header[168:176])[0]
         else:
             continue
@@ -106,7 +110,8 @@ def _nifti_layout(header: bytes) -> tuple[int, int, np.dtype | None] | None:
             return None
         count = int(np.prod([max(d, 1) for d in dims[1 : dims[0] + 1]]))
         code = _NIFTI_FLOATS.get(datatype)
-        return max(offset, size), count * bitpix // 8, np.dtype(order + code) if code else None
+        spatial = tuple(pixdim[1 : 1 + min(dims[0], 3)])
+        return max(offset, size), count * bitpix // 8, np.dtype(order + code) if code else None, spatial
     return None
 
 
@@ -153,7 +158,12 @@ def _check_nifti(path: Path, written: bool = False) -> None:
         if written:
             raise VolumeFusionError(f"{path}: no complete NIfTI header")
         return
-    offset, nbytes, dtype = layout
+    offset, nbytes, dtype, voxel_size = layout
+    if not all(math.isfinite(v) for v in voxel_size):
+        # ITK would put 1 mm in their place without a word (with qform and sform codes 0)
+        raise VolumeFusionError(f"{path}: its header's voxel size (pixdim[1:{1 + len(voxel_size)}]) is "
+                                f"{[float(v) for v in voxel_size]}, not finite numbers of mm; write the file again "
+                                "with the scan's voxel size")
     if written:
         dtype = None  # only completeness: NaN voxels are the writer's to choose
     expected, bad = offset + nbytes, 0

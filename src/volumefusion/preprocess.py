@@ -25,6 +25,7 @@ prepared-space array (a prediction, a probability map) back onto the original gr
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,9 +59,9 @@ class PrepareSettings:
     def __post_init__(self):
         if self.spacing_zyx is not None:
             self.spacing_zyx = tuple(float(s) for s in self.spacing_zyx)
-            if len(self.spacing_zyx) != 3 or min(self.spacing_zyx) <= 0:
+            if len(self.spacing_zyx) != 3 or not all(math.isfinite(s) and s > 0 for s in self.spacing_zyx):
                 raise VolumeFusionError(
-                    f"spacing_zyx must be three positive numbers (mm), got {self.spacing_zyx}"
+                    f"spacing_zyx must be three positive, finite numbers (mm), got {self.spacing_zyx}"
                 )
         code = self.orientation.upper()
         if len(code) != 3 or sorted(_AXIS_LETTERS[c][0] for c in code if c in _AXIS_LETTERS) != [0, 1, 2]:

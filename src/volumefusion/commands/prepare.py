@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from volumefusion.commands import positive_int
 
@@ -62,9 +63,12 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: spacing must be positive (mm)")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of mm") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text}: spacing must be a positive, finite number of mm")
     return value
 
 
