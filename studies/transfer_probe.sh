@@ -2,9 +2,9 @@
 # Issue 29, item 3: score the transfer study's candidates (studies/README.md) with `volumefusion probe`,
 # as their checkpoints appear. Run from the folder that holds runs/ (transfer_pretrain.sh) and dev/
 # (the development phantoms: dev/Task01_Phantom, dev/split.json, dev/recipe.yaml; see README.md).
-# Usage: bash studies/transfer_probe.sh [STEP ...]   (default: 2000 4000; the last also fine-tunes)
+# Usage: bash studies/transfer_probe.sh [STEP ...]   (default: 1000 3000; the last also fine-tunes)
 set -euo pipefail
-steps=("${@:-2000 4000}")
+steps=("${@:-1000 3000}")
 steps=(${steps[*]})
 common=(--data dev/Task01_Phantom --out probes/dev -c dev/recipe.yaml --split dev/split.json --steps 1200
         --labelled 1 --seeds 101 102 --device cpu)
