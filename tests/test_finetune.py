@@ -185,3 +185,21 @@ def test_a_pretrained_tensor_that_does_not_fit_stops_finetune_before_any_work(pr
     report = json.loads((tmp_path / "b" / "load_report.json").read_text())
     assert ["stem.proj.weight", [4, 1, 1, 1, 1], [4, 1, 1, 3, 3]] in report["shape_skipped"]
     assert "shape-skipped: stem.proj.weight [4, 1, 1, 1, 1] vs model [4, 1, 1, 3, 3]" in capsys.readouterr().out
+
+
+def test_resume_refuses_other_training_data(phantom_dataset, tmp_path):
+    from volumefusion.data.phantoms import write_msd_dataset
+
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["phantom_0011", "phantom_0012"], "val": ["phantom_0013"]}))
+    run = [*TINY_MODEL, "run.val_every=100", "run.checkpoint_every=1", f"finetune.split_file={split}"]
+    finetune([], [*run, "run.max_steps=2"], phantom_dataset, tmp_path / "run", None)
+    latest = tmp_path / "run" / "checkpoints" / "latest.pt"
+    other = write_msd_dataset(tmp_path / "Task03_Other", seeds=[11, 12, 13, 14], shape=(24, 40, 40))
+    with pytest.raises(VolumeFusionError, match="the run trained on other data"):  # same case ids, other scans
+        finetune([], [*run, "run.max_steps=3"], other, tmp_path / "other", None, resume=latest)
+    split.write_text(json.dumps({"train": ["phantom_0011"], "val": ["phantom_0013"]}))  # the split file edited
+    with pytest.raises(VolumeFusionError, match=r"2 training and 1 validation cases; now 1 and 1"):
+        finetune([], [*run, "run.max_steps=3"], phantom_dataset, tmp_path / "run", None, resume=True)
+    split.write_text(json.dumps({"train": ["phantom_0012", "phantom_0011"], "val": ["phantom_0013"]}))
+    assert finetune([], [*run, "run.max_steps=3"], phantom_dataset, tmp_path / "run", None, resume=True).step == 3

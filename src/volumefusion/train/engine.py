@@ -92,6 +92,9 @@ class Task(Protocol):
     def checkpoint_info(self) -> dict[str, Any]:
         """The checkpoint's ``task`` entry (kind, num_classes, label_names, preprocessing)."""
 
+    def data_fingerprint(self) -> dict[str, Any] | None:
+        """What identifies the run's training and validation data (None: nothing to check on resume)."""
+
     def save_images(self, path: Path, inputs: torch.Tensor, labels: torch.Tensor,
                     predictions: torch.Tensor) -> None:
         """A PNG montage of a few inputs with true and predicted class maps."""
@@ -273,6 +276,7 @@ class Trainer:
         # step there are none yet: that rank stops alone, and torchrun ends the others)
         self._input_like: tuple | None = None
         self.ckpt_dir = self.out_dir / "checkpoints"
+        self._data = task.data_fingerprint()
         if resume:
             self._resume(resume)
         self.train_model: nn.Module = self.model
@@ -305,7 +309,7 @@ class Trainer:
             "scaler": None,  # bf16 needs no loss scaling; kept for the documented layout
             "step": self.step,
             "rng": rng,
-            "extra": {"best_score": self.best_score, "world_size": self.dist.world_size},
+            "extra": {"best_score": self.best_score, "world_size": self.dist.world_size, "data": self._data},
         }
 
     def save(self, name: str) -> Path | None:
@@ -345,6 +349,12 @@ class Trainer:
                 f"--resume {path}: the settings differ from the run's ({'; '.join(changes)}); resume with "
                 f"the run's own config ({self.out_dir / 'config.yaml'}), or start a new run in another folder. "
                 f"Only these may change on resume: {', '.join(sorted(RESUMABLE_CHANGES))}")
+        saved = state.get("extra", {}).get("data")
+        if saved and self._data and saved["sha256"] != self._data["sha256"]:
+            raise VolumeFusionError(
+                f"--resume {path}: the run trained on other data ({saved['train']} training and {saved['val']} "
+                f"validation cases; now {self._data['train']} and {self._data['val']}, or other contents); resume "
+                "with the run's own --data and split, or start a new run in another folder")
         self.model.load_state_dict(ckpt.state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -5,6 +5,7 @@ A task turns store crops into device batches and knows how to validate; the engi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import warnings
@@ -95,6 +96,10 @@ class PretrainTask:
         metrics.update({f"dice_{name}": float(d) for name, d in zip(self.class_names, dice)})
         return metrics
 
+    def data_fingerprint(self) -> None:
+        """None: a pretraining may resume on a store that grew (a changed case under a run stops it)."""
+        return None
+
     def checkpoint_info(self) -> dict[str, Any]:
         return {"kind": "pretrain", "num_classes": self.num_classes, "label_names": None,
                 "preprocessing": self.store.settings}
@@ -181,6 +186,14 @@ class SegmentationTask:
             metrics = {"score": float(np.nanmean(dice[1:]))}
         metrics.update({f"dice_{name}": float(d) for name, d in zip(self.class_names[1:], dice[1:])})
         return metrics
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        """Which cases train and validate, and their stored contents: a resumed run must see the same."""
+        digest = hashlib.sha256()
+        for role, ids in (("train", self.train_ids), ("val", self.val_ids)):
+            for case_id in sorted(ids):
+                digest.update(f"{role} {case_id} {self.store.info(case_id).checksum}\n".encode())
+        return {"train": len(self.train_ids), "val": len(self.val_ids), "sha256": digest.hexdigest()}
 
     def checkpoint_info(self) -> dict[str, Any]:
         return {"kind": "segmentation", "num_classes": self.num_classes,
