@@ -146,6 +146,36 @@ def test_sigterm_writes_latest_and_resume_continues(phantom_store, tmp_path):
     assert load_checkpoint(out / "checkpoints/latest.pt")["step"] == step + 2
 
 
+API_SCRIPT = """
+import sys
+import volumefusion as vf
+try:
+    vf.pretrain(sys.argv[1], sys.argv[2], overrides=sys.argv[3:])
+except vf.RunInterrupted as exc:
+    print("raised", exc.signal, exc)
+    sys.exit(3)
+print("went on")
+"""
+
+
+def test_ctrl_c_in_a_python_script_raises_run_interrupted_after_writing_latest(phantom_store, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", API_SCRIPT, str(phantom_store), str(out), *TINY_MODEL,
+                             "run.max_steps=100000", "run.val_every=1000"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 3 and "raised SIGINT" in output and "went on" not in output, output
+    assert "resume=True continues" in output
+    assert load_checkpoint(out / "checkpoints/latest.pt")["step"] >= 2
+
+
 def test_a_run_folder_is_neither_mixed_nor_resumed_with_other_settings(phantom_store, tmp_path):
     pretrain(_cfg("run.max_steps=2", "run.val_every=100"), phantom_store, tmp_path)
     with pytest.raises(VolumeFusionError, match="already holds a run.*--resume"):

@@ -38,7 +38,7 @@ from volumefusion.nets.weights import model_from_checkpoint
 from volumefusion.preprocess import PrepareSettings, check_spacing
 from volumefusion.train import probe as probes
 from volumefusion.train import runs
-from volumefusion.train.engine import FitResult
+from volumefusion.train.engine import FitResult, RunInterrupted
 from volumefusion.train.probe import ProbeResult, probe_hook
 from volumefusion.train.runs import FinetuneResult
 
@@ -46,6 +46,7 @@ __all__ = [
     "Config", "FinetuneResult", "FitResult", "LoadedModel", "PredictSummary", "PrepareSettings", "PrepareSummary",
     "Predictor", "dice_per_class", "evaluate_arrays", "evaluate_folders", "finetune", "load_config", "load_model",
     "load_predictor", "predict_array", "predict_files", "prepare_collection", "pretrain", "probe", "ProbeResult",
+    "RunInterrupted",
 ]
 
 ConfigSource = str | Path | Sequence[str | Path] | None
@@ -109,11 +110,13 @@ def pretrain(data: str | Path, out: str | Path, config_files: ConfigSource = Non
     as ``volumefusion pretrain``; the run folder ``out`` gets ``checkpoints/latest.pt``, metrics and plots.
 
     ``config_files`` / ``overrides`` as in :func:`load_config`. Returns the steps done and the history.
+    Ctrl-C or SIGTERM stops it after the current step, writes ``checkpoints/latest.pt`` and raises
+    :class:`RunInterrupted` (``resume=True`` continues).
 
     Example: ``pretrain("store/", "runs/vf", "pretrain_paper", overrides=["run.max_steps=1000"])``.
     """
     cfg = load_config(config_files, overrides)
-    return runs.pretrain(cfg, data, out, resume=resume, on_checkpoint=probe_hook(cfg, out))
+    return _finished(runs.pretrain(cfg, data, out, resume=resume, on_checkpoint=probe_hook(cfg, out)), out)
 
 
 def finetune(data: str | Path, out: str | Path, pretrained: str | Path | None = None,
@@ -126,13 +129,23 @@ def finetune(data: str | Path, out: str | Path, pretrained: str | Path | None = 
     pretraining checkpoint, an official MIS-FM one or ``builtin:NAME`` (it fixes the architecture and
     the HU window); None trains from scratch. The best model is ``out/checkpoints/best.pt`` (for
     :func:`load_predictor`). Returns the run's steps and history, and with ``load_report`` how the
-    pretrained weights loaded.
+    pretrained weights loaded. Ctrl-C or SIGTERM raises :class:`RunInterrupted` as in :func:`pretrain`.
 
     Example: ``finetune("Task09_Spleen/", "runs/spleen", "runs/vf/checkpoints/latest.pt")``.
     """
     files = _as_list(config_files, "config_files")
-    return runs.finetune([str(f) for f in files], _as_list(overrides, "overrides"), data, out, pretrained,
-                         resume=resume)
+    return _finished(runs.finetune([str(f) for f in files], _as_list(overrides, "overrides"), data, out, pretrained,
+                                   resume=resume), out)
+
+
+def _finished(result: FitResult, out: str | Path):
+    """``result`` of a run that reached its last step; :class:`RunInterrupted` for one a signal stopped, so
+    a script does not go on with an unfinished model (the CLI exits with 130 / 143 instead)."""
+    if result.interrupted:
+        raise RunInterrupted(f"{out}: stopped at step {result.step} by {result.interrupted}; "
+                             f"{Path(out) / 'checkpoints' / 'latest.pt'} is written: resume=True continues",
+                             result.interrupted)
+    return result
 
 
 def probe(weights: str | Path | Sequence[str | Path] | Mapping[str, str | Path], data: str | Path, out: str | Path,
