@@ -210,8 +210,8 @@ DDP_SCRIPT = textwrap.dedent("""
         record["seen"].append(batch["background"].float().sum().item())
         return make_inputs(self, batch, generator, device)
     PretrainTask.make_inputs = recording_make_inputs
-    save = engine.save_checkpoint
-    engine.save_checkpoint = lambda path, payload: (record["saves"].append(str(path)), save(path, payload))
+    save = engine.write_training
+    engine.write_training = lambda path, *args: (record["saves"].append(str(path)), save(path, *args))
     fit = engine.Trainer.fit
     def recording_fit(self):
         result = fit(self)

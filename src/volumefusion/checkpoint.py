@@ -40,13 +40,14 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
 from volumefusion import VolumeFusionError, __version__
-from volumefusion.files import atomic_write_bytes
+from volumefusion.files import atomic_path, atomic_write_bytes
 from volumefusion.io import sniff_image_format
 from volumefusion.nets.misfm import is_misfm_state, misfm_num_classes, model_config_from_misfm
 
@@ -362,6 +363,27 @@ class Checkpoint:
         except ConfigError as exc:
             raise self.error(f"its config is not valid: {exc}") from None
 
+    @property
+    def step(self) -> int | None:
+        """Optimiser steps the weights were trained for, when recorded."""
+        step = self.payload.get("step", self.payload.get("iteration"))
+        return int(step) if isinstance(step, int) else None
+
+    @property
+    def card(self) -> dict[str, Any]:
+        """What exported weights say about themselves (data, command, scores; :func:`write_weights`)."""
+        card = self.payload.get("card")
+        return dict(card) if isinstance(card, dict) else {}
+
+    def training_state(self) -> TrainingState | None:
+        """The optimiser, schedule, step, RNG and engine state of a training checkpoint; None for
+        weights alone (exported, converted, MIS-FM, a state dict)."""
+        p = self.payload
+        if self.layout != "volumefusion" or not self.config or not isinstance(p.get("optimizer"), dict):
+            return None
+        return TrainingState(p["optimizer"], p.get("scheduler") or {}, int(p.get("step") or 0), p.get("rng") or {},
+                             dict(p.get("extra") or {}))
+
     def require(self, needs: str, *fields: str) -> None:
         """An error naming this checkpoint unless it is ours (layout ``volumefusion``) and holds ``fields``
         (``"config"``, ``"task"``, ``"num_classes"``); ``needs`` says for what, e.g. ``"predict needs a
@@ -483,7 +505,7 @@ def export_weights(checkpoint: str | Path | Checkpoint, out: str | Path, card: d
     ckpt = read_checkpoint(checkpoint)
     ckpt.require("export_weights takes a volumefusion training checkpoint", "config", "task")
     model = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt.state.items()}
-    return write_weights(out, model, ckpt.config, ckpt.task, step=ckpt.payload.get("step"), card=card)
+    return write_weights(out, model, ckpt.config, ckpt.task, step=ckpt.step, card=card)
 
 
 def write_weights(path: str | Path, state: dict[str, torch.Tensor], config: dict[str, Any], task: dict[str, Any],
@@ -493,4 +515,43 @@ def write_weights(path: str | Path, state: dict[str, torch.Tensor], config: dict
     at, and ``card``: what the weights are, in words. Written atomically; returns ``path``."""
     save_checkpoint(path, {"model": clean_state_dict(state), "config": config, "task": task, "step": step,
                            "card": dict(card or {})})
+    return Path(path)
+
+
+@dataclass
+class TrainingState:
+    """What a training checkpoint holds besides the network, to resume exactly: optimiser and schedule
+    state dicts, optimiser steps done, the global RNG states (``{"torch": ..., "cuda": [...]}``) and the
+    engine's ``extra`` (best score, world size, data fingerprint)."""
+
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    step: int
+    rng: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def write_training(path: str | Path, state: dict[str, torch.Tensor], config: dict[str, Any], task: dict[str, Any],
+                   training: TrainingState) -> Path:
+    """A training checkpoint (``latest.pt``, ``best.pt``, ``step_*.pt``): the network's ``state``, its
+    ``config`` and ``task`` as plain data, and ``training`` to resume from. Refused (VolumeFusionError)
+    when a weight is not finite; written atomically. Returns ``path``."""
+    state = clean_state_dict(state)
+    check_finite_weights(state, f"step {training.step}", action=f"{path} not written; the run diverged (lower "
+                         "optim.lr, or set optim.grad_clip)")
+    save_checkpoint(path, {"model": state, "config": config, "task": task, "optimizer": training.optimizer,
+                           "scheduler": training.scheduler, "scaler": None, "step": training.step,
+                           "rng": training.rng, "extra": training.extra})
+    return Path(path)
+
+
+def write_safetensors(path: str | Path, state: dict[str, torch.Tensor], config: dict[str, Any],
+                      task: dict[str, Any]) -> Path:
+    """The network as safetensors for other tools, with ``config``, ``task`` and ``num_classes`` as JSON in
+    its metadata (what :func:`read_checkpoint` reads back); written atomically. Returns ``path``."""
+    from safetensors.torch import save_file
+
+    metadata = {"config": json.dumps(config), "task": json.dumps(task), "num_classes": str(task["num_classes"])}
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in clean_state_dict(state).items()}, str(tmp), metadata=metadata)
     return Path(path)

@@ -29,11 +29,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import json
-
     from volumefusion import VolumeFusionError
-    from volumefusion.checkpoint import read_checkpoint, save_checkpoint
-    from volumefusion.files import atomic_path, check_writable_file
+    from volumefusion.checkpoint import read_checkpoint, write_safetensors, write_weights
+    from volumefusion.files import check_writable_file
     from volumefusion.nets.weights import model_from_misfm
 
     check_writable_file(args.out, "--out")
@@ -56,14 +54,9 @@ def run(args) -> int:
                                 "missing or mis-shaped; not converted")
     weights = model.state_dict()
     task = {"kind": "pretrain", "num_classes": num_classes, "label_names": None, "preprocessing": {}}
-    save_checkpoint(args.out, {"model": weights, "config": cfg.to_dict(), "task": task,
-                               "step": int(ckpt.payload.get("iteration", 0))})
+    write_weights(args.out, weights, cfg.to_dict(), task, step=ckpt.step or 0)
     print(f"wrote {args.out}")
     if args.safetensors:
-        from safetensors.torch import save_file
-
-        metadata = {"config": json.dumps(cfg.to_dict()), "task": json.dumps(task), "num_classes": str(num_classes)}
-        with atomic_path(args.safetensors) as tmp:
-            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata=metadata)
+        write_safetensors(args.safetensors, weights, cfg.to_dict(), task)
         print(f"wrote {args.safetensors}")
     return 0

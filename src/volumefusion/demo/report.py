@@ -267,8 +267,8 @@ def _predictions_figure(out: Path, data: DemoData, settings: DemoSettings, path:
 
 def _builtin_card(path: Path) -> dict:
     """What the built-in checkpoint says about itself (its ``card``, written with the weights)."""
-    payload = read_checkpoint(path).payload
-    return {"step": payload.get("step"), **(payload.get("card") or {})}
+    ckpt = read_checkpoint(path)
+    return {"step": ckpt.step, **ckpt.card}
 
 
 def _tried() -> list[str]:

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from volumefusion import VolumeFusionError
-from volumefusion.checkpoint import check_finite_weights, clean_state_dict, read_checkpoint, save_checkpoint
+from volumefusion.checkpoint import TrainingState, read_checkpoint, write_training
 from volumefusion.config import Config, OptimConfig, changed_fields
 from volumefusion.data.store import StoreChanged
 from volumefusion.device import autocast, autocast_dtype, resolve_device
@@ -296,32 +296,17 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- checkpoints
 
-    def _payload(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {
-            "model": clean_state_dict(self.model.state_dict()),
-            "config": self.cfg.to_dict(),
-            "task": self.task.checkpoint_info(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": None,  # bf16 needs no loss scaling; kept for the documented layout
-            "step": self.step,
-            "rng": rng,
-            "extra": {"best_score": self.best_score, "world_size": self.dist.world_size, "data": self._data},
-        }
-
     def save(self, name: str) -> Path | None:
         """Write checkpoint ``name``; a VolumeFusionError instead when the weights are not finite."""
         if not self.dist.is_main:
             return None
-        path = self.ckpt_dir / name
-        payload = self._payload()
-        check_finite_weights(payload["model"], f"step {self.step}", action=f"{path} not written; the run diverged "
-                             f"(lower optim.lr, or set optim.grad_clip)")
-        save_checkpoint(path, payload)
-        return path
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        extra = {"best_score": self.best_score, "world_size": self.dist.world_size, "data": self._data}
+        training = TrainingState(self.optimizer.state_dict(), self.scheduler.state_dict(), self.step, rng, extra)
+        return write_training(self.ckpt_dir / name, self.model.state_dict(), self.cfg.to_dict(),
+                              self.task.checkpoint_info(), training)
 
     def _save_numbered(self) -> None:
         if not self.dist.is_main:
@@ -339,8 +324,8 @@ class Trainer:
                 return
             raise VolumeFusionError(f"--resume {path}: checkpoint not found")
         ckpt = read_checkpoint(path)
-        state = ckpt.payload
-        if ckpt.layout != "volumefusion" or not ckpt.config or "optimizer" not in state:
+        training = ckpt.training_state()
+        if training is None:
             raise VolumeFusionError(f"--resume {path}: not a checkpoint of a volumefusion run (no config or "
                                     "optimizer state); to start from its weights use finetune --pretrained")
         changes = changed_fields(ckpt.config, self.cfg, ignore=RESUMABLE_CHANGES)
@@ -349,20 +334,20 @@ class Trainer:
                 f"--resume {path}: the settings differ from the run's ({'; '.join(changes)}); resume with "
                 f"the run's own config ({self.out_dir / 'config.yaml'}), or start a new run in another folder. "
                 f"Only these may change on resume: {', '.join(sorted(RESUMABLE_CHANGES))}")
-        saved = state.get("extra", {}).get("data")
+        saved = training.extra.get("data")
         if saved and self._data and saved["sha256"] != self._data["sha256"]:
             raise VolumeFusionError(
                 f"--resume {path}: the run trained on other data ({saved['train']} training and {saved['val']} "
                 f"validation cases; now {self._data['train']} and {self._data['val']}, or other contents); resume "
                 "with the run's own --data and split, or start a new run in another folder")
         self.model.load_state_dict(ckpt.state)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        self.best_score = state.get("extra", {}).get("best_score")
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.optimizer.load_state_dict(training.optimizer)
+        self.scheduler.load_state_dict(training.scheduler)
+        self.step = training.step
+        self.best_score = training.extra.get("best_score")
+        torch.set_rng_state(training.rng["torch"])
+        if "cuda" in training.rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(training.rng["cuda"])
         log.info("resumed from %s at step %d", path, self.step)
 
     # ---------------------------------------------------------------------------------------- loop
