@@ -6,10 +6,10 @@
 set -euo pipefail
 steps=("${@:-1000 3000}")
 steps=(${steps[*]})
-common=(--data dev/Task01_Phantom --out probes/dev -c dev/recipe.yaml --split dev/split.json --steps 1200
+common=(--data dev/Task01_Phantom --out probes/dev600 -c dev/recipe.yaml --split dev/split.json --steps 600
         --labelled 1 --seeds 101 102 --device cpu)
 export OMP_NUM_THREADS=1
-volumefusion probe builtin:demo "${common[@]}" --finetune
+volumefusion probe builtin:demo "${common[@]}"
 for step in "${steps[@]}"; do
   files=()
   for run in grid boxes grid_adamw grid_swap; do

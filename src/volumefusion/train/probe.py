@@ -15,7 +15,7 @@ Layout of ``out``::
 
     store/                      the labelled dataset, prepared once (when given as a raw folder)
     splits/seed<k>.json         the training and held-out cases of seed k
-    recipe.json                 the fine-tuning config files and the overrides of each arm
+    recipe.json                 what defines the runs (resolved recipe, split): another recipe is refused
     random/seed<k>.pt           the random encoder of seed k (one per architecture)
     runs/<name>/<arm>/seed<k>/  one fine-tuning run (its metrics.jsonl, result.json)
     probe.json, probe.md        every run and the paired comparisons
@@ -187,6 +187,21 @@ def _random_start(cfg: Config, task: dict, seed: int, path: Path) -> Path:
     return path
 
 
+def _claim(out: Path, defines: dict, record: dict) -> None:
+    """Keep finished runs only for the same probe: ``out/recipe.json`` records what ``defines`` the runs
+    (the resolved recipe, the split, the labelled count); another recipe into the same folder is an error
+    rather than a table that mixes runs of two budgets."""
+    path = out / "recipe.json"
+    if path.is_file():
+        saved = json.loads(path.read_text()).get("defines")
+        if saved != json.loads(json.dumps(defines)):
+            changed = sorted(k for k in defines if json.dumps(saved.get(k) if saved else None, sort_keys=True)
+                             != json.dumps(defines[k], sort_keys=True))
+            raise VolumeFusionError(f"--out {out}: holds a probe with another {' and '.join(changed) or 'recipe'} "
+                                    "(its runs would be mixed with these); choose another folder")
+    atomic_write_text(path, json.dumps({"defines": defines, **record}, indent=1) + "\n")
+
+
 def _write_split(train: list[str], val: list[str], labelled: int | None, seed: int, path: Path) -> Path:
     if labelled:
         if labelled > len(train):
@@ -269,15 +284,14 @@ def _probe(named: dict[str, str | Path], data: str | Path, out: Path, config: li
     store = segmentation_store(data, out, first.preprocessing, recipe.data.workers)
     train, val = split_cases(store.ids, recipe.finetune.num_folds, recipe.finetune.fold,
                              str(split_file) if split_file else recipe.finetune.split_file)
-    out.mkdir(parents=True, exist_ok=True)
-    splits = {s: _write_split(train, val, labelled, s, out / "splits" / f"seed{s}.json") for s in seeds}
     recipes = {}
     for arm in ARMS:
         held = recipe.run.max_steps if arm in ("probe", "random") else 0
         recipes[arm] = (*overrides, f"finetune.freeze_encoder_steps={held}",
                         f"run.checkpoint_every={recipe.run.max_steps}", "run.keep_last=0", "run.image_every=1000000000")
-    atomic_write_text(out / "recipe.json", json.dumps({"config": [str(c) for c in config], "overrides": recipes},
-                                                      indent=1) + "\n")
+    _claim(out, {"recipe": recipe.to_dict(), "train": sorted(train), "val": sorted(val), "labelled": labelled},
+           {"config": [str(c) for c in config], "overrides": recipes})
+    splits = {s: _write_split(train, val, labelled, s, out / "splits" / f"seed{s}.json") for s in seeds}
 
     arms = ("probe", "random", "finetune", "scratch") if finetune_too else ("probe", "random")
     jobs = {}
