@@ -57,6 +57,9 @@ def test_probe_keeps_finished_runs_and_shares_the_random_arm(supervised, phantom
     assert len(list((tmp_path / "runs").glob("*/random/seed0"))) == 1
     assert second.scores("a", "probe") == first.scores("a", "probe")
     assert second.scores("b", "random") == second.scores("a", "random")
+    with pytest.raises(VolumeFusionError, match="holds a probe with another recipe"):  # a longer budget
+        probe({"a": supervised}, phantom_dataset, tmp_path, overrides=[*RECIPE, "run.max_steps=3"], seeds=[0],
+              device="cpu", workers=1)
 
 
 def test_probe_refuses_two_checkpoints_of_one_name(supervised, phantom_dataset, tmp_path):
