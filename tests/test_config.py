@@ -178,3 +178,33 @@ def test_another_commands_settings_file_is_recognised_by_its_content_wherever_it
     own = tmp_path / "run.yaml"  # a run config may name its command too
     own.write_text("# `volumefusion pretrain` on my scans\noptim: {lr: 0.5}\n")
     assert config.load(own).optim.lr == 0.5
+
+
+@pytest.mark.parametrize("override", ["optim.lr=nan", "optim.lr=.inf", "data.pad_value=nan",
+                                      "data.hu_window=[nan,1000]", "optim.grad_clip=nan", "optim.gamma=inf", "optim.weight_decay=-.inf",
+                                      "finetune.foreground_ratio=nan", "fusion.box_size_max=[nan,80,80]",
+                                      "run.max_steps=.inf"])
+def test_settings_take_finite_numbers_only(override):
+    with pytest.raises(config.ConfigError) as error:
+        config.load(overrides=[override])
+    assert str(error.value).startswith(override.split("=")[0]), str(error.value)
+
+
+def test_a_file_reads_numbers_as_set_does_and_refuses_a_key_given_twice(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("optim:\n  lr: 1e-3\n  weight_decay: 2E-5\n")
+    cfg = config.load([good])
+    assert cfg.optim.lr == config.load(overrides=["optim.lr=1e-3"]).optim.lr == 1e-3 and cfg.optim.weight_decay == 2e-5
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("optim:\n  lr: 1e-3\nrun:\n  max_steps: 5\noptim:\n  weight_decay: 0\n")
+    with pytest.raises(config.ConfigError, match=r"twice.yaml is not valid YAML: 'optim' is given twice"):
+        config.load([twice])
+
+
+def test_a_config_that_is_not_a_text_file_is_one_clear_line(tmp_path):
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"\x80\x04\x95" + bytes(range(256)))
+    with pytest.raises(config.ConfigError, match="is not UTF-8 text"):
+        config.load([binary])
+    with pytest.raises(config.ConfigError, match="is a folder; give a YAML file"):
+        config.load([tmp_path])

@@ -85,3 +85,12 @@ def test_a_pretraining_probes_its_checkpoints(phantom_store, phantom_dataset, tm
 def test_probe_every_without_data_is_refused_before_any_work():
     with pytest.raises(config.ConfigError, match="probe.data"):
         config.load(overrides=["probe.every=100"])
+
+
+def test_probe_help_says_what_it_compares_and_where_the_table_goes(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["probe", "--help"])
+    text = capsys.readouterr().out
+    assert done.value.code == 0
+    for phrase in ("randomly initialised encoder", "--labelled", "--finetune", "OUT/probe.md", "Wilcoxon"):
+        assert phrase in " ".join(text.split()), phrase

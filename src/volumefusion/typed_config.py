@@ -14,6 +14,7 @@ reads as ``[6]``, so files and checkpoints written before a field took a list st
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -69,12 +70,16 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
             return value
         raise ConfigError(f"{name}: expected true or false, got {value!r}")
     if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or int(value) != value:
             raise ConfigError(f"{name}: expected an integer, got {value!r}")
         return int(value)
     if annotation is float:
+        value = _number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: {value!r} is not a finite number")
         return float(value)
     if origin is dict:
         if not isinstance(value, dict):
@@ -85,6 +90,17 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return value
     raise TypeError(f"unsupported annotation {annotation!r} for {name}")
+
+
+def _number(value: Any) -> Any:
+    """``value``, or the float a string spells (YAML 1.1 reads ``1e-3``, without a dot, as a string):
+    numbers read the same from a file and from ``--set``."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _check_field(f: dataclasses.Field, value: Any, name: str) -> None:
@@ -153,12 +169,7 @@ def parse_override(text: str) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from None
-    if isinstance(value, str):
-        # YAML reads 3e-4 as a string (no dot); accept the usual float spellings.
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    value = _number(value)
     out: dict[str, Any] = {}
     node = out
     parts = key.strip().split(".")
@@ -180,19 +191,39 @@ def resolve_path(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a YAML file (or a preset: {', '.join(presets())})")
     preset = PRESETS / f"{path.name.removesuffix('.yaml')}.yaml"
     if preset.is_file() and path.parent.name in ("", "configs"):
         return preset
     raise ConfigError(f"config file {path} does not exist (bundled presets: {', '.join(presets())})")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """The mapping a YAML settings file holds (empty for an empty file); ConfigError naming the file
-    for invalid YAML or anything but a mapping."""
+    for unreadable or invalid YAML, a key given twice, or anything but a mapping."""
     try:
-        content = yaml.safe_load(path.read_text())
+        content = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a safe loader
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}): is it a config file?") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if content is not None and not isinstance(content, dict):
         raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(content).__name__}")
     return content or {}

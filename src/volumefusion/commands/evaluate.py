@@ -58,8 +58,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    if args.tolerance < 0:
-        raise VolumeFusionError(f"--tolerance {args.tolerance}: must be >= 0 mm")
+    if not args.tolerance >= 0 or args.tolerance == float("inf"):  # NaN fails every comparison
+        raise VolumeFusionError(f"--tolerance {args.tolerance}: must be a finite number >= 0 mm")
     if args.workers < 1:
         raise VolumeFusionError(f"--workers {args.workers}: must be >= 1")
     from volumefusion.evaluate import evaluate_folders, read_label_names

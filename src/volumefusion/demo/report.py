@@ -23,15 +23,13 @@ from volumefusion.checkpoint import read_checkpoint
 from volumefusion.config import to_dict
 from volumefusion.demo.data import DemoData
 from volumefusion.demo.results import GateResult, PretrainResult, RunResult
-from volumefusion.demo.settings import ARM_TEXT, ARMS, DemoSettings
+from volumefusion.demo.settings import ARMS, DemoSettings
 from volumefusion.files import atomic_write_text
 from volumefusion.io import read_image
 from volumefusion.processes import cpu_count
 from volumefusion.stats import compare_paired
 from volumefusion.viz import label_overlay, save_band_curves, save_curves, save_montage
 
-BASELINE = {arm: "scratch" for arm in ARMS if arm not in ("scratch", "probe_random")}
-BASELINE["probe_builtin"] = "probe_random"
 """The arm each arm is compared with, seed by seed (no entry for the baselines themselves)."""
 
 READOUT = {"final": "mean_dice", "early": "early_mean_dice"}
@@ -68,9 +66,9 @@ def summarise(settings: DemoSettings, runs: list[RunResult]) -> dict:
                 "mean_dice": {a: float(np.mean(by_seed[a])) for a in arms},
                 "sd_dice": {a: float(np.std(by_seed[a], ddof=1)) if len(seeds) > 1 else None for a in arms},
                 "seed_mean_dice": {a: dict(zip(map(str, seeds), by_seed[a])) for a in arms},
-                "comparisons": {f"{a} - {BASELINE[a]}": compare_paired(
-                    by_seed[BASELINE[a]], by_seed[a], alternative=proto.alternative, resamples=proto.bootstrap,
-                    seed=proto.bootstrap_seed).to_dict() for a in arms if BASELINE.get(a) in arms},
+                "comparisons": {f"{a} - {ARMS[a].baseline}": compare_paired(
+                    by_seed[ARMS[a].baseline], by_seed[a], alternative=proto.alternative, resamples=proto.bootstrap,
+                    seed=proto.bootstrap_seed).to_dict() for a in arms if ARMS[a].baseline in arms},
             }
         organs = list(per[seeds[0], arms[0]].organ_dice)
         regime["organ_dice"] = {a: {o: float(np.mean([per[s, a].organ_dice[o] for s in seeds])) for o in organs}
@@ -122,7 +120,7 @@ def _verdict(settings: DemoSettings, primary: dict) -> str:
 
 def _comparison_row(name: str, c: dict, means: dict) -> str:
     a, b = name.split(" - ")
-    return (f"| {ARM_TEXT[a]} vs {ARM_TEXT[b]} | {_f3(means[a])} | {_f3(means[b])} | {c['mean_difference']:+.3f} | "
+    return (f"| {ARMS[a].text} vs {ARMS[b].text} | {_f3(means[a])} | {_f3(means[b])} | {c['mean_difference']:+.3f} | "
             f"{c['ci_low']:+.3f} to {c['ci_high']:+.3f} | {_p(c['p_value'])} | {c['wins']} of {c['n']} |")
 
 
@@ -197,7 +195,7 @@ def _regime_tables(n: str, regime: dict) -> list[str]:
     arms, final = regime["arms"], regime["final"]
     m, sd = final["mean_dice"], final["sd_dice"]
     lines = [f"### {_plural(n, 'training phantom')}", "",
-             "| organ | " + " | ".join(ARM_TEXT[a] for a in arms) + " |", "| --- |" + " ---: |" * len(arms)]
+             "| organ | " + " | ".join(ARMS[a].text for a in arms) + " |", "| --- |" + " ---: |" * len(arms)]
     for organ in regime["organ_dice"][arms[0]]:
         lines.append(f"| {organ} | " + " | ".join(_f3(regime["organ_dice"][a][organ]) for a in arms) + " |")
     lines.append("| **mean** | " + " | ".join(f"**{_f3(m[a])}**" + (f" ± {sd[a]:.3f}" if sd[a] is not None else "")
@@ -223,7 +221,7 @@ def _curves_figure(settings: DemoSettings, runs: list[RunResult], path: Path) ->
             if curves:
                 length = min(len(c) for c in curves)
                 steps = [s for s, _ in curves[0][:length]]
-                group[ARM_TEXT[arm]] = (steps, np.array([[v for _, v in c[:length]] for c in curves]))
+                group[ARMS[arm].text] = (steps, np.array([[v for _, v in c[:length]] for c in curves]))
         panels[_plural(n)] = group
     return save_band_curves(path, panels, ylabel="validation mean Dice",
                             title="fine-tuning: mean over seeds, band = min to max")
@@ -245,7 +243,7 @@ def _predictions_figure(out: Path, data: DemoData, settings: DemoSettings, path:
     seed, n = settings.protocol.seeds[0], settings.protocol.primary
     arms = [a for a in ARMS if a in settings.protocol.arms]
     cases = sorted(p.name for p in data.test_labels.glob("*.nii.gz"))[:2]
-    rows: dict[str, list] = {"image": [], "truth": [], **{ARM_TEXT[a]: [] for a in arms}}
+    rows: dict[str, list] = {"image": [], "truth": [], **{ARMS[a].text: [] for a in arms}}
     columns = []
     for case in cases:
         image, _ = read_image(data.test_images / case)
@@ -258,7 +256,7 @@ def _predictions_figure(out: Path, data: DemoData, settings: DemoSettings, path:
             rows["image"].append(np.clip((image[z] + 200) / 500, 0, 1))
             rows["truth"].append(label_overlay(image[z], truth[z], 0.5, (-200, 300)))
             for a in arms:
-                rows[ARM_TEXT[a]].append(label_overlay(image[z], preds[a][z], 0.5, (-200, 300)))
+                rows[ARMS[a].text].append(label_overlay(image[z], preds[a][z], 0.5, (-200, 300)))
     names = [data.label_names.get(i, str(i)) for i in range(max(data.label_names) + 1)]
     return save_montage(path, [(k, v, "image") for k, v in rows.items()], col_titles=columns, window=(0, 1),
                         label_names=names, cell=1.9,
@@ -351,8 +349,8 @@ def write_report(out: Path, settings: DemoSettings, data: DemoData, gate: GateRe
     lines += [
         "## Protocol (fixed in the demo settings before any result)",
         "",
-        f"- Arms ({_plural(proto.primary)}): {', '.join(ARM_TEXT[a] for a in proto.arms)}; other regimes: "
-        f"{', '.join(ARM_TEXT[a] for a in proto.other_arms)}. Within a regime and seed every arm sees the same "
+        f"- Arms ({_plural(proto.primary)}): {', '.join(ARMS[a].text for a in proto.arms)}; other regimes: "
+        f"{', '.join(ARMS[a].text for a in proto.other_arms)}. Within a regime and seed every arm sees the same "
         "labelled phantoms, seed, data order and augmentation; they differ in their starting weights and "
         "recipe (scratch or pretrained).",
         f"- Regimes: {', '.join(map(str, proto.labelled))} labelled training phantom(s) of {p.train}; which "

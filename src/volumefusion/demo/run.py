@@ -31,7 +31,7 @@ from volumefusion.config import Config, load, save, to_dict
 from volumefusion.demo.data import DemoData, make_data
 from volumefusion.demo.report import write_report
 from volumefusion.demo.results import DemoResult, GateResult, PretrainResult, RunResult
-from volumefusion.demo.settings import PROBE_ARMS, DemoSettings, load_settings
+from volumefusion.demo.settings import ARMS, DemoSettings, load_settings
 from volumefusion.device import resolve_device
 from volumefusion.evaluate import evaluate_folders
 from volumefusion.files import FOLDER_LOCK, atomic_write_text, check_writable_folder, folder_lock
@@ -243,8 +243,8 @@ def write_configs(settings: DemoSettings, folder: Path) -> dict[str, Path]:
     readout."""
     early = early_step(settings.finetune_run_config(), settings.protocol.early_fraction)
     paths = {}
-    for name, arm in (("scratch", "scratch"), ("pretrained", "builtin"), ("probe", "probe_builtin")):
-        cfg = settings.finetune_run_config(arm)
+    for name in ("scratch", "pretrained", "probe"):
+        cfg = settings.finetune_run_config(next(a.name for a in ARMS.values() if a.recipe == name))
         cfg.run.checkpoint_every, cfg.run.keep_last = early, cfg.run.max_steps // early + 1
         paths[name] = folder / f"finetune_{name}.yaml"
         save(cfg, paths[name])
@@ -264,11 +264,11 @@ def make_jobs(settings: DemoSettings, data: DemoData, out: Path, configs: dict[s
     for n in proto.labelled:
         for seed in proto.seeds:
             for arm in proto.arms if n == proto.primary else proto.other_arms:
-                recipe = "scratch" if arm == "scratch" else "probe" if arm in PROBE_ARMS else "pretrained"
+                a = ARMS[arm]
                 jobs.append(FinetuneJob(seed, arm, n, out / "runs" / f"{n}labelled" / f"seed{seed}" / arm,
-                                        configs[recipe], data.split(n, seed), data.dataset, starts.get(arm),
-                                        data.test_images, data.test_labels, data.label_names, device, early,
-                                        arm if arm in ("live", "control") else None))
+                                        configs[a.recipe], data.split(n, seed), data.dataset,
+                                        starts[a.start] if a.start else None, data.test_images, data.test_labels,
+                                        data.label_names, device, early, a.stage))
     return jobs
 
 
@@ -333,11 +333,12 @@ def _run_demo(settings: DemoSettings, out: Path, builtin: Path, quick: bool, dev
     resumed = claim_folder(out, settings)
     proto = settings.protocol
     arms = set(proto.arms) | (set(proto.other_arms) if len(proto.labelled) > 1 else set())
+    needed = {ARMS[a].stage for a in arms} - {None}  # pretraining stages some arm starts from
     pretrain_cfg, finetune_cfg = settings.pretrain_run_config(), settings.finetune_run_config()
     control_cfg = settings.control_run_config()
     configs = write_configs(settings, out / "configs")
-    stage_steps = ((pretrain_cfg.run.max_steps if "live" in arms else 0)
-                   + (control_cfg.run.max_steps if "control" in arms else 0))
+    stage_steps = ((pretrain_cfg.run.max_steps if "live" in needed else 0)
+                   + (control_cfg.run.max_steps if "control" in needed else 0))
     n_jobs = sum(len(proto.arms if n == proto.primary else proto.other_arms) for n in proto.labelled) \
         * len(proto.seeds)
     n_workers, threads = plan_workers(device, workers, n_jobs + 1)
@@ -354,7 +355,7 @@ def _run_demo(settings: DemoSettings, out: Path, builtin: Path, quick: bool, dev
              n_jobs, finetune_cfg.run.max_steps, stage_steps, n_workers, expected / 60, per_step)
     progress = _Progress(n_jobs, expected)
     try:
-        data = make_data(settings, out / "data", with_pool="live" in arms)
+        data = make_data(settings, out / "data", with_pool="live" in needed)
         log.info("[demo %5.0f s] data: %d labelled training, %d validation, %d test, %d control and %d gate "
                  "phantoms%s", progress.elapsed(), settings.phantoms.train, settings.phantoms.val,
                  settings.phantoms.test, settings.phantoms.control, settings.phantoms.gate,
@@ -365,14 +366,13 @@ def _run_demo(settings: DemoSettings, out: Path, builtin: Path, quick: bool, dev
                  proto.builtin, gate.mean, ", ".join(f"{k} {v:.2f}" for k, v in gate.levels.items()),
                  "passed" if gate.passed else "NOT passed")
         stage_dirs = {"live": out / "runs" / "pretrain", "control": out / "runs" / "control"}
-        starts = {"builtin": builtin, "probe_builtin": builtin,
-                  "probe_random": write_random_encoder(builtin, out / "data" / "random_encoder.pt"),
+        starts = {"builtin": builtin, "random": write_random_encoder(builtin, out / "data" / "random_encoder.pt"),
                   **{k: d / "checkpoints" / "latest.pt" for k, d in stage_dirs.items()}}
         stages = {}
-        if "live" in arms:
+        if "live" in needed:
             stages["live"] = (run_pretraining, (configs["pretrain"], (f"run.device={device}",), data.pool_store,
                                                 stage_dirs["live"]))
-        if "control" in arms:
+        if "control" in needed:
             stages["control"] = (run_control, (configs["control"], (f"run.device={device}",),
                                                data.control_dataset, data.control_split, stage_dirs["control"]))
         jobs = make_jobs(settings, data, out, configs, starts, device)

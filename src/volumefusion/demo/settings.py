@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from volumefusion.config import (
     Config,
     ConfigError,
@@ -31,6 +29,7 @@ from volumefusion.config import (
     from_dict,
     load,
     merge,
+    read_yaml,
     resolve_path,
     setting,
     to_dict,
@@ -39,24 +38,37 @@ from volumefusion.config import (
 DEFAULT_SETTINGS = "demo"
 """The bundled preset ``volumefusion/configs/demo.yaml``."""
 
-ARMS = ("scratch", "builtin", "live", "control", "probe_builtin", "probe_random")
-"""Fine-tuning arms, by their starting weights:
+@dataclass(frozen=True)
+class Arm:
+    """One fine-tuning arm of the demo: what its runs start from and how they are read.
 
-* ``scratch``: random initialisation;
-* ``builtin``: the built-in Volume Fusion weights;
-* ``live``: weights pretrained with Volume Fusion by the demo itself (a short run);
-* ``control``: the positive control, weights pretrained *with labels* on other phantoms: does this
-  set-up detect transfer at all?
-* ``probe_builtin`` / ``probe_random``: the built-in encoder, or a randomly initialised one, held
-  still for the whole run while the decoder learns: does the pretraining learn features at all?
-"""
+    ``recipe``: the settings section of its fine-tuning runs (``scratch``, ``pretrained``, or ``probe``:
+    the encoder held still for the whole run); ``start``: its starting weights (None: random
+    initialisation; ``builtin``, ``random`` (a randomly initialised encoder to hold), or the result of
+    a pretraining ``stage``); ``stage``: the demo's pretraining stage that must finish first;
+    ``baseline``: the arm it is compared with, seed by seed.
+    """
 
-ARM_TEXT = {"scratch": "from scratch", "builtin": "built-in weights", "live": "live pretraining",
-            "control": "positive control", "probe_builtin": "probe: built-in encoder",
-            "probe_random": "probe: random encoder"}
+    name: str
+    text: str
+    recipe: str
+    start: str | None = None
+    stage: str | None = None
+    baseline: str | None = "scratch"
 
-PRETRAINED_ARMS = ("builtin", "live", "control")
-PROBE_ARMS = ("probe_builtin", "probe_random")
+
+ARMS: dict[str, Arm] = {a.name: a for a in (
+    Arm("scratch", "from scratch", "scratch", baseline=None),
+    Arm("builtin", "built-in weights", "pretrained", start="builtin"),
+    # weights pretrained with Volume Fusion by the demo itself (a short run)
+    Arm("live", "live pretraining", "pretrained", start="live", stage="live"),
+    # the positive control: pretrained *with labels* on other phantoms: does the set-up detect transfer?
+    Arm("control", "positive control", "pretrained", start="control", stage="control"),
+    # the built-in encoder, or a random one, held still while the decoder learns: are its features any use?
+    Arm("probe_builtin", "probe: built-in encoder", "probe", start="builtin", baseline="probe_random"),
+    Arm("probe_random", "probe: random encoder", "probe", start="random", baseline=None),
+)}
+"""The demo's arms by name; the run, the schedule and the report loop over this table."""
 
 SEED_BASE = {"pool": 1000, "train": 2000, "val": 2500, "test": 3000, "control": 4000, "gate": 9000}
 """Phantom seeds of each role start here (plus ``phantoms.seed_offset``), so no phantom has two
@@ -89,8 +101,9 @@ class ProtocolSettings:
                                      "the seed also chooses which phantoms are labelled", min=0)
     labelled: tuple[int, ...] = setting((1, 2, 8), "label regimes: labelled training phantoms per run", min=1)
     arms: tuple[str, ...] = setting(("scratch", "builtin", "control", "probe_builtin", "probe_random"),
-                                    "arms run in the primary regime", choices=ARMS)
-    other_arms: tuple[str, ...] = setting(("scratch", "builtin"), "arms run in the other regimes", choices=ARMS)
+                                    "arms run in the primary regime", choices=tuple(ARMS))
+    other_arms: tuple[str, ...] = setting(("scratch", "builtin"), "arms run in the other regimes",
+                                          choices=tuple(ARMS))
     builtin: str = setting("builtin:demo", "weights of the 'builtin' arm (a checkpoint or builtin:NAME)")
     primary: int = setting(1, "the regime (labelled phantoms) of the pre-registered test")
     alternative: str = setting("greater", "Wilcoxon signed-rank test of builtin - scratch mean Dice: greater "
@@ -133,7 +146,7 @@ class DemoSettings:
 
     def finetune_run_config(self, arm: str = "scratch") -> Config:
         """The resolved config of the fine-tuning runs of ``arm`` (seed and split are set per run)."""
-        return from_dict(self._sections()[_section(arm)])
+        return from_dict(self._sections()[ARMS[arm].recipe])
 
     def control_run_config(self) -> Config:
         """The resolved config of the positive control's supervised pretraining."""
@@ -161,10 +174,6 @@ class DemoSettings:
                 raise ConfigError(f"{section}.{exc}") from None
 
 
-def _section(arm: str) -> str:
-    return "scratch" if arm == "scratch" else "probe" if arm in PROBE_ARMS else "pretrained"
-
-
 def load_settings(path: str | Path | None = None, quick: bool = False,
                   seeds: list[int] | None = None) -> DemoSettings:
     """The demo settings from ``path`` (default :data:`DEFAULT_SETTINGS`), with the ``quick`` section
@@ -174,12 +183,7 @@ def load_settings(path: str | Path | None = None, quick: bool = False,
     demo could not run with, including invalid run configs.
     """
     path = resolve_path(path or DEFAULT_SETTINGS)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    data = read_yaml(path)
     quick_part = data.pop("quick", None) or {}
     if quick:
         data = merge(data, quick_part)
