@@ -180,10 +180,10 @@ def test_another_commands_settings_file_is_recognised_by_its_content_wherever_it
     assert config.load(own).optim.lr == 0.5
 
 
-@pytest.mark.parametrize("override", ["optim.lr=nan", "optim.lr=.inf", "data.pad_value=nan",
-                                      "data.hu_window=[nan,1000]", "optim.grad_clip=nan", "optim.gamma=inf", "optim.weight_decay=-.inf",
-                                      "finetune.foreground_ratio=nan", "fusion.box_size_max=[nan,80,80]",
-                                      "run.max_steps=.inf"])
+@pytest.mark.parametrize("override", [
+    "optim.lr=nan", "optim.lr=.inf", "data.pad_value=nan", "data.hu_window=[nan,1000]", "optim.grad_clip=nan",
+    "optim.gamma=inf", "optim.weight_decay=-.inf", "finetune.foreground_ratio=nan", "fusion.box_size_max=[nan,80,80]",
+    "run.max_steps=.inf"])
 def test_settings_take_finite_numbers_only(override):
     with pytest.raises(config.ConfigError) as error:
         config.load(overrides=[override])
