@@ -607,3 +607,13 @@ def test_prepare_refuses_a_voxel_size_that_is_not_a_positive_finite_number(tmp_p
     assert not (tmp_path / "store").exists()
     with pytest.raises(VolumeFusionError, match="positive, finite"):
         PrepareSettings(spacing_zyx=(float(value) if value != "abc" else float("nan"), 1.0, 1.0))
+
+
+def test_predict_takes_the_overlaps_a_config_takes(tmp_path, capsys):
+    from volumefusion.config import MAX_OVERLAP
+
+    assert main(["predict", "-m", "builtin:demo", "-i", str(tmp_path), "-o", str(tmp_path / "o"), "--overlap",
+                 "0.96"]) == 2
+    assert f"must be in [0, {MAX_OVERLAP}], as finetune.overlap" in capsys.readouterr().err
+    with pytest.raises(config.ConfigError, match="finetune.overlap"):
+        config.load(overrides=["finetune.overlap=0.96"])

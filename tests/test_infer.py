@@ -64,6 +64,10 @@ def test_window_starts_cover_the_axis_evenly_with_the_requested_overlap():
     assert window_starts(64, 32, 0.0) == [0, 32]
 
 
+def test_an_overlap_near_one_gives_each_position_once():
+    assert window_starts(48, 32, 0.9999) == list(range(17))  # not 5,002 windows on 17 positions
+
+
 def test_importance_map_is_a_gaussian_with_sigma_one_eighth_of_the_patch():
     patch = (9, 17, 33)
     g = importance_map(patch, torch.device("cpu"))

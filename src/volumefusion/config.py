@@ -44,6 +44,9 @@ __all__ = [
 
 _f = setting  # the short name keeps the field tables below readable
 
+MAX_OVERLAP = 0.95
+"""Largest sliding-window overlap a config or ``predict --overlap`` takes."""
+
 
 @dataclass
 class DataConfig:
@@ -159,7 +162,7 @@ class FinetuneConfig:
     mirror_axes: tuple[int, ...] = _f(
         (0, 1, 2), "axes (0 z, 1 y, 2 x) that augmentation and `predict --tta` mirror; [0, 1] keeps left and "
         "right apart (left/right organ labels)", min=0, max=2)
-    overlap: float = _f(0.5, "sliding-window overlap for validation and prediction", min=0, max=0.95)
+    overlap: float = _f(0.5, "sliding-window overlap for validation and prediction", min=0, max=MAX_OVERLAP)
     window_batch: int = _f(4, "windows per forward pass in sliding-window inference", min=1)
     partial_load: tuple[str, ...] = _f(
         (), "pretrained tensors (names or module paths, e.g. stem.proj) allowed to start untrained when the "

@@ -58,11 +58,12 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
     """First index of each window along one axis of ``size`` voxels (``size >= patch``).
 
     Windows are spaced at most ``patch * (1 - overlap)`` apart, evenly, the first at 0 and the
-    last ending at ``size``.
+    last ending at ``size``; never more windows than there are distinct positions (an overlap close
+    to 1 would otherwise ask for thousands of windows, most of them the same).
     """
     if size <= patch:
         return [0]
-    count = math.ceil((size - patch) / (patch * (1.0 - overlap))) + 1
+    count = min(math.ceil((size - patch) / (patch * (1.0 - overlap))) + 1, size - patch + 1)
     step = (size - patch) / (count - 1)
     return [round(i * step) for i in range(count)]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from volumefusion import VolumeFusionError
+from volumefusion.config import MAX_OVERLAP
 
 EPILOG = """\
 outputs (in OUT_DIR):
@@ -41,7 +42,7 @@ def register(sub) -> None:
                         "folders (folder::SERIES_UID picks one series), globs or .txt/.csv lists")
     p.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="output folder")
     p.add_argument("--overlap", type=float, default=None,
-                   help="share of a window overlapping its neighbour, [0, 1) (default: the checkpoint's "
+                   help="share of a window overlapping its neighbour, [0, 0.95] (default: the checkpoint's "
                         "finetune.overlap, 0.5)")
     p.add_argument("--window-batch", type=int, default=None, metavar="N",
                    help="windows per forward pass (default: the checkpoint's finetune.window_batch, 4)")
@@ -67,8 +68,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from volumefusion.infer import predict_files
 
-    if args.overlap is not None and not 0 <= args.overlap < 1:
-        raise VolumeFusionError(f"--overlap {args.overlap}: must be in [0, 1)")
+    if args.overlap is not None and not 0 <= args.overlap <= MAX_OVERLAP:
+        raise VolumeFusionError(f"--overlap {args.overlap}: must be in [0, {MAX_OVERLAP}], as finetune.overlap")
     if args.window_batch is not None and args.window_batch < 1:
         raise VolumeFusionError(f"--window-batch {args.window_batch}: must be >= 1")
     summary = predict_files(
