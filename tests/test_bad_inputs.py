@@ -617,3 +617,13 @@ def test_predict_takes_the_overlaps_a_config_takes(tmp_path, capsys):
     assert f"must be in [0, {MAX_OVERLAP}], as finetune.overlap" in capsys.readouterr().err
     with pytest.raises(config.ConfigError, match="finetune.overlap"):
         config.load(overrides=["finetune.overlap=0.96"])
+
+
+def test_a_long_valid_file_name_is_prepared_and_predicted(tiny_checkpoint, tmp_path):
+    images = tmp_path / "images"
+    name = "p" * 233 + ".nii.gz"  # 240 bytes: valid, but a temporary name with a prefix and suffix is not
+    write_image(images / name, _ct(0), GEOMETRY)
+    assert main(["-q", "prepare", str(images), "--out", str(tmp_path / "store")]) == 0
+    assert main(["-q", "predict", "-m", str(tiny_checkpoint), "-i", str(images), "-o", str(tmp_path / "preds"),
+                 "--device", "cpu"]) == 0
+    assert [p.name for p in (tmp_path / "preds").iterdir()] == [name]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -25,19 +26,31 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+def short_name(name: str, limit: int = 64) -> str:
+    """``name``, or when longer than ``limit`` bytes its start and 12 hex digits of a hash of the whole:
+    what temporary names built from a file name use, so a valid long name (up to the 255 bytes most
+    file systems allow) never makes an invalid temporary one."""
+    if len(name.encode()) <= limit:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+    return f"{name.encode()[:limit - 13].decode(errors='ignore')}~{digest}"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``, else removed.
 
-    The temporary name keeps the suffixes of ``path`` (``.nii.gz``, ``.npy``) so writers that look
-    at the extension choose the right format.
+    The temporary name keeps the last suffixes of ``path`` (``.nii.gz``, ``.npy``) so writers that look
+    at the extension choose the right format, and stays short however long the name
+    (:func:`short_name`).
     """
     path = Path(path)
     tmp_path = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        suffix = "".join(path.suffixes)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+        suffix = "".join(path.suffixes[-2:])
+        suffix = suffix if len(suffix) <= 16 else path.suffix[:16]
+        fd, tmp = tempfile.mkstemp(prefix=f".{short_name(path.name)}.", suffix=f".tmp{suffix}", dir=path.parent)
         os.close(fd)
         tmp_path = Path(tmp)
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the final file the usual mode

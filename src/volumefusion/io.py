@@ -33,6 +33,7 @@ import numpy as np
 
 from volumefusion import VolumeFusionError, files
 from volumefusion.deprecated import moved
+from volumefusion.files import short_name
 from volumefusion.geometry import Geometry
 
 __all__ = ["IMAGE_SUFFIXES", "SERIES_SEPARATOR", "Geometry", "is_image_file", "read_image", "sniff_image_format",
@@ -396,7 +397,7 @@ def _sitk_write(image, target: Path, path: Path, compress: bool) -> None:
 def _write_detached(path: Path, image, compress: bool) -> None:
     """Header + data file formats: write both in a private folder, move the data file, then the header."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{short_name(path.name)}.", suffix=".tmp", dir=path.parent))
     try:
         _sitk_write(image, staging / path.name, path, compress)
         for item in sorted(staging.iterdir(), key=lambda p: p.name == path.name):

@@ -40,7 +40,7 @@ import numpy as np
 
 from volumefusion import VolumeFusionError
 from volumefusion.data.index import INDEX_FILE, CaseIndex, CaseInfo, file_lock, load_index, update_index
-from volumefusion.files import atomic_path, atomic_write_text
+from volumefusion.files import atomic_path, atomic_write_text, short_name
 from volumefusion.io import is_image_file
 
 FORMAT = "volumefusion-store"
@@ -64,7 +64,7 @@ def _host() -> str:
 def private_folder(store_path: str | Path, case_id: str) -> Path:
     """A new name for the folder a writer fills before moving it to :func:`case_dir`; it names the
     writing process and machine (see :func:`remove_killed_writers_folders`)."""
-    name = f".{case_id}.{os.getpid()}-{_host()}.{secrets.token_hex(6)}.tmp"
+    name = f".{short_name(case_id)}.{os.getpid()}-{_host()}.{secrets.token_hex(6)}.tmp"
     return case_dir(store_path, case_id).parent / name
 
 
