@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -54,3 +55,24 @@ def test_load_model_reads_an_official_misfm_checkpoint():
         outputs = loaded.model(io["input"])
     for a, b in zip(outputs, io["outputs"], strict=True):
         assert (a - b).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize(("call", "phrase"), [
+    (lambda: vf.dice_per_class(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), "liver"), "labels: 'liver'; expected"),
+    (lambda: vf.dice_per_class(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), [1.5]), "whole-number label values"),
+    (lambda: vf.load_config({"optim": {"lr": 1e-3}}), "config_files: a dict; expected a path"),
+    (lambda: vf.load_config(["finetune", 3]), "config_files: holds a int (3)"),
+    (lambda: vf.load_predictor("builtin:demo", tta="yes"), "tta: 'yes'; expected True, False or the axes"),
+    (lambda: vf.prepare_collection(["ct/"], "store", settings={"spacing_zyx": (1, 1, 1)}),
+     "settings: a dict; expected PrepareSettings"),
+    (lambda: vf.prepare_collection(None, "store"), "inputs: none given"),
+    (lambda: vf.pretrain(None, "runs/x"), "data: None; expected one path"),
+    (lambda: vf.finetune("data", ["runs/a", "runs/b"]), "out: ['runs/a', 'runs/b']; expected one path"),
+    (lambda: vf.load_model(None), "path: None; expected one path"),
+])
+def test_api_arguments_of_the_wrong_type_are_named(call, phrase, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(VolumeFusionError) as error:
+        call()
+    assert phrase in str(error.value), str(error.value)
+    assert not any(tmp_path.iterdir())  # refused before anything is written

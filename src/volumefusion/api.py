@@ -53,16 +53,34 @@ ConfigSource = str | Path | Sequence[str | Path] | None
 
 
 def _as_list(value, name: str) -> list:
-    """``value`` as a list: one path or string is a list of one (never its letters); None is empty."""
+    """``value`` as a list: one path or string is a list of one (never its letters); None is empty.
+    A mapping, or an item that is not a path or string, is a VolumeFusionError naming ``name``."""
     if value is None:
         return []
     if isinstance(value, (str, Path)):
         return [value]
+    if isinstance(value, Mapping):
+        raise VolumeFusionError(f"{name}: a {type(value).__name__}; expected a path or string, or a list of them "
+                                "(settings as data go in overrides, as 'section.field=value' strings)")
     try:
-        return list(value)
+        items = list(value)
     except TypeError:
         raise VolumeFusionError(f"{name}: a {type(value).__name__}; expected a path or string, or a list of "
                                 "them") from None
+    wrong = [v for v in items if not isinstance(v, (str, Path))]
+    if wrong:
+        raise VolumeFusionError(f"{name}: holds a {type(wrong[0]).__name__} ({wrong[0]!r}); expected paths or strings")
+    return items
+
+
+def _path(value, name: str, optional: bool = False) -> Path | None:
+    """``value`` as one path; VolumeFusionError naming the argument for None (unless ``optional``), a
+    list, or anything else that is not a path or string."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise VolumeFusionError(f"{name}: {value!r}; expected one path (a str or pathlib.Path)")
+    return Path(value)
 
 
 def _numbers(value, name: str, count: int, unit: str) -> tuple[float, ...]:
@@ -100,7 +118,13 @@ def prepare_collection(inputs: str | Path | Sequence[str | Path], out: str | Pat
 
     Example: ``prepare_collection(["ct/"], "store/", PrepareSettings(spacing_zyx=(2.0, 1.0, 1.0)))``.
     """
-    return prepare([str(i) for i in _as_list(inputs, "inputs")], out, settings, workers=workers, label_dir=label_dir,
+    if settings is not None and not isinstance(settings, PrepareSettings):
+        raise VolumeFusionError(f"settings: a {type(settings).__name__}; expected PrepareSettings(...) or None")
+    inputs = _as_list(inputs, "inputs")
+    if not inputs:
+        raise VolumeFusionError("inputs: none given; expected image files, folders or dataset folders")
+    return prepare([str(i) for i in inputs], _path(out, "out"), settings, workers=workers,
+                   label_dir=_path(label_dir, "label_dir", optional=True),
                    label_names=dict(label_names) if label_names is not None else None)
 
 
@@ -116,6 +140,7 @@ def pretrain(data: str | Path, out: str | Path, config_files: ConfigSource = Non
     Example: ``pretrain("store/", "runs/vf", "pretrain_paper", overrides=["run.max_steps=1000"])``.
     """
     cfg = load_config(config_files, overrides)
+    data, out = _path(data, "data"), _path(out, "out")
     return _finished(runs.pretrain(cfg, data, out, resume=resume, on_checkpoint=probe_hook(cfg, out)), out)
 
 
@@ -134,8 +159,9 @@ def finetune(data: str | Path, out: str | Path, pretrained: str | Path | None = 
     Example: ``finetune("Task09_Spleen/", "runs/spleen", "runs/vf/checkpoints/latest.pt")``.
     """
     files = _as_list(config_files, "config_files")
-    return _finished(runs.finetune([str(f) for f in files], _as_list(overrides, "overrides"), data, out, pretrained,
-                                   resume=resume), out)
+    data, out = _path(data, "data"), _path(out, "out")
+    return _finished(runs.finetune([str(f) for f in files], _as_list(overrides, "overrides"), data, out,
+                                   _path(pretrained, "pretrained", optional=True), resume=resume), out)
 
 
 def _finished(result: FitResult, out: str | Path):
@@ -165,9 +191,11 @@ def probe(weights: str | Path | Sequence[str | Path] | Mapping[str, str | Path],
     Example: ``vf.probe("runs/vf/checkpoints/latest.pt", "Task09_Spleen/", "probe", labelled=2).table()``.
     """
     named = weights if isinstance(weights, Mapping) else _as_list(weights, "weights")
-    return probes.probe(named, data, out, config=[str(f) for f in _as_list(config_files, "config_files")],
+    files = [str(f) for f in _as_list(config_files, "config_files")]
+    return probes.probe(named, _path(data, "data"), _path(out, "out"), config=files,
                         overrides=_as_list(overrides, "overrides"), seeds=seeds, labelled=labelled,
-                        split_file=split_file, finetune_too=finetune, device=device, workers=workers)
+                        split_file=_path(split_file, "split_file", optional=True), finetune_too=finetune,
+                        device=device, workers=workers)
 
 
 @dataclass
@@ -188,7 +216,7 @@ def load_model(path: str | Path) -> LoadedModel:
 
     Example: ``net = load_model("pctnet_ct10k_volf.pt").model; logits = net(torch.zeros(1, 1, 32, 64, 64))``.
     """
-    model, cfg, num_classes = model_from_checkpoint(path)
+    model, cfg, num_classes = model_from_checkpoint(_path(path, "path"))
     return LoadedModel(model.eval(), cfg, num_classes)
 
 
@@ -196,7 +224,11 @@ def load_predictor(path: str | Path, device: str | torch.device = "auto", **opti
     """A :class:`Predictor` for a fine-tuned checkpoint (``out/checkpoints/best.pt`` of :func:`finetune`):
     the network plus the preprocessing it was trained with. ``device``: "auto", "cpu", "cuda" or
     "cuda:N"; ``options``: ``patch_size``, ``overlap``, ``window_batch``, ``tta``, ``precision``."""
-    return Predictor.from_checkpoint(path, device, **options)
+    tta = options.get("tta", False)
+    if not isinstance(tta, bool) and not (isinstance(tta, Sequence) and not isinstance(tta, str)
+                                          and all(isinstance(a, int) and not isinstance(a, bool) for a in tta)):
+        raise VolumeFusionError(f"tta: {tta!r}; expected True, False or the axes to mirror (e.g. [0, 1])")
+    return Predictor.from_checkpoint(_path(path, "path"), device, **options)
 
 
 def predict_array(predictor: Predictor, image: np.ndarray, spacing_zyx: Sequence[float], *,
@@ -245,5 +277,16 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray,
 
 
 def _foreground(labels: Mapping[int, str] | Sequence[int]) -> dict[int, str]:
-    names = dict(labels) if isinstance(labels, Mapping) else {int(v): str(v) for v in labels}
+    """``{value: name}`` of the classes to score (0 left out); VolumeFusionError for a string (not its
+    letters) or values that are not whole numbers."""
+    if isinstance(labels, (str, bytes)):
+        raise VolumeFusionError(f"labels: {labels!r}; expected {{value: name}} (e.g. {{1: {labels!r}}}) or a list "
+                                "of label values")
+    try:
+        names = dict(labels) if isinstance(labels, Mapping) else {v: str(v) for v in labels}
+        if any(isinstance(v, bool) or int(v) != v for v in names):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise VolumeFusionError(f"labels: {labels!r}; expected {{value: name}} or a list of whole-number label "
+                                "values") from None
     return {int(v): str(n) for v, n in names.items() if int(v) != 0}
