@@ -627,3 +627,30 @@ def test_a_long_valid_file_name_is_prepared_and_predicted(tiny_checkpoint, tmp_p
     assert main(["-q", "predict", "-m", str(tiny_checkpoint), "-i", str(images), "-o", str(tmp_path / "preds"),
                  "--device", "cpu"]) == 0
     assert [p.name for p in (tmp_path / "preds").iterdir()] == [name]
+
+
+def test_duplicate_label_names_in_a_dataset_are_refused(tmp_path):
+    from volumefusion.data.datasets import read_dataset_description
+
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"labels": {"0": "background", "1": "kidney", "2": "kidney"}}))
+    with pytest.raises(VolumeFusionError, match="labels 1 and 2 are both named 'kidney'"):
+        read_dataset_description(path)
+
+
+def test_show_fusion_writes_only_a_png(tmp_path, capsys):
+    assert main(["show", "fusion", "--out", str(tmp_path / "f.txt")]) == 2
+    assert "the picture is a PNG" in capsys.readouterr().err and not (tmp_path / "f.txt").exists()
+
+
+def test_resume_names_an_intact_checkpoint_and_refuses_a_shorter_run(phantom_store, tmp_path):
+    from volumefusion.train.runs import pretrain
+
+    run = [*TINY_MODEL, "run.val_every=100", "run.checkpoint_every=1", "run.keep_last=5"]
+    pretrain(config.load(overrides=[*run, "run.max_steps=3"]), phantom_store, tmp_path)
+    with pytest.raises(VolumeFusionError, match="at step 3, beyond run.max_steps 2"):
+        pretrain(config.load(overrides=[*run, "run.max_steps=2"]), phantom_store, tmp_path, resume=True)
+    latest = tmp_path / "checkpoints" / "latest.pt"
+    latest.write_bytes(latest.read_bytes()[:500])
+    with pytest.raises(VolumeFusionError, match=r"newest intact checkpoint of this run is .*step_00000003.pt"):
+        pretrain(config.load(overrides=[*run, "run.max_steps=4"]), phantom_store, tmp_path, resume=True)

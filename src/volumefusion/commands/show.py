@@ -112,6 +112,8 @@ def run_fusion(args) -> int:
     fusion = dataclasses.replace(cfg.fusion, mode=args.mode or cfg.fusion.mode)
     if args.samples < 1:
         raise VolumeFusionError(f"--samples {args.samples}: need at least 1")
+    if not args.out.lower().endswith(".png"):
+        raise VolumeFusionError(f"--out {args.out}: the picture is a PNG; name it NAME.png")
     check_writable_file(args.out, "--out")
     volumes = _volumes(args.input)
     smallest = np.min([v[1].shape for v in volumes], axis=0).tolist()

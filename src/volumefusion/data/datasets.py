@@ -209,6 +209,12 @@ def read_dataset_description(path: Path) -> tuple[dict, dict[int, str]]:
                 f"{path}: label {key!r}: {value!r} is neither MSD ('1': 'liver') nor nnU-Net v2 "
                 "('liver': 1); region-based labels are not supported"
             )
+    seen: dict[str, int] = {}
+    for value, name in sorted(names.items()):
+        if name in seen:  # evaluation by name would merge the two classes
+            raise VolumeFusionError(f"{path}: labels {seen[name]} and {value} are both named {name!r}; give each "
+                                    "class its own name")
+        seen[name] = value
     return meta, dict(sorted(names.items()))
 
 

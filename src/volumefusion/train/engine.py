@@ -323,7 +323,10 @@ class Trainer:
                 log.info("no checkpoint at %s: starting from step 0", path)
                 return
             raise VolumeFusionError(f"--resume {path}: checkpoint not found")
-        ckpt = read_checkpoint(path)
+        try:
+            ckpt = read_checkpoint(path)
+        except VolumeFusionError as exc:
+            raise VolumeFusionError(f"{exc}{self._intact_hint(path)}") from None
         training = ckpt.training_state()
         if training is None:
             raise VolumeFusionError(f"--resume {path}: not a checkpoint of a volumefusion run (no config or "
@@ -348,7 +351,23 @@ class Trainer:
         torch.set_rng_state(training.rng["torch"])
         if "cuda" in training.rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(training.rng["cuda"])
-        log.info("resumed from %s at step %d", path, self.step)
+        if self.step > self.cfg.run.max_steps:
+            raise VolumeFusionError(f"--resume {path}: the run is at step {self.step}, beyond run.max_steps "
+                                    f"{self.cfg.run.max_steps}; give a larger --max-steps to train on")
+        log.info("resumed from %s at step %d%s", path, self.step,
+                 " (run.max_steps: nothing left to train)" if self.step == self.cfg.run.max_steps else "")
+
+    def _intact_hint(self, damaged: Path) -> str:
+        """Where to resume from instead of a damaged checkpoint: the newest numbered one that reads."""
+        for numbered in sorted(self.ckpt_dir.glob("step_*.pt"), reverse=True):
+            if numbered == damaged:
+                continue
+            try:
+                read_checkpoint(numbered)
+            except VolumeFusionError:
+                continue
+            return f"; the newest intact checkpoint of this run is {numbered}: --resume {numbered}"
+        return ""
 
     # ---------------------------------------------------------------------------------------- loop
 
