@@ -789,3 +789,32 @@ def test_the_channel_is_part_of_a_cases_record_so_another_channel_is_prepared_ag
     assert cli_main([*args, "--channel", "5"]) == 1
     assert f"FAILED {tmp_path / 'fourd.nii.gz'}: channel 5 out of range; the image has 2 volumes" in \
         capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["truncated array", "deleted array", "damaged record"])
+def test_preparing_again_redoes_a_damaged_case_and_training_names_one_it_cannot_read(tmp_path, damage, capsys):
+    from tests.conftest import TINY_MODEL
+    from volumefusion.data.phantoms import write_phantoms
+    from volumefusion.data.store import Store
+
+    files = write_phantoms(tmp_path / "raw", seeds=[1, 2], shape=(24, 48, 48), with_labels=False)
+    store = tmp_path / "store"
+    assert not prepare([str(f) for f in files], store, PrepareSettings()).failed
+    case = Store.open(store).ids[0]
+    image = store / "arrays" / case / "image.b2nd"
+    whole = image.read_bytes()
+    if damage == "truncated array":
+        image.write_bytes(whole[: len(whole) // 2])
+    elif damage == "deleted array":
+        image.unlink()
+    else:
+        (store / "cases" / f"{case}.json").write_text('{"id": "cut sh')
+    if damage == "truncated array":  # a run on the damaged store names the file in one line
+        assert cli_main(["-q", "pretrain", "--data", str(store), "--out", str(tmp_path / "run"), "--workers", "1",
+                         "--max-steps", "3", *[a for s in TINY_MODEL for a in ("--set", s)]]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"{image}: the stored array cannot be read" in err, err
+    summary = prepare([str(f) for f in files], store, PrepareSettings())
+    assert summary.prepared == [case] and len(summary.skipped) == 1 and not summary.failed
+    reopened = Store.open(store)
+    assert reopened.verify(case) and image.read_bytes() == whole

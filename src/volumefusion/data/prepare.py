@@ -25,6 +25,7 @@ from volumefusion.data.index import update_index
 from volumefusion.data.store import (
     STORE_ENTRIES,
     CaseRecord,
+    case_problem,
     init_store,
     name_found_labels,
     read_record,
@@ -147,7 +148,8 @@ def _plan(record: CaseRecord | None, task: CaseTask, store: str | Path) -> tuple
         return "write", "its label was added or changed"
     if _source_changed(record, task):
         return "write", "source changed since it was prepared"
-    return "skip", ""
+    problem = case_problem(store, record)  # what would be skipped must be whole
+    return ("write", problem) if problem else ("skip", "")
 
 
 def prepare_case(task: CaseTask, store: str | Path, settings: PrepareSettings) -> tuple[bool, list[str]]:

@@ -42,6 +42,9 @@ from volumefusion import VolumeFusionError
 from volumefusion.data.index import INDEX_FILE, CaseIndex, CaseInfo, file_lock, load_index, update_index
 from volumefusion.files import atomic_path, atomic_write_text, short_name
 from volumefusion.io import is_image_file
+from volumefusion.log import get_logger
+
+log = get_logger(__name__)
 
 FORMAT = "volumefusion-store"
 VERSION = 1
@@ -206,7 +209,10 @@ class CaseArray:
             if version is None:
                 raise self._changed(opened=False)
             # One decompression thread: loader parallelism comes from worker processes.
-            self._array = blosc2.open(str(self.path), mode="r", dparams={"nthreads": 1})
+            try:
+                self._array = blosc2.open(str(self.path), mode="r", dparams={"nthreads": 1})
+            except Exception as exc:  # blosc2 raises RuntimeError for a truncated or damaged file
+                raise self._damaged(exc) from None
             self._version = version
         return self._array
 
@@ -222,10 +228,15 @@ class CaseArray:
         array = self._open()
         try:
             return np.asarray(array[key])
-        except Exception:  # blosc2 says "Error while refreshing the array" of a file replaced under it
+        except Exception as exc:  # blosc2 says "Error while refreshing the array" of a file replaced under it
             if self._file_version() != self._version:
                 raise self._changed(opened=True) from None
-            raise
+            raise self._damaged(exc) from None
+
+    def _damaged(self, exc: Exception) -> VolumeFusionError:
+        return VolumeFusionError(f"{self.path}: the stored array cannot be read ({' '.join(str(exc).split())[:120]}): "
+                                 "damaged on disk? Run `volumefusion prepare` again with the same inputs and --out: "
+                                 "it redoes damaged cases")
 
     def read(self) -> np.ndarray:
         """The whole array."""
@@ -360,12 +371,35 @@ def record_path(store_path: str | Path, case_id: str) -> Path:
     return Path(store_path) / "cases" / f"{case_id}.json"
 
 
+def case_problem(store_path: str | Path, record: CaseRecord) -> str | None:
+    """What is wrong with a finished case's stored arrays, found without decompressing them: an array
+    missing, or one that does not open or lacks the record's shape (a truncated file does not open);
+    None when they look whole. ``Store.verify`` compares every byte with the record's checksum."""
+    folder = case_dir(store_path, record.id)
+    for name in ("image.b2nd", "label.b2nd") if record.label_source else ("image.b2nd",):
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        try:
+            shape = CaseArray(path).shape
+        except VolumeFusionError:
+            return f"{path} does not open (truncated or damaged)"
+        if shape != tuple(record.shape):
+            return f"{path} holds {list(shape)} voxels, its record says {list(record.shape)}"
+    return None
+
+
 def read_record(store_path: str | Path, case_id: str) -> CaseRecord | None:
-    """The record of a finished case, or None."""
+    """The record of a finished case; None when there is none, or when it is damaged (not JSON, fields
+    missing): the case then counts as not prepared, so ``prepare`` writes it again."""
     path = record_path(store_path, case_id)
     if not path.exists():
         return None
-    return CaseRecord.from_dict(json.loads(path.read_text()))
+    try:
+        return CaseRecord.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("%s: damaged record (%s); the case counts as not prepared", path, type(exc).__name__)
+        return None
 
 
 def write_case(
@@ -493,8 +527,8 @@ class Store:
         self.rows([case_id])
         record = read_record(self.path, case_id)
         if record is None:
-            raise VolumeFusionError(f"{record_path(self.path, case_id)}: record deleted since the store was "
-                                    "opened; re-run prepare")
+            raise VolumeFusionError(f"{record_path(self.path, case_id)}: record deleted or damaged since the store "
+                                    "was opened; re-run prepare")
         return record
 
     def image(self, case_id: str) -> CaseArray:

@@ -117,6 +117,19 @@ class DistInfo:
                    int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def _next_batch(data: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    """The next batch; a VolumeFusionError raised in a loader worker (a store file it cannot read) comes
+    back with its own one-line message, not wrapped in the worker's traceback as torch re-raises it."""
+    try:
+        return next(data)
+    except VolumeFusionError as exc:
+        text = str(exc)
+        if "Original Traceback" not in text:
+            raise
+        last = text.rstrip().splitlines()[-1]
+        raise type(exc)(last.split(": ", 1)[1] if ": " in last else last) from None
+
+
 def run_device(cfg: Config, local_rank: int = 0) -> torch.device:
     """The device a run trains on (``run.device``), after refusing what cannot run there: ``run.compile``
     on the CPU, where the code torch.compile generates (inductor, torch 2.13.0+cpu) aborts the process
@@ -405,7 +418,7 @@ class Trainer:
             generator = torch.Generator().manual_seed(step_seed(self.cfg.run.seed, self.dist.rank, micro_step))
             if data_error is None:
                 try:
-                    x, y = self.task.make_inputs(next(data), generator, self.device)
+                    x, y = self.task.make_inputs(_next_batch(data), generator, self.device)
                     self._input_like = (x.shape, x.dtype, y.shape, y.dtype)
                 except StoreChanged as exc:
                     if self.dist.world_size == 1 or self._input_like is None:
