@@ -15,7 +15,7 @@ from volumefusion.checkpoint import read_checkpoint, save_checkpoint
 from volumefusion.cli import main
 from volumefusion.infer import Predictor
 from volumefusion.nets import build_model
-from volumefusion.nets.weights import load_pretrained
+from volumefusion.weights import load_pretrained
 
 needs_conformance = pytest.mark.skipif(not (CONFORMANCE / "pctnet_small_misfm.pt").is_file(),
                                        reason="conformance data not present")

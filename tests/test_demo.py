@@ -284,7 +284,7 @@ def test_builtin_weights_load_with_every_encoder_tensor_matched():
 
     from volumefusion.checkpoint import load_checkpoint, resolve_weights
     from volumefusion.nets import build_model
-    from volumefusion.nets.weights import load_pretrained
+    from volumefusion.weights import load_pretrained
 
     path = resolve_weights("builtin:demo")
     assert path.stat().st_size <= 10 * 2**20

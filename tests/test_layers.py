@@ -25,7 +25,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "volumefusion"
 LAYERS = [
     {"volumefusion", "deprecated", "log", "files", "geometry", "io", "processes", "typed_config", "nnunet_plans",
      "stats", "config", "device", "preprocess", "metrics", "augment", "viz"},
-    {"data", "fusion", "nets", "checkpoint"},
+    {"data", "fusion", "nets"},
+    {"checkpoint"},
+    {"weights"},
     {"train", "infer", "evaluate"},
     {"api", "demo", "integrations"},
     {"commands", "cli", "__main__"},

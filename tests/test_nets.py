@@ -19,7 +19,7 @@ from volumefusion.nets.pctnet import (
     relative_position_index,
     shift_mask,
 )
-from volumefusion.nets.weights import load_pretrained
+from volumefusion.weights import load_pretrained
 
 needs_conformance = pytest.mark.skipif(not (CONFORMANCE / "pctnet_small_io.pt").is_file(),
                                        reason="conformance data not present")

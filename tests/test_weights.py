@@ -14,7 +14,7 @@ from volumefusion.cli import main
 from volumefusion.nets import PCTNet, UNet3D, build_model
 from volumefusion.nets.misfm import misfm_num_classes, misfm_shifted_windows, model_config_from_misfm
 from volumefusion.nets.pctnet import reference_windows, relative_position_index
-from volumefusion.nets.weights import adapt_input_conv, load_pretrained
+from volumefusion.weights import adapt_input_conv, load_pretrained
 
 needs_conformance = pytest.mark.skipif(not (CONFORMANCE / "pctnet_full_misfm_shapes.json").is_file(),
                                        reason="conformance data not present")

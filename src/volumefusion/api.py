@@ -34,13 +34,13 @@ from volumefusion.evaluate import evaluate_folders
 from volumefusion.geometry import Geometry
 from volumefusion.infer import Predictor, PredictSummary, predict_files
 from volumefusion.metrics import evaluate_case
-from volumefusion.nets.weights import model_from_checkpoint
 from volumefusion.preprocess import PrepareSettings, check_spacing
 from volumefusion.train import probe as probes
 from volumefusion.train import runs
 from volumefusion.train.engine import FitResult, RunInterrupted
 from volumefusion.train.probe import ProbeResult, probe_hook
 from volumefusion.train.runs import FinetuneResult
+from volumefusion.weights import model_from_checkpoint
 
 __all__ = [
     "Config", "FinetuneResult", "FitResult", "LoadedModel", "PredictSummary", "PrepareSettings", "PrepareSummary",

@@ -40,7 +40,6 @@ from volumefusion.io import IMAGE_SUFFIXES, SERIES_SEPARATOR, read_image, write_
 from volumefusion.log import get_logger
 from volumefusion.log import progress as progress_bar
 from volumefusion.nets import deep_supervision_owner, main_output
-from volumefusion.nets.weights import model_from_checkpoint
 from volumefusion.preprocess import (
     PrepareSettings,
     normalise_hu,
@@ -48,6 +47,7 @@ from volumefusion.preprocess import (
     restore_to_original,
     suspicious_values,
 )
+from volumefusion.weights import model_from_checkpoint
 
 log = get_logger(__name__)
 

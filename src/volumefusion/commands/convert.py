@@ -32,7 +32,7 @@ def run(args) -> int:
     from volumefusion import VolumeFusionError
     from volumefusion.checkpoint import read_checkpoint, write_safetensors, write_weights
     from volumefusion.files import check_writable_file
-    from volumefusion.nets.weights import model_from_misfm
+    from volumefusion.weights import model_from_misfm
 
     check_writable_file(args.out, "--out")
     if args.safetensors:

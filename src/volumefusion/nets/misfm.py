@@ -8,7 +8,7 @@ heads (``pred_heads.{0,1,2}``); the pair of the model's ``resolution_mode`` is m
 relative-position index) of the weights. Plain functions of a state dict without wrapper prefixes
 (``module.``, ``_orig_mod.``), as the reader gives it: reading the file is
 :func:`volumefusion.checkpoint.read_checkpoint`'s, loading it into a network
-:func:`volumefusion.nets.weights.load_pretrained`'s.
+:func:`volumefusion.weights.load_pretrained`'s.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ A PCT block is ``ConvBlock(x) + SwinLayer(x)``. Every convolution is pre-activat
 in-plane only, with (1, 3, 3) convolutions at those levels.
 
 This is our own implementation of the computation in openmedlab/MIS-FM ``net/pct_net.py`` and
-``net/transformer.py``; :mod:`volumefusion.nets.weights` maps that code's checkpoint keys onto ours.
+``net/transformer.py``; :mod:`volumefusion.weights` maps that code's checkpoint keys onto ours.
 Deviations that do not change results: window padding, shift masks and attention masks are derived
 from the feature shape at run time (the reference fixes the input size at construction), attention
 runs through :func:`torch.nn.functional.scaled_dot_product_attention`, and only the stem and head of

@@ -36,17 +36,17 @@ import numpy as np
 import torch
 
 from volumefusion import VolumeFusionError, nets
-from volumefusion.checkpoint import read_checkpoint, write_weights
+from volumefusion.checkpoint import read_checkpoint, resolve_weights, write_weights
 from volumefusion.config import Config, load
 from volumefusion.files import atomic_write_text, check_writable_folder, folder_lock
 from volumefusion.log import get_logger
-from volumefusion.nets.weights import model_from_checkpoint
 from volumefusion.processes import plan_workers, worker_pool
 from volumefusion.stats import compare_paired
 from volumefusion.train.engine import RunInterrupted
 from volumefusion.train.logging import read_metrics
 from volumefusion.train.runs import finetune, segmentation_store
 from volumefusion.train.tasks import split_cases
+from volumefusion.weights import model_from_checkpoint
 
 log = get_logger(__name__)
 
@@ -160,12 +160,9 @@ class ProbeResult:
 
 
 def _name(source: str | Path) -> str:
-    """How tables name a checkpoint: ``demo`` for ``builtin:demo``, ``RUN/step_00002000`` for a file in a
-    run's ``checkpoints/`` folder, else the file name without its suffix."""
-    text = str(source)
-    if text.startswith("builtin:"):
-        return text.split(":", 1)[1]
-    path = Path(text)
+    """How tables name a checkpoint: ``RUN/step_00002000`` for a file in a run's ``checkpoints/`` folder,
+    else the file name without its suffix (``demo`` for ``builtin:demo``)."""
+    path = resolve_weights(source)
     return f"{path.parent.parent.name}/{path.stem}" if path.parent.name == "checkpoints" else path.stem
 
 

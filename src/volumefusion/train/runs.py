@@ -22,10 +22,10 @@ from volumefusion.data.store import Store
 from volumefusion.device import autocast, resolve_device
 from volumefusion.files import atomic_write_text, check_writable_folder, folder_lock
 from volumefusion.log import get_logger
-from volumefusion.nets.weights import LoadReport, load_pretrained, model_from_checkpoint
 from volumefusion.preprocess import PrepareSettings
 from volumefusion.train.engine import DistInfo, FitResult, Trainer, run_device
 from volumefusion.train.tasks import PretrainTask, SegmentationTask, split_cases
+from volumefusion.weights import LoadReport, load_pretrained, model_from_checkpoint
 
 log = get_logger(__name__)
 
