@@ -59,7 +59,8 @@ def main() -> None:
         out = Path(args.out) / run.name
         result = Trainer(cfg, LocalNet(task.num_classes), task, out).fit()
         tiny = [r for r in result.history if "val_score" in r][-1]
-        pct = ([r for r in read_metrics(run / "metrics.jsonl") if "val_score" in r] or [{"step": 0, "val_score": 0.0}])[-1]
+        pct = [r for r in read_metrics(run / "metrics.jsonl") if "val_score" in r] or [{"step": 0, "val_score": 0.0}]
+        pct = pct[-1]
         print(json.dumps({"run": run.name, "steps": args.steps, "seconds": round(time.perf_counter() - t0),
                           "tiny": {k.removeprefix("val_"): round(v, 4) for k, v in tiny.items()
                                    if k.startswith("val_dice") or k == "val_score"},
