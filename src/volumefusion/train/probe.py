@@ -236,8 +236,7 @@ def _run(job: _Job, threads: int | None = None) -> ProbeRun:
 def probe(weights: Sequence[str | Path] | Mapping[str, str | Path], data: str | Path, out: str | Path, *,
           config: Sequence[str | Path] = ("finetune",), overrides: Sequence[str] = (),
           seeds: Sequence[int] = (0, 1), labelled: int | None = None, split_file: str | Path | None = None,
-          finetune_too: bool = False, device: str = "auto", workers: int | None = None,
-          on_run: Callable[[ProbeRun], None] | None = None) -> ProbeResult:
+          finetune_too: bool = False, device: str = "auto", workers: int | None = None) -> ProbeResult:
     """Probe each checkpoint in ``weights`` (paths or ``builtin:NAME``; a mapping names them) on the
     labelled dataset ``data`` (an MSD / nnU-Net folder or a labelled store); see the module docs.
 
@@ -246,7 +245,7 @@ def probe(weights: Sequence[str | Path] | Mapping[str, str | Path], data: str | 
     ``seeds``: one run per seed and arm. ``split_file``: training and held-out cases (default: fold 0
     of the 5-fold split by case); ``labelled``: train each run on this many training cases, drawn by
     its seed. ``finetune_too``: also full fine-tuning vs scratch. ``workers``: processes (default one
-    per CPU core, one on a GPU). ``on_run``: called with each finished run.
+    per CPU core, one on a GPU).
     """
     named = dict(weights) if isinstance(weights, Mapping) else {_name(w): w for w in weights}
     if not named:
@@ -261,12 +260,12 @@ def probe(weights: Sequence[str | Path] | Mapping[str, str | Path], data: str | 
     check_writable_folder(out, "--out")
     with folder_lock(out):
         return _probe(named, data, out, list(map(str, config)), list(overrides), seeds, labelled, split_file,
-                      finetune_too, device, workers, on_run)
+                      finetune_too, device, workers)
 
 
 def _probe(named: dict[str, str | Path], data: str | Path, out: Path, config: list[str], overrides: list[str],
            seeds: list[int], labelled: int | None, split_file: str | Path | None, finetune_too: bool, device: str,
-           workers: int | None, on_run: Callable[[ProbeRun], None] | None) -> ProbeResult:
+           workers: int | None) -> ProbeResult:
     recipe = load(config, overrides)
     checkpoints = {name: read_checkpoint(w) for name, w in named.items()}
     architectures = {}
@@ -303,7 +302,7 @@ def _probe(named: dict[str, str | Path], data: str | Path, out: Path, config: li
                 jobs[owner, arm, seed] = _Job(owner, arm, seed, out / "runs" / owner / arm / f"seed{seed}",
                                               tuple(map(str, config)), recipes[arm], splits[seed], store.path,
                                               start, device)
-    runs = _run_all(list(jobs.values()), device, workers, on_run)
+    runs = _run_all(list(jobs.values()), device, workers)
     result = ProbeResult(out, runs, seeds, {name: arch for name, (arch, _, _) in architectures.items()})
     atomic_write_text(out / "probe.json", json.dumps(result.to_dict(), indent=1) + "\n")
     atomic_write_text(out / "probe.md", f"# Probe\n\nHeld-out mean foreground Dice of {len(val)} case(s) after "
@@ -311,8 +310,7 @@ def _probe(named: dict[str, str | Path], data: str | Path, out: Path, config: li
     return result
 
 
-def _run_all(jobs: list[_Job], device: str, workers: int | None,
-             on_run: Callable[[ProbeRun], None] | None) -> list[ProbeRun]:
+def _run_all(jobs: list[_Job], device: str, workers: int | None) -> list[ProbeRun]:
     """Every job, one process per CPU core (one on a GPU); finished runs come back from their files."""
     processes, threads = plan_workers(device, workers, len(jobs))
     runs = []
@@ -321,8 +319,6 @@ def _run_all(jobs: list[_Job], device: str, workers: int | None,
         runs.append(run)
         log.info("probe: %s %s seed %d: held-out mean Dice %.3f (%.0f s)", run.name, run.arm, run.seed, run.score,
                  run.seconds)
-        if on_run:
-            on_run(run)
 
     if processes == 1:
         for job in jobs:
@@ -338,8 +334,8 @@ def _run_all(jobs: list[_Job], device: str, workers: int | None,
 def probe_hook(cfg: Config, out_dir: str | Path) -> tuple[int, Callable[[Path, int], dict[str, float]]] | None:
     """What a pretraining under ``cfg`` runs every ``probe.every`` steps (None when 0): :func:`probe` of
     its latest checkpoint on ``probe.data``, into ``out_dir/probe``, with the pretraining's crop size,
-    loader workers and device, one run after another in the training process. The random encoder's runs are done at
-    the first probe and kept. Returns the metrics logged: ``probe_score`` and ``probe_random``."""
+    loader workers and device, one run after another in the training process. The random encoder's
+    runs are done at the first probe and kept. Returns the metrics logged: ``probe_score`` and ``probe_random``."""
     p = cfg.probe
     if not p.every:
         return None
