@@ -39,7 +39,8 @@ def register(sub) -> None:
     p.add_argument("-m", "--model", required=True, metavar="CKPT", help="checkpoint written by finetune")
     p.add_argument("-i", "--input", required=True, nargs="+", metavar="INPUT",
                    help="image files (NIfTI, NRRD, MHA), folders (searched recursively), DICOM series "
-                        "folders (folder::SERIES_UID picks one series), globs or .txt/.csv lists")
+                        "folders (folder::SERIES_UID picks one series), globs or .txt/.csv lists (relative paths in a "
+                        "list are relative to the list's folder)")
     p.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="output folder")
     p.add_argument("--overlap", type=float, default=None,
                    help="share of a window overlapping its neighbour, [0, 0.95] (default: the checkpoint's "

@@ -18,7 +18,8 @@ INPUT may be any mix of:
   folders            searched recursively for those files and for DICOM series folders
   DICOM series       a folder; with several series in it, pick one as 'FOLDER::SERIES_UID'
   glob patterns      quote them: 'data/*/ct.nii.gz' ('**' recurses)
-  lists              a .txt (one path per line) or .csv (column 'image' or 'path', or the first)
+  lists              a .txt (one path per line) or .csv (column 'image' or 'path', or the first);
+                     relative paths in a list are relative to the list's own folder
   datasets           an MSD or nnU-Net raw dataset folder (dataset.json, imagesTr, labelsTr):
                      its training cases are prepared with their labels; label names are kept
 Case ids are file names without suffixes (a DICOM folder's name); files sharing a name get their
