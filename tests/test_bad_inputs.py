@@ -17,6 +17,7 @@ import os
 import re
 import resource
 import struct
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -654,3 +655,37 @@ def test_resume_names_an_intact_checkpoint_and_refuses_a_shorter_run(phantom_sto
     latest.write_bytes(latest.read_bytes()[:500])
     with pytest.raises(VolumeFusionError, match=r"newest intact checkpoint of this run is .*step_00000003.pt"):
         pretrain(config.load(overrides=[*run, "run.max_steps=4"]), phantom_store, tmp_path, resume=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system of 400 KiB (tmpfs), where a CT case does not fit."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("command", ["prepare", "predict"])
+def test_a_full_disk_is_named_as_such(small_disk, tmp_path, capsys, command, tiny_checkpoint):
+    images = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for i in range(2):  # noise does not compress: each case is larger than the disk
+        write_image(images / f"c{i}.nii.gz", rng.integers(-1000, 1000, (40, 96, 96)).astype(np.int16),
+                    Geometry((40, 96, 96), (2.0, 1.5, 1.5), (0.0, 0.0, 0.0)))
+    if command == "predict":
+        (small_disk / "filler").write_bytes(bytes(392 * 1024))
+        args = ["predict", "-m", str(tiny_checkpoint), "-i", str(images), "-o", str(small_disk / "out"),
+                "--device", "cpu"]
+    else:
+        args = ["prepare", str(images), "--out", str(small_disk / "store")]
+    assert main(["-q", *args]) == 1
+    out = capsys.readouterr().out
+    failed = [line for line in out.splitlines() if "FAILED" in line or "failed:" in line]
+    assert failed and "No space left on device" in failed[0], out
+    assert str(small_disk) in failed[0] and "unexpected" not in out and "unpack" not in out, out

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,16 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+
+
+def write_failure(path: str | Path, detail: str) -> OSError:
+    """An OSError naming ``path`` for a write that a library (ITK, blosc2) failed without saying why: a
+    full disk (ENOSPC) when the file system has almost no room left, else ``detail``."""
+    path = Path(path)
+    folder = next((p for p in (path.parent, *path.parents) if p.exists()), Path("."))
+    if shutil.disk_usage(folder).free < 16 * 2**20:
+        return OSError(errno.ENOSPC, "No space left on device", str(path))
+    return OSError(errno.EIO, detail, str(path))
 
 
 def short_name(name: str, limit: int = 64) -> str:

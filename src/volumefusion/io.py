@@ -18,7 +18,6 @@ atomic writes and writability checks are :mod:`volumefusion.files`.
 from __future__ import annotations
 
 import contextlib
-import errno
 import gzip
 import math
 import os
@@ -33,7 +32,7 @@ import numpy as np
 
 from volumefusion import VolumeFusionError, files
 from volumefusion.deprecated import moved
-from volumefusion.files import short_name
+from volumefusion.files import short_name, write_failure
 from volumefusion.geometry import Geometry
 
 __all__ = ["IMAGE_SUFFIXES", "SERIES_SEPARATOR", "Geometry", "is_image_file", "read_image", "sniff_image_format",
@@ -93,6 +92,8 @@ def _nifti_layout(header: bytes) -> tuple[int, int, np.dtype | None, tuple[float
     """Where a NIfTI-1/2 file's voxels start and how many bytes they take, from its header, their
     dtype if float (else None), and the voxel sizes of its spatial axes (``pixdim[1..3]``, as stored);
     None if ``header`` is not NIfTI."""
+    if len(header) < 4:
+        return None
     for order in "<>":
         size = struct.unpack(order + "i", header[:4])[0]
         if size == 348 and len(header) >= 112:
@@ -380,7 +381,7 @@ def _sitk_write(image, target: Path, path: Path, compress: bool) -> None:
         sitk.WriteImage(image, str(target), compress)
     except RuntimeError as exc:
         detail = str(exc).strip().splitlines()[-1].replace("sitk::ERROR: ", "")
-        raise OSError(errno.EIO, f"cannot write the image: {detail}", str(path)) from None
+        raise write_failure(path, f"cannot write the image: {detail}") from None
     # ITK does not notice failed writes (a full disk): check the file holds what its header says
     try:
         if target.name.lower().endswith((".nii", ".nii.gz")):
@@ -391,7 +392,7 @@ def _sitk_write(image, target: Path, path: Path, compress: bool) -> None:
             with _quiet_itk():
                 sitk.ReadImage(str(target))
     except (VolumeFusionError, RuntimeError):
-        raise OSError(errno.EIO, "the image could not be written completely (disk full?)", str(path)) from None
+        raise write_failure(path, "the image could not be written completely (disk full?)") from None
 
 
 def _write_detached(path: Path, image, compress: bool) -> None:

@@ -9,6 +9,7 @@ reported and skipped; the other cases go on.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import os
 import time
@@ -214,6 +215,8 @@ def _run_task(task: CaseTask, store: str, settings: PrepareSettings) -> tuple[st
     except MemoryError:
         return f"{task.image}: out of memory while preparing; retry with fewer --workers", [], False
     except OSError as exc:  # the system refused: a full disk, a file that vanished, permissions
+        if exc.errno == errno.ENOSPC:  # the store's place, not a temporary file in it
+            return f"{task.image}: no space left on {store} ({exc.strerror})", [], False
         where = f"{exc.filename}: " if exc.filename and str(exc.filename) != task.image else ""
         return f"{task.image}: {where}{exc.strerror or exc}", [], False
     except Exception as exc:  # a bug or an exotic file must not stop the other cases

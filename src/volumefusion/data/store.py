@@ -40,7 +40,7 @@ import numpy as np
 
 from volumefusion import VolumeFusionError
 from volumefusion.data.index import INDEX_FILE, CaseIndex, CaseInfo, file_lock, load_index, update_index
-from volumefusion.files import atomic_path, atomic_write_text, short_name
+from volumefusion.files import atomic_path, atomic_write_text, short_name, write_failure
 from volumefusion.io import is_image_file
 from volumefusion.log import get_logger
 
@@ -257,7 +257,11 @@ def write_array(path: Path, array: np.ndarray) -> None:
                "typesize": array.dtype.itemsize, "nthreads": 1}
     with atomic_path(path) as tmp:
         tmp.unlink()  # blosc2 refuses to overwrite the placeholder atomic_path created
-        blosc2.asarray(array, urlpath=str(tmp), mode="w", chunks=chunks, blocks=blocks, cparams=cparams)
+        try:
+            blosc2.asarray(array, urlpath=str(tmp), mode="w", chunks=chunks, blocks=blocks, cparams=cparams)
+        except RuntimeError as exc:  # blosc2 says only "Error while creating the NDArray"
+            raise write_failure(path, f"cannot write the array ({exc})") from None
+
 
 
 def array_checksum(image: np.ndarray, label: np.ndarray | None) -> str:
