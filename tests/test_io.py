@@ -307,9 +307,7 @@ def test_reads_the_slicerio_chest_ct():
     assert len(names) == 8 and names[5] == "right lung" and names[0] == "background"
 
 
-@pytest.mark.parametrize(("name", "home"), [("discover_inputs", "volumefusion.data.datasets"),
-                                            ("case_id_from_path", "volumefusion.data.datasets"),
-                                            ("atomic_write_text", "volumefusion.files"),
+@pytest.mark.parametrize(("name", "home"), [("atomic_write_text", "volumefusion.files"),
                                             ("check_writable_folder", "volumefusion.files")])
 def test_names_that_left_io_still_import_from_it_for_one_release_with_a_warning(name, home):
     import importlib

@@ -426,8 +426,8 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).name.lower().endswith(IMAGE_SUFFIXES)
 
 
-__getattr__ = moved(__name__, {
-    **dict.fromkeys(("atomic_path", "atomic_write_bytes", "atomic_write_text", "check_writable_folder",
-                     "check_writable_file", "resolved", "missing_reason"), "volumefusion.files"),
-    **dict.fromkeys(("discover_inputs", "case_id_from_path", "LIST_SUFFIXES"), "volumefusion.data.datasets"),
-})
+# the input-discovery names (discover_inputs, case_id_from_path, LIST_SUFFIXES) went up to
+# volumefusion.data.datasets without an alias: a lower room does not point up for an old name
+__getattr__ = moved(__name__, dict.fromkeys(
+    ("atomic_path", "atomic_write_bytes", "atomic_write_text", "check_writable_folder", "check_writable_file",
+     "resolved", "missing_reason"), "volumefusion.files"))
