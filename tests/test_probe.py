@@ -67,7 +67,13 @@ def test_probe_refuses_two_checkpoints_of_one_name(supervised, phantom_dataset, 
         probe([supervised, supervised], phantom_dataset, tmp_path, device="cpu")
 
 
-def test_a_pretraining_probes_its_checkpoints(phantom_store, phantom_dataset, tmp_path):
+def test_a_pretraining_probes_its_checkpoints(phantom_store, phantom_dataset, tmp_path, monkeypatch):
+    import volumefusion.train.logging as run_logging
+
+    drawn = {}
+    save_curves = run_logging.save_curves
+    monkeypatch.setattr(run_logging, "save_curves",
+                        lambda path, panels: (drawn.update(panels), save_curves(path, panels)))
     cfg = config.load(overrides=[*TINY_MODEL, "run.max_steps=4", "run.val_every=100", "run.checkpoint_every=100",
                                  "probe.every=2", f"probe.data={phantom_dataset}", "probe.steps=2",
                                  "probe.labelled=1"])
@@ -79,6 +85,8 @@ def test_a_pretraining_probes_its_checkpoints(phantom_store, phantom_dataset, tm
     assert all(0 <= r["probe_score"] <= 1 and 0 <= r["probe_random"] <= 1 for r in probes)
     assert probes[0]["probe_random"] == probes[1]["probe_random"]  # the random arm ran once
     assert (tmp_path / "progress.png").stat().st_size > 0
+    panel = drawn["probe: held-out Dice, encoder frozen"]  # progress.png shows the probe beside the pretext
+    assert [s for s, _ in panel["pretrained encoder"]] == [2, 4] and len(panel["random encoder"]) == 2
     assert (tmp_path / "probe" / "probe.json").is_file()
 
 
