@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,17 @@ def count_reads(monkeypatch):
         return watched.setdefault(Path(path).resolve(), {"opened": 0, "loaded": 0})
 
     return watch
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system of 400 KiB (tmpfs), where a CT case does not fit."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -17,7 +17,6 @@ import os
 import re
 import resource
 import struct
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -655,20 +654,6 @@ def test_resume_names_an_intact_checkpoint_and_refuses_a_shorter_run(phantom_sto
     latest.write_bytes(latest.read_bytes()[:500])
     with pytest.raises(VolumeFusionError, match=r"newest intact checkpoint of this run is .*step_00000003.pt"):
         pretrain(config.load(overrides=[*run, "run.max_steps=4"]), phantom_store, tmp_path, resume=True)
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real file system of 400 KiB (tmpfs), where a CT case does not fit."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
-                      capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.mark.parametrize("command", ["prepare", "predict"])

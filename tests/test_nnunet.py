@@ -392,6 +392,17 @@ def test_a_failed_export_leaves_the_earlier_one_whole(pct_checkpoints, tmp_path,
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new weights, no temporaries
 
 
+def test_export_to_a_full_disk_says_so_in_one_line(pct_checkpoints, small_disk, tmp_path, capsys):
+    from volumefusion.cli import main
+
+    plans = _ct_plans(tmp_path / "nnUNetPlans.json")
+    (small_disk / "filler").write_bytes(bytes(396 * 1024))
+    assert main(_export(pct_checkpoints[0], plans, small_disk / "out")) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "No space left on device" in err and str(small_disk / "out") in err, err
+    assert not list((small_disk / "out").iterdir())  # nothing half-written
+
+
 def test_export_names_the_checkpoint_whose_config_is_not_volumefusions(tmp_path, capsys):
     from volumefusion.checkpoint import save_checkpoint
     from volumefusion.cli import main

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -311,7 +312,9 @@ def export_nnunet(checkpoint: str | Path | Checkpoint, plans: str | Path, out_di
 
     check_writable_folder(out_dir, "--out")
     # both files to temporaries first: a failure leaves neither, an earlier export stays whole
+    buffer = io.BytesIO()  # serialised first: torch.save to a full disk fails with a RuntimeError, a write with ENOSPC
+    torch.save({"network_weights": {k: v.contiguous() for k, v in weights.items()}}, buffer)
     with atomic_path(weights_path) as weights_tmp, atomic_path(target) as plans_tmp:
-        torch.save({"network_weights": {k: v.contiguous() for k, v in weights.items()}}, weights_tmp)
+        weights_tmp.write_bytes(buffer.getvalue())
         plans_tmp.write_text(json.dumps(variant, indent=4, sort_keys=False))
     return ExportResult(weights_path, target, plans_name, name, notes)
