@@ -100,5 +100,6 @@ def test_probe_help_says_what_it_compares_and_where_the_table_goes(capsys):
         main(["probe", "--help"])
     text = capsys.readouterr().out
     assert done.value.code == 0
-    for phrase in ("randomly initialised encoder", "--labelled", "--finetune", "OUT/probe.md", "Wilcoxon"):
+    for phrase in ("randomly initialised encoder", "--labelled", "--finetune", "OUT/probe.md", "Wilcoxon",
+                   "default 1000"):
         assert phrase in " ".join(text.split()), phrase

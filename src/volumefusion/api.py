@@ -176,14 +176,16 @@ def _finished(result: FitResult, out: str | Path):
 
 def probe(weights: str | Path | Sequence[str | Path] | Mapping[str, str | Path], data: str | Path, out: str | Path,
           config_files: ConfigSource = "finetune", *, overrides: str | Sequence[str] = (),
-          seeds: Sequence[int] = (0, 1), labelled: int | None = None, split_file: str | Path | None = None,
-          finetune: bool = False, device: str = "auto", workers: int | None = None) -> ProbeResult:
+          steps: int | None = 1000, seeds: Sequence[int] = (0, 1), labelled: int | None = None,
+          split_file: str | Path | None = None, finetune: bool = False, device: str = "auto",
+          workers: int | None = None) -> ProbeResult:
     """Did pretraining learn features that serve a labelled task? As ``volumefusion probe``: for each
     checkpoint in ``weights`` (a mapping names them) and seed, train only the decoder with the encoder
     frozen, beside a frozen random encoder, and score the held-out cases (the split's validation cases).
 
     ``data``: a labelled store or dataset folder; ``config_files``/``overrides``: the fine-tuning
-    recipe (``run.max_steps`` is the budget); ``labelled``: training cases per run, drawn by seed;
+    recipe; ``steps``: the budget of every run (None: the recipe's ``run.max_steps``, 20,000 in the
+    ``finetune`` preset); ``labelled``: training cases per run, drawn by seed;
     ``finetune``: also every layer trained from the weights, beside scratch. The result's ``table()``
     and ``comparisons()`` give every seed, the means and the paired test; ``out/probe.md`` and
     ``out/probe.json`` hold them too.
@@ -193,7 +195,8 @@ def probe(weights: str | Path | Sequence[str | Path] | Mapping[str, str | Path],
     named = weights if isinstance(weights, Mapping) else _as_list(weights, "weights")
     files = [str(f) for f in _as_list(config_files, "config_files")]
     return probes.probe(named, _path(data, "data"), _path(out, "out"), config=files,
-                        overrides=_as_list(overrides, "overrides"), seeds=seeds, labelled=labelled,
+                        overrides=[*_as_list(overrides, "overrides"), *([f"run.max_steps={steps}"] if steps else [])],
+                        seeds=seeds, labelled=labelled,
                         split_file=_path(split_file, "split_file", optional=True), finetune_too=finetune,
                         device=device, workers=workers)
 

@@ -35,7 +35,8 @@ def register(sub) -> None:
     p.add_argument("weights", nargs="+", metavar="CKPT", help="pretrained checkpoints or builtin:NAME")
     p.add_argument("--data", required=True, metavar="DATASET", help="MSD/nnU-Net raw dataset folder or labelled store")
     p.add_argument("--out", required=True, metavar="DIR", help="probe folder (created; rerun to resume)")
-    p.add_argument("--steps", type=positive_int, help="training steps per run (run.max_steps)")
+    p.add_argument("--steps", type=positive_int, default=1000,
+                   help="training steps per run (run.max_steps; default 1000, whatever the recipe says)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], metavar="SEED",
                    help="one run per seed and arm; the seed also draws the --labelled cases (default: 0 1)")
     p.add_argument("--labelled", type=positive_int, metavar="N",
@@ -53,7 +54,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from volumefusion.train.probe import probe
 
-    overrides = list(args.overrides) + ([f"run.max_steps={args.steps}"] if args.steps else [])
+    overrides = [*args.overrides, f"run.max_steps={args.steps}"]
     result = probe(args.weights, args.data, args.out, config=args.config or ["finetune"], overrides=overrides,
                    seeds=args.seeds, labelled=args.labelled, split_file=args.split, finetune_too=args.finetune,
                    device=args.device, workers=args.workers)
