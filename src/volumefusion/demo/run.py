@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from volumefusion import VolumeFusionError
-from volumefusion.checkpoint import read_checkpoint, resolve_weights, write_weights
+from volumefusion.checkpoint import read_checkpoint, resolve_weights
 from volumefusion.config import Config, load, save, to_dict
 from volumefusion.demo.data import DemoData, make_data
 from volumefusion.demo.report import write_report
@@ -40,6 +40,7 @@ from volumefusion.log import get_logger, setup
 from volumefusion.nets import build_model, main_output
 from volumefusion.processes import plan_workers, worker_pool
 from volumefusion.train.logging import read_metrics
+from volumefusion.train.probe import random_start
 from volumefusion.train.runs import evaluate_pretext, finetune, pretrain
 
 log = get_logger(__name__)
@@ -193,18 +194,6 @@ def measure_gate(settings: DemoSettings, builtin: Path, store: Path, device: str
                       settings.phantoms.gate)
     atomic_write_text(out, json.dumps(gate.to_dict(), indent=1) + "\n")
     return gate
-
-
-def write_random_encoder(builtin: Path, path: Path) -> Path:
-    """A checkpoint like the built-in one but with freshly initialised weights (seed 0): the start of
-    the ``probe_random`` arm, so both probes load, freeze and train exactly alike."""
-    if path.is_file():
-        return path
-    ckpt = read_checkpoint(builtin)
-    torch.manual_seed(0)
-    model = build_model(ckpt.run_config().model, ckpt.num_classes)
-    return write_weights(path, model.state_dict(), ckpt.config, ckpt.task, step=0,
-                         card={"weights": "random initialisation (torch seed 0), not pretrained"})
 
 
 def step_seconds(cfg, device: str, repeats: int = 3) -> float:
@@ -366,7 +355,9 @@ def _run_demo(settings: DemoSettings, out: Path, builtin: Path, quick: bool, dev
                  proto.builtin, gate.mean, ", ".join(f"{k} {v:.2f}" for k, v in gate.levels.items()),
                  "passed" if gate.passed else "NOT passed")
         stage_dirs = {"live": out / "runs" / "pretrain", "control": out / "runs" / "control"}
-        starts = {"builtin": builtin, "random": write_random_encoder(builtin, out / "data" / "random_encoder.pt"),
+        shipped = read_checkpoint(builtin)  # the random arm holds a fresh network of the same architecture
+        starts = {"builtin": builtin, "random": random_start(shipped.run_config(), shipped.task, 0,
+                                                             out / "data" / "random_encoder.pt"),
                   **{k: d / "checkpoints" / "latest.pt" for k, d in stage_dirs.items()}}
         stages = {}
         if "live" in needed:

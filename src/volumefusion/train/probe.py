@@ -173,9 +173,10 @@ def _architecture(cfg: Config) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def _random_start(cfg: Config, task: dict, seed: int, path: Path) -> Path:
-    """A checkpoint of ``cfg``'s network freshly initialised from ``seed`` (written once): the random
-    arm loads, holds and trains it exactly as the probe does the pretrained one."""
+def random_start(cfg: Config, task: dict, seed: int, path: Path) -> Path:
+    """A checkpoint of ``cfg``'s network freshly initialised from ``seed`` (written once; ``task`` as the
+    pretrained checkpoint's): a random-encoder arm loads, holds and trains it exactly as a probe does the
+    pretrained one."""
     if not path.is_file():
         torch.manual_seed(seed)
         model = nets.build_model(cfg.model, int(task["num_classes"]))
@@ -298,7 +299,7 @@ def _probe(named: dict[str, str | Path], data: str | Path, out: Path, config: li
                 owner = arch if shared else name
                 start = named[name] if not shared else None
                 if arm == "random":
-                    start = _random_start(cfg, task, seed, out / "random" / f"{arch}-seed{seed}.pt")
+                    start = random_start(cfg, task, seed, out / "random" / f"{arch}-seed{seed}.pt")
                 jobs[owner, arm, seed] = _Job(owner, arm, seed, out / "runs" / owner / arm / f"seed{seed}",
                                               tuple(map(str, config)), recipes[arm], splits[seed], store.path,
                                               start, device)
