@@ -58,6 +58,23 @@ def test_resumed_run_equals_continuous_run(phantom_store, tmp_path):
     assert sorted(set(train_steps)) == list(range(1, 7))
 
 
+def test_a_run_stopped_after_a_step_is_the_start_of_the_full_schedule(phantom_store, tmp_path):
+    """run.stop_after ends a run early without shortening its schedule: the learning rate at the stop is
+    that of the full run, and a resume goes on to the same weights as a run never stopped."""
+    straight = pretrain(_cfg("run.max_steps=6", "run.val_every=100", "run.log_every=1", "optim.schedule=poly"),
+                        phantom_store, tmp_path / "a")
+    early = pretrain(_cfg("run.max_steps=6", "run.stop_after=3", "run.val_every=100", "run.log_every=1",
+                          "optim.schedule=poly"), phantom_store, tmp_path / "b")
+    lrs = [[r["lr"] for r in run.history if "lr" in r] for run in (straight, early)]
+    assert early.step == 3 and lrs[1] == lrs[0][:3] and lrs[0][2] > lrs[0][5]
+    assert load_checkpoint(tmp_path / "b/checkpoints/latest.pt")["step"] == 3
+    pretrain(_cfg("run.max_steps=6", "run.val_every=100", "optim.schedule=poly"), phantom_store, tmp_path / "b",
+             resume=True)
+    a = load_checkpoint(tmp_path / "a/checkpoints/latest.pt")["model"]
+    b = load_checkpoint(tmp_path / "b/checkpoints/latest.pt")["model"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+
+
 def test_checkpoint_is_self_describing_and_keeps_last_k(phantom_store, tmp_path):
     pretrain(_cfg("run.max_steps=4", "run.checkpoint_every=1", "run.keep_last=2", "run.val_every=2"),
              phantom_store, tmp_path)

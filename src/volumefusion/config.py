@@ -135,6 +135,8 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     max_steps: int = _f(400000, "optimiser steps", min=1)
+    stop_after: int = _f(0, "stop after this step though the schedule spans max_steps (a run read early; "
+                         "--resume goes on); 0 = at max_steps", min=0)
     batch_size: int = _f(4, "samples per process per micro-batch (global = this x processes x accumulate)",
                          min=1)
     seed: int = _f(0, "seed of every random draw", min=0)

@@ -47,8 +47,8 @@ log = get_logger(__name__)
 # Settings that may change when a run resumes: how long it runs and how it reports, where and how
 # fast it computes; everything else defines the run and must stay as the checkpoint has it.
 RESUMABLE_CHANGES = frozenset({
-    "run.max_steps", "run.device", "run.compile", "run.channels_last", "run.log_every", "run.val_every",
-    "run.val_samples", "run.checkpoint_every", "run.keep_last", "run.image_every", "data.workers",
+    "run.max_steps", "run.stop_after", "run.device", "run.compile", "run.channels_last", "run.log_every",
+    "run.val_every", "run.val_samples", "run.checkpoint_every", "run.keep_last", "run.image_every", "data.workers",
     "data.prefetch", "model.activation_checkpointing", "finetune.window_batch",
     *(f"probe.{name}" for name in ("every", "data", "split_file", "labelled", "seeds", "steps", "recipe")),
 })
@@ -502,8 +502,9 @@ class Trainer:
         running, count, skipped, t_log = torch.zeros((), device=self.device), 0, 0, time.perf_counter()
         samples_since = 0
         first = self.step
+        end = min(run.stop_after or run.max_steps, run.max_steps)
         with _Signals(data) as signals:
-            while self.step < run.max_steps:
+            while self.step < end:
                 want_images = self.dist.is_main and ((self.step + 1) % run.image_every == 0 or self.step == 0)
                 try:
                     loss, samples, last = self._train_step(data, keep=want_images)
@@ -536,7 +537,7 @@ class Trainer:
                     count += 1
                 samples_since += samples * self.dist.world_size
                 bar.update(1)
-                if self.step % run.log_every == 0 or self.step == run.max_steps:
+                if self.step % run.log_every == 0 or self.step == end:
                     elapsed = time.perf_counter() - t_log
                     record = {"step": self.step, "loss": running.item() / count if count else float("nan"),
                               "lr": self.optimizer.param_groups[0]["lr"],
@@ -556,7 +557,7 @@ class Trainer:
                     pred = main_output(outputs).argmax(1)
                     self.task.save_images(self.out_dir / "images" / f"step_{self.step:08d}.png", x, y, pred)
                 data_error = None
-                if self.step % run.val_every == 0 or self.step == run.max_steps:
+                if self.step % run.val_every == 0 or self.step == end:
                     if self.dist.is_main:
                         try:
                             metrics = self.validate()
