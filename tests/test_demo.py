@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from volumefusion import config
+from volumefusion.checkpoint import read_checkpoint
 from volumefusion.config import PRESETS, ConfigError
 from volumefusion.demo import ARMS, load_settings
 from volumefusion.demo.data import paired_organs_merged
-from volumefusion.stats import bootstrap_interval, compare_paired
+from volumefusion.stats import bootstrap_interval, compare_paired, holm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +31,7 @@ def quick_demo(tmp_path_factory):
 
 
 def _arms(settings, n):
-    proto = settings.protocol
-    return [a for a in ARMS if a in (proto.arms if n == proto.primary else proto.other_arms)]
+    return [a for a in ARMS if a in settings.protocol.arms_of(n)]
 
 
 @pytest.mark.slow
@@ -44,15 +44,22 @@ def test_quick_demo_runs_every_arm_regime_and_seed_on_every_held_out_phantom(qui
     assert set(runs) == {(n, s, a) for n in settings.protocol.labelled for s in settings.protocol.seeds
                          for a in _arms(settings, n)}
     assert set(ARMS) <= {a for _, _, a in runs}, "the quick demo keeps every stage"
-    for run in runs.values():
-        for key in ("dice", "early_dice"):
-            assert set(run[key]) == {"lung", "heart", "aorta", "liver", "spleen", "kidney", "spine"}
-            for per_case in run[key].values():
+    for (n, seed, arm), run in runs.items():
+        stopped, early, budget = n in settings.protocol.stop_early, settings.early_steps(n), settings.budget(n)
+        assert len(early) > 1 and early[-1] < budget
+        # a run of a regime read early only stops there, on the schedule of the whole budget
+        ckpt = read_checkpoint(quick_demo / "runs" / f"{n}labelled" / f"seed{seed}" / arm / "checkpoints" / "latest.pt")
+        assert ckpt.step == (early[-1] if stopped else budget)
+        assert [int(k) for k in run["early"]] == list(early) and bool(run["dice"]) != stopped
+        for dice in ([] if stopped else [run["dice"]]) + list(run["early"].values()):
+            assert set(dice) == {"lung", "heart", "aorta", "liver", "spleen", "kidney", "spine"}
+            for per_case in dice.values():
                 assert set(per_case) == cases and all(0.0 <= d <= 1.0 for d in per_case.values())
         for organ, per_case in run["dice"].items():
             assert run["organ_dice"][organ] == pytest.approx(np.mean(list(per_case.values())))
-        assert 0 < run["early_step"] < settings.finetune_run_config().run.max_steps
+        assert run["early_mean_dice"] == pytest.approx(np.mean(list(run["early_curve"].values())))
         assert run["curve"], "no validation curve recorded"
+    assert [(p["readout"], p["regime"]) for p in results["primary"]] == settings.protocol.hypotheses()
     gate = results["gate"]
     assert gate["mean"] == pytest.approx(np.mean(list(gate["levels"].values())))
     floors = gate["mean"] >= gate["mean_floor"] and min(gate["levels"].values()) >= gate["level_floor"]
@@ -105,21 +112,33 @@ def _assert_report_agrees(report: str, results: dict, settings) -> None:
     assert set(tables) == set(results["regimes"])
     for n, text in tables.items():
         regime, arms = results["regimes"][n], _arms(settings, int(n))
-        for organ in regime["organ_dice"]["scratch"]:
+        stopped = int(n) in settings.protocol.stop_early
+        assert ("final" in regime) != stopped
+        for organ in [] if stopped else regime["organ_dice"]["scratch"]:
             row = re.search(rf"^\| {organ} \|(.*)\|$", text, re.M).group(1)
             assert [float(c) for c in row.split("|")] == [round(regime["organ_dice"][a][organ], 3) for a in arms]
+        for step in settings.early_steps(int(n)):
+            row = re.search(rf"^\| after {step} steps \|(.*)\|$", text, re.M).group(1)
+            assert [float(c) for c in row.split("|")] == [round(regime["early_curve"][a][str(step)], 3) for a in arms]
         for seed in regime["seeds"]:
             row = re.search(rf"^\| {seed} \|(.*)\|$", text, re.M).group(1)
             run = {r["arm"]: r for r in results["runs"] if (r["labelled"], r["seed"]) == (int(n), seed)}
+            if stopped:
+                assert [float(c) for c in row.split("|")] == [round(run[a]["early_mean_dice"], 3) for a in arms]
+                continue
             cells = [re.fullmatch(r"\s*([\d.]+) \(([\d.]+)\)\s*", c).groups() for c in row.split("|")]
             assert [(float(f), float(e)) for f, e in cells] == \
                 [(round(run[a]["mean_dice"], 3), round(run[a]["early_mean_dice"], 3)) for a in arms]
         for readout in ("final", "early"):
-            for c in regime[readout]["comparisons"].values():
+            for c in regime.get(readout, {}).get("comparisons", {}).values():
                 assert f"| {c['mean_difference']:+.3f} | {c['ci_low']:+.3f} to {c['ci_high']:+.3f} |" in report
-    assert f"{results['primary']['mean_difference']:+.3f}" in report.split("## Secondary")[0]
+    head = report.split("## Secondary")[0]
+    for c in results["primary"]:
+        p = [("n/a" if v is None else f"{v:.4f}") for v in (c["p_value"], c["p_holm"])]
+        assert f"{c['mean_difference']:+.3f}" in head and f"| {p[0]} | {p[1]} |" in head
     assert f"**{results['gate']['mean']:.3f}**" in report
-    assert f"{results['headroom']['gap']:+.3f}" in report
+    if results["headroom"]:
+        assert f"{results['headroom']['gap']:+.3f}" in report
 
 
 @pytest.mark.slow
@@ -184,9 +203,15 @@ def test_an_interrupted_stage_stops_the_demo_with_what_to_do(tmp_path):
         _finished(FitResult(step=1, interrupted="SIGINT"), "the live pretraining", tmp_path)
 
 
-def test_settings_fix_the_protocol_and_quick_overrides_it():
-    full, quick = load_settings(), load_settings(quick=True)
-    assert len(full.protocol.seeds) >= 5 and full.protocol.primary == 1 and 1 in full.protocol.labelled
+def test_settings_fix_the_protocol_and_quick_and_study_override_it():
+    full, quick, study = load_settings(), load_settings(quick=True), load_settings(study=True)
+    proto = full.protocol
+    # round three: (a) 8 labelled, early; (b) 1 labelled, final; 8 seeds none of which round two reported
+    assert proto.hypotheses() == [("early", 8), ("final", 1)] and proto.stop_early == (8,)
+    assert (full.budget(8), full.early_steps(8), full.budget(1)) == (1200, (150, 300), 600)
+    assert len(proto.seeds) == 8 and not set(proto.seeds) & set(range(6)) and full.phantoms.seed_offset == 70000
+    assert set(study.protocol.labelled) > set(proto.labelled) and not study.protocol.stop_early
+    assert {"control", "probe_builtin", "probe_random"} <= set(study.protocol.arms_of(1))
     assert quick.finetune_run_config().run.max_steps < full.finetune_run_config().run.max_steps
     # every arm and the live pretraining share the built-in weights' architecture and intensities
     builtin = full.pretrain_run_config()
@@ -197,9 +222,12 @@ def test_settings_fix_the_protocol_and_quick_overrides_it():
 
 
 @pytest.mark.parametrize("edit, field", [
-    (("labelled: [1, 2, 8]", "labelled: [1, 9]"), "protocol.labelled"),
+    (("labelled: [8, 1] ", "labelled: [1, 9] "), "protocol.labelled"),
     (("    max_steps: 1200", "    max_stepz: 1200"), "finetune.run.max_stepz"),
-    (("arms: [scratch, builtin, control", "arms: [scratch, builtin, kontrol"), "protocol.arms"),
+    (("arms: [scratch, builtin]  ", "arms: [scratch, kontrol]  "), "protocol.arms"),
+    (("stop_early: [8]", "stop_early: [1]"), "protocol.stop_early"),
+    (("steps: [1200, 600]", "steps: [1200]"), "protocol.steps"),
+    (("primary_early: 8", "primary_early: 2"), "protocol.primary_early"),
     (("alternative: greater", "alternative: less"), "protocol.alternative"),
     (("pool: 24", "pool: many"), "phantoms.pool"),
     (("{lr: 3.0e-3", "{lr: fast"), "scratch.optim.lr"),
@@ -249,9 +277,9 @@ def test_what_held_draws_the_implication_from_gate_control_probe_and_headroom(
     held = {"gap": True, "full": room_passed, "organs": room_passed}
     room = {"gap": 0.16, "full_mean": 0.78, "full_organs": {"aorta": 0.58, "lung": 0.94}, "held": held,
             "passed": room_passed}
-    summary = {str(settings.protocol.primary): {"final": {"comparisons": {
+    summary = {str(settings.protocol.primary_final): {"final": {"comparisons": {
         "control - scratch": _comparison(*control), "probe_builtin - probe_random": _comparison(*probe)}}}}
-    lines = _what_held(gate, room, summary, {"significant": False}, settings)
+    lines = _what_held(gate, room, summary, [{"readout": "final", "significant": False}], settings)
     assert implied in lines[-1] and lines[-1].startswith("- So:"), lines
     assert "gap +0.160 held" in lines[1] and f"full set 0.780 {'held' if room_passed else 'not'}" in lines[1]
 
@@ -266,6 +294,13 @@ def test_wilcoxon_p_is_exact_and_one_sided_when_asked():
     mixed = [s + d for s, d in zip(scratch, (-0.01, 0.02, 0.03, 0.04, 0.05, 0.06))]
     assert compare_paired(scratch, mixed, alternative="greater").p_value == pytest.approx(2 / 64)
     assert c.mean_difference == pytest.approx(0.035)
+
+
+def test_holm_adjusts_the_smallest_p_most_and_keeps_the_order():
+    assert holm([0.01, 0.04]) == pytest.approx([0.02, 0.04])
+    assert holm([0.03, 0.02]) == pytest.approx([0.04, 0.04])  # never below a smaller p's adjusted value
+    assert holm([0.6, None, 0.001]) == pytest.approx([0.6, None, 0.002])
+    assert holm([0.9, 0.8]) == [1.0, 1.0] and holm([]) == []
 
 
 def test_bootstrap_interval_is_reproducible_and_brackets_the_mean():

@@ -57,3 +57,16 @@ def compare_paired(a: Sequence[float], b: Sequence[float], *, alternative: str =
         method = "exact" if np.count_nonzero(diff) == len(diff) else "auto"
         p = float(stats.wilcoxon(diff, alternative=alternative, method=method).pvalue)
     return PairedComparison(len(diff), float(diff.mean()), low, high, level, p, alternative, int((diff > 0).sum()))
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of ``p_values`` (one family of tests; None stays None): compare
+    each adjusted value with the family's level, and at most that share of families with any true
+    null hypothesis claims one."""
+    known = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    out: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(known):
+        running = max(running, min(1.0, (len(known) - rank) * p))
+        out[i] = running
+    return out

@@ -1,11 +1,13 @@
 """The embedded demo (``volumefusion demo``): does Volume Fusion pretraining help fine-tuning?
 
-On procedural CT phantoms (plus the slicerio chest CT), the demo fine-tunes the same small PCT-Net
-in three arms that differ only in their starting weights: from scratch, from the built-in Volume
-Fusion weights (``builtin:demo``, pretrained once for long; docs/weights.md), and from weights that
-the demo pretrains itself for a short while (the live stage that shows pretraining works). It does
-so in each label regime (e.g. 1 and 4 labelled training phantoms) for every seed, scores each run on
-held-out phantoms, and tests the pre-registered comparison of the settings' ``protocol``.
+On procedural CT phantoms, the demo fine-tunes the same small PCT-Net in arms that differ only in
+their starting weights (and the recipe that goes with them): from scratch and from the built-in
+Volume Fusion weights (``builtin:demo``; docs/weights.md), for every label regime and seed, scores
+each run on held-out phantoms, and tests the pre-registered hypotheses of the settings' ``protocol``
+(Holm's correction across them): faster convergence with the full label set (the early readout) and
+a gain with one labelled phantom (the final readout). ``--study`` adds the positive control (weights
+pretrained with labels on other phantoms), the frozen-encoder probes (built-in vs random encoder) and
+more regimes; ``--quick`` also runs weights the demo pretrains itself (the live stage).
 
 Modules: :mod:`~volumefusion.demo.settings` (typed settings, bundled preset ``demo.yaml``),
 :mod:`~volumefusion.demo.data` (phantoms and splits), :mod:`~volumefusion.demo.run` (the runs and
@@ -19,7 +21,8 @@ Output layout::
     DIR/data/test/{images,labels}/            held-out phantoms
     DIR/configs/{pretrain,finetune}.yaml      resolved configs, usable with the ordinary commands
     DIR/runs/pretrain/                        the live pretraining
-    DIR/runs/<n>labelled/seed<S>/<arm>/       each fine-tuning run (+ predictions/ for the first seed)
+    DIR/runs/<n>labelled/seed<S>/<arm>/       each fine-tuning run: predictions/ and metrics.csv of its
+                                              final weights, early/step<N>/ of each early readout
     DIR/figures/*.png, DIR/report.md, DIR/report.json
 """
 

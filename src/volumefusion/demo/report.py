@@ -27,10 +27,8 @@ from volumefusion.demo.settings import ARMS, DemoSettings
 from volumefusion.files import atomic_write_text
 from volumefusion.io import read_image
 from volumefusion.processes import cpu_count
-from volumefusion.stats import compare_paired
+from volumefusion.stats import compare_paired, holm
 from volumefusion.viz import label_overlay, save_band_curves, save_curves, save_montage
-
-"""The arm each arm is compared with, seed by seed (no entry for the baselines themselves)."""
 
 READOUT = {"final": "mean_dice", "early": "early_mean_dice"}
 VARIED = ", scans varied (size, pose, field of view, contrast phase, missing organs, lesions, noise)"
@@ -49,18 +47,23 @@ def _plural(n: int | str, word: str = "phantom") -> str:
 
 
 def summarise(settings: DemoSettings, runs: list[RunResult]) -> dict:
-    """Per regime: the arms run, mean Dice (final and early) and per-organ Dice of each arm (means over
-    seeds), per-seed mean Dice, and the paired comparisons of each arm with its baseline."""
+    """Per regime: the arms run, mean Dice (final, unless the regime stops early, and early) and
+    per-organ Dice of each arm (means over seeds), per-seed mean Dice, and the paired comparisons of
+    each arm with its baseline."""
     proto = settings.protocol
     out = {}
     for n in proto.labelled:
-        arms = [a for a in ARMS if a in (proto.arms if n == proto.primary else proto.other_arms)]
+        arms = [a for a in ARMS if a in proto.arms_of(n)]
         per = {(r.seed, r.arm): r for r in runs if r.labelled == n}
         seeds = [s for s in proto.seeds if all((s, a) in per for a in arms)]
         if not seeds:
             continue
-        regime = {"arms": arms, "seeds": seeds, "early_step": per[seeds[0], arms[0]].early_step}
+        first = per[seeds[0], arms[0]]
+        regime = {"arms": arms, "seeds": seeds, "budget": settings.budget(n), "early_step": first.early_step,
+                  "early_steps": sorted(map(int, first.early)), "stopped": n in proto.stop_early}
         for readout, attr in READOUT.items():
+            if readout == "final" and regime["stopped"]:
+                continue
             by_seed = {a: [getattr(per[s, a], attr) for s in seeds] for a in arms}
             regime[readout] = {
                 "mean_dice": {a: float(np.mean(by_seed[a])) for a in arms},
@@ -70,52 +73,81 @@ def summarise(settings: DemoSettings, runs: list[RunResult]) -> dict:
                     by_seed[ARMS[a].baseline], by_seed[a], alternative=proto.alternative, resamples=proto.bootstrap,
                     seed=proto.bootstrap_seed).to_dict() for a in arms if ARMS[a].baseline in arms},
             }
-        organs = list(per[seeds[0], arms[0]].organ_dice)
+        organs = list(first.organ_dice)
         regime["organ_dice"] = {a: {o: float(np.mean([per[s, a].organ_dice[o] for s in seeds])) for o in organs}
                                 for a in arms}
+        early = sorted(first.early, key=int)
+        regime["early_curve"] = {a: {t: float(np.mean([per[s, a].early_curve[t] for s in seeds])) for t in early}
+                                 for a in arms}
         out[str(n)] = regime
     return out
 
 
 def headroom(settings: DemoSettings, summary: dict) -> dict:
-    """From scratch: the primary regime against the full label set (the most labelled phantoms)."""
+    """From scratch: the regime of the final primary test against the full label set (the most
+    labelled phantoms); empty where either has no final readout."""
     proto = settings.protocol
-    full, few = summary.get(str(max(proto.labelled))), summary.get(str(proto.primary))
-    if full is None or few is None or full is few:
+    full, few = summary.get(str(max(proto.labelled))), summary.get(str(proto.primary_final))
+    if full is None or few is None or full is few or "final" not in full or "final" not in few:
         return {}
     full_mean, few_mean = full["final"]["mean_dice"]["scratch"], few["final"]["mean_dice"]["scratch"]
     organs = full["organ_dice"]["scratch"]
     held = {"gap": full_mean - few_mean >= proto.headroom_gap, "full": full_mean >= proto.headroom_full,
             "organs": min(organs.values()) >= proto.headroom_organ}
-    return {"primary": proto.primary, "full": max(proto.labelled), "primary_mean": few_mean, "full_mean": full_mean,
-            "gap": full_mean - few_mean, "full_organs": organs, "held": held, "passed": all(held.values())}
+    return {"primary": proto.primary_final, "full": max(proto.labelled), "primary_mean": few_mean,
+            "full_mean": full_mean, "gap": full_mean - few_mean, "full_organs": organs, "held": held,
+            "passed": all(held.values())}
 
 
-def _primary(settings: DemoSettings, summary: dict) -> dict:
+def _primary(settings: DemoSettings, summary: dict) -> list[dict]:
+    """The primary tests (builtin vs scratch: (a) early readout, (b) final), Holm-adjusted together;
+    a test whose regime has no complete seed is left out."""
     proto = settings.protocol
-    regime = summary.get(str(proto.primary))
-    if regime is None:
-        return {}
-    c = regime["final"]["comparisons"]["builtin - scratch"]
-    significant = c["p_value"] is not None and c["p_value"] < proto.alpha and c["ci_low"] > 0
-    return {"regime": proto.primary, "comparison": "builtin - scratch", "alternative": proto.alternative,
-            "alpha": proto.alpha, **c, "significant": significant,
-            "builtin": regime["final"]["mean_dice"]["builtin"], "scratch": regime["final"]["mean_dice"]["scratch"]}
+    tests = []
+    for readout, n in proto.hypotheses():
+        block = summary.get(str(n), {}).get(readout)
+        if block:
+            tests.append({"regime": n, "readout": readout, "comparison": "builtin - scratch",
+                          "alternative": proto.alternative, "alpha": proto.alpha,
+                          **block["comparisons"]["builtin - scratch"],
+                          "builtin": block["mean_dice"]["builtin"], "scratch": block["mean_dice"]["scratch"]})
+    for test, p in zip(tests, holm([t["p_value"] for t in tests])):
+        test["p_holm"] = p
+        test["significant"] = p is not None and p < proto.alpha
+    return tests
 
 
-def _verdict(settings: DemoSettings, primary: dict) -> str:
+def _when(readout: str, regime: dict) -> str:
+    """The readout in words: at the end of the budget, or over the early steps."""
+    if readout == "final":
+        return f"at the end of the budget ({regime['budget']} steps)"
+    steps = regime["early_steps"]
+    if len(steps) == 1:
+        return f"after {steps[0]} steps"
+    return f"over the first {steps[-1]} steps, the mean of the scores after {', '.join(map(str, steps))} steps"
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed{'s' if n != 1 else ''}"
+
+
+def _verdict(settings: DemoSettings, primary: list[dict], summary: dict) -> str:
     proto = settings.protocol
     if not primary:
-        return "No complete seed in the primary regime."
+        return "No complete seed in a primary regime."
     side = "one-sided, built-in better" if proto.alternative == "greater" else "two-sided"
-    c = primary
-    text = (f"With {_plural(proto.primary)}, fine-tuning from the built-in Volume Fusion weights reached a "
-            f"held-out mean Dice of {c['builtin']:.3f} against {c['scratch']:.3f} from scratch over {c['n']} seeds: "
-            f"paired difference {c['mean_difference']:+.3f} (95 % bootstrap interval {c['ci_low']:+.3f} to "
-            f"{c['ci_high']:+.3f}; Wilcoxon signed-rank p = {_p(c['p_value'])}, {side}; better on {c['wins']} of "
-            f"{c['n']} seeds). ")
-    return text + ("By the protocol fixed in advance, this is a significant gain." if c["significant"] else
-                   "By the protocol fixed in advance, this is not a significant gain.")
+    sentences = []
+    for c in primary:
+        what = ("Faster convergence" if c["readout"] == "early" else "Few labels") + \
+            f", {_plural(c['regime'])}, {_when(c['readout'], summary[str(c['regime'])])}"
+        sentences.append(
+            f"{what}: the built-in Volume Fusion weights reached a held-out mean Dice of {c['builtin']:.3f} against "
+            f"{c['scratch']:.3f} from scratch over {_seeds(c['n'])}, paired difference {c['mean_difference']:+.3f} "
+            f"(95 % bootstrap interval {c['ci_low']:+.3f} to {c['ci_high']:+.3f}; Wilcoxon signed-rank p = "
+            f"{_p(c['p_value'])}, {side}, Holm-adjusted {_p(c['p_holm'])}; better on {c['wins']} of {c['n']} "
+            f"seeds): {'a significant gain' if c['significant'] else 'not a significant gain'} by the protocol "
+            "fixed in advance.")
+    return " ".join(sentences)
 
 
 def _comparison_row(name: str, c: dict, means: dict) -> str:
@@ -129,24 +161,25 @@ _COMPARISON_HEAD = ["| comparison | mean | baseline mean | difference | 95 % boo
 
 
 def _secondary(settings: DemoSettings, summary: dict) -> list[str]:
-    """Every comparison but the primary one: early readout, probes, control, live, other regimes."""
-    proto = settings.protocol
+    """Every comparison but the primary ones: other readouts, probes, control, live, other regimes."""
+    primary = {(readout, n) for readout, n in settings.protocol.hypotheses()}
     lines = _COMPARISON_HEAD.copy()
     for n, regime in summary.items():
         for readout in READOUT:
-            block = regime[readout]
-            for name, c in block["comparisons"].items():
-                if int(n) == proto.primary and readout == "final" and name == "builtin - scratch":
+            block = regime.get(readout, {})
+            for name, c in block.get("comparisons", {}).items():
+                if (readout, int(n)) in primary and name == "builtin - scratch":
                     continue
-                when = f"after {regime['early_step']} steps" if readout == "early" else "final"
+                when = f"early ({regime['early_steps'][-1]} steps)" if readout == "early" else "final"
                 row = _comparison_row(name, c, block["mean_dice"])
                 lines.append(row.replace("| ", f"| {_plural(n)}, {when}: ", 1))
     return lines
 
 
-def _what_held(gate: GateResult, room: dict, summary: dict, primary: dict, settings: DemoSettings) -> list[str]:
-    """Which preconditions and controls held, and what that implies, for a non-significant result."""
-    regime = summary.get(str(settings.protocol.primary), {}).get("final", {}).get("comparisons", {})
+def _what_held(gate: GateResult, room: dict, summary: dict, primary: list[dict], settings: DemoSettings
+               ) -> list[str]:
+    """Which preconditions and controls held, and what that implies for a non-significant final test."""
+    regime = summary.get(str(settings.protocol.primary_final), {}).get("final", {}).get("comparisons", {})
     probe, control = regime.get("probe_builtin - probe_random"), regime.get("control - scratch")
     lines = [f"- Gate (the pretext is learned): {'held' if gate.passed else 'did not hold'} (mean {gate.mean:.3f}, "
              f"lowest level {min(gate.levels.values()):.3f})."]
@@ -164,7 +197,10 @@ def _what_held(gate: GateResult, room: dict, summary: dict, primary: dict, setti
         lines.append(f"- Positive control (the set-up detects transfer): control minus scratch "
                      f"{control['mean_difference']:+.3f} (interval {control['ci_low']:+.3f} to "
                      f"{control['ci_high']:+.3f}, p = {_p(control['p_value'])}).")
-    if primary.get("significant"):
+    if not probe and not control and not room:
+        lines.append("- Headroom, probe and positive control: not measured in this mode (`volumefusion demo --study` "
+                     "measures them).")
+    if all(c["significant"] for c in primary if c["readout"] == "final"):
         return lines
     detects = control is not None and control["ci_low"] > 0
     features = probe is not None and probe["ci_low"] > 0
@@ -192,22 +228,29 @@ def _what_held(gate: GateResult, room: dict, summary: dict, primary: dict, setti
 
 
 def _regime_tables(n: str, regime: dict) -> list[str]:
-    arms, final = regime["arms"], regime["final"]
-    m, sd = final["mean_dice"], final["sd_dice"]
-    lines = [f"### {_plural(n, 'training phantom')}", "",
-             "| organ | " + " | ".join(ARMS[a].text for a in arms) + " |", "| --- |" + " ---: |" * len(arms)]
-    for organ in regime["organ_dice"][arms[0]]:
-        lines.append(f"| {organ} | " + " | ".join(_f3(regime["organ_dice"][a][organ]) for a in arms) + " |")
-    lines.append("| **mean** | " + " | ".join(f"**{_f3(m[a])}**" + (f" ± {sd[a]:.3f}" if sd[a] is not None else "")
-                                                for a in arms) + " |")
-    early = regime["early"]["mean_dice"]
-    lines.append(f"| mean after {regime['early_step']} steps | " + " | ".join(_f3(early[a]) for a in arms) + " |")
-    lines += ["", "Mean Dice per seed (final; after the early budget in brackets):", "",
+    arms, final, early = regime["arms"], regime.get("final"), regime["early"]
+    lines = [f"### {_plural(n, 'training phantom')}", ""]
+    if final:
+        m, sd = final["mean_dice"], final["sd_dice"]
+        lines += ["| organ | " + " | ".join(ARMS[a].text for a in arms) + " |", "| --- |" + " ---: |" * len(arms)]
+        for organ in regime["organ_dice"][arms[0]]:
+            lines.append(f"| {organ} | " + " | ".join(_f3(regime["organ_dice"][a][organ]) for a in arms) + " |")
+        lines.append("| **mean** | " + " | ".join(f"**{_f3(m[a])}**" + (f" ± {sd[a]:.3f}" if sd[a] is not None
+                                                                         else "") for a in arms) + " |")
+    else:
+        lines += [f"The runs stop at step {regime['early_step']} (the early readout).", "",
+                  "| mean Dice | " + " | ".join(ARMS[a].text for a in arms) + " |", "| --- |" + " ---: |" * len(arms)]
+    for step in regime["early_steps"]:
+        lines.append(f"| after {step} steps | " + " | ".join(_f3(regime["early_curve"][a][str(step)]) for a in arms)
+                     + " |")
+    lines.append("| early readout | " + " | ".join(_f3(early["mean_dice"][a]) for a in arms) + " |")
+    head = "final; the early readout in brackets" if final else "the early readout"
+    lines += ["", f"Mean Dice per seed ({head}):", "",
               "| seed | " + " | ".join(arms) + " |", "| --- |" + " ---: |" * len(arms)]
     for s in regime["seeds"]:
-        lines.append(f"| {s} | " + " | ".join(f"{_f3(final['seed_mean_dice'][a][str(s)])} "
-                                              f"({_f3(regime['early']['seed_mean_dice'][a][str(s)])})"
-                                              for a in arms) + " |")
+        cells = [f"{_f3(final['seed_mean_dice'][a][str(s)])} ({_f3(early['seed_mean_dice'][a][str(s)])})"
+                 if final else _f3(early["seed_mean_dice"][a][str(s)]) for a in arms]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -240,15 +283,17 @@ def _pretext_figure(pretraining: PretrainResult, path: Path) -> Path | None:
 
 def _predictions_figure(out: Path, data: DemoData, settings: DemoSettings, path: Path) -> Path:
     """Two held-out phantoms: image, truth and each arm's prediction (first seed, primary regime)."""
-    seed, n = settings.protocol.seeds[0], settings.protocol.primary
-    arms = [a for a in ARMS if a in settings.protocol.arms]
+    proto = settings.protocol
+    seed, n = proto.seeds[0], _final_regime(settings)
+    arms = [a for a in ARMS if a in proto.arms_of(n)]
     cases = sorted(p.name for p in data.test_labels.glob("*.nii.gz"))[:2]
     rows: dict[str, list] = {"image": [], "truth": [], **{ARMS[a].text: [] for a in arms}}
     columns = []
     for case in cases:
         image, _ = read_image(data.test_images / case)
         truth, _ = read_image(data.test_labels / case)
-        preds = {a: read_image(out / "runs" / f"{n}labelled" / f"seed{seed}" / a / "predictions" / case)[0]
+        where = Path("early") / f"step{settings.early_steps(n)[-1]}" if n in proto.stop_early else Path()
+        preds = {a: read_image(out / "runs" / f"{n}labelled" / f"seed{seed}" / a / where / "predictions" / case)[0]
                  for a in arms}
         for frac in (0.3, 0.7):  # one slice through the abdomen, one through the chest
             z = int(round(frac * (image.shape[0] - 1)))
@@ -261,6 +306,13 @@ def _predictions_figure(out: Path, data: DemoData, settings: DemoSettings, path:
     return save_montage(path, [(k, v, "image") for k, v in rows.items()], col_titles=columns, window=(0, 1),
                         label_names=names, cell=1.9,
                         title=f"held-out phantoms, {_plural(n)}, seed {seed} (window -200..300 HU)")
+
+
+def _final_regime(settings: DemoSettings) -> int:
+    """The regime whose runs the report shows and names: that of the final primary test, or else the
+    first that runs to the end of the budget."""
+    proto = settings.protocol
+    return proto.primary_final or next((n for n in proto.labelled if n not in proto.stop_early), proto.labelled[0])
 
 
 def _builtin_card(path: Path) -> dict:
@@ -281,7 +333,7 @@ def _relative(path: Path, out: Path) -> str:
 
 def write_report(out: Path, settings: DemoSettings, data: DemoData, gate: GateResult,
                  pretraining: dict[str, PretrainResult], runs: list[RunResult], builtin: Path, *, device: str,
-                 quick: bool, workers: int, seconds: float, expected: float) -> Path:
+                 quick: bool, study: bool = False, workers: int, seconds: float, expected: float) -> Path:
     """``out/report.md``, ``out/report.json`` and ``out/figures/*.png``; returns the report's path."""
     figures = out / "figures"
     summary = summarise(settings, runs)
@@ -299,7 +351,7 @@ def write_report(out: Path, settings: DemoSettings, data: DemoData, gate: GateRe
                       settings.pretrain_run_config())
     control_cfg = settings.control_run_config()
     results = {
-        "quick": quick, "device": device, "workers": workers, "cpu_cores": cpu_count(),
+        "quick": quick, "study": study, "device": device, "workers": workers, "cpu_cores": cpu_count(),
         "seconds": seconds, "process_seconds": work, "expected_seconds": expected,
         "settings": to_dict(settings), "gate": gate.to_dict(), "headroom": room, "primary": primary,
         "regimes": summary,
@@ -309,12 +361,13 @@ def write_report(out: Path, settings: DemoSettings, data: DemoData, gate: GateRe
     }
     atomic_write_text(out / "report.json", json.dumps(results, indent=1) + "\n")
 
-    rel = {k: _relative(v, out) for k, v in (("dataset", data.dataset), ("split", data.split(proto.primary,
-                                                                                              proto.seeds[0])))}
+    shown = _final_regime(settings)
+    rel = {k: _relative(v, out) for k, v in (("dataset", data.dataset), ("split", data.split(shown, proto.seeds[0])))}
+    title = " (--quick: a smoke run, too short to mean anything)" if quick else " (--study)" if study else ""
     lines = [
-        f"# volumefusion demo report{' (--quick: a smoke run, too short to mean anything)' if quick else ''}",
+        f"# volumefusion demo report{title}",
         "",
-        f"**Result.** {_verdict(settings, primary)}",
+        f"**Result.** {_verdict(settings, primary, summary)}",
         "",
         "## Preconditions",
         "",
@@ -339,27 +392,38 @@ def write_report(out: Path, settings: DemoSettings, data: DemoData, gate: GateRe
             f"{'yes' if room['held']['organs'] else 'no'}): **{'passed' if room['passed'] else 'not passed'}**.",
             "",
         ]
-    lines += ["## The pre-registered test", "", *_COMPARISON_HEAD]
-    if primary:
-        regime = summary[str(proto.primary)]["final"]
-        lines.append(_comparison_row("builtin - scratch", regime["comparisons"]["builtin - scratch"],
-                                     regime["mean_dice"]))
+    lines += ["## The pre-registered tests", "",
+              f"Holm's correction across the {len(proto.hypotheses())} tests, at level {proto.alpha}.", "",
+              _COMPARISON_HEAD[0].replace(" better on |", " Holm-adjusted p | better on |"),
+              _COMPARISON_HEAD[1] + " ---: |"]
+    for c in primary:
+        row = _comparison_row("builtin - scratch", c, {"builtin": c["builtin"], "scratch": c["scratch"]})
+        row = row.replace("| built-in", f"| {_plural(c['regime'])}, {c['readout']}: built-in", 1)
+        head, wins = row.rsplit(" | ", 1)
+        lines.append(f"{head} | {_p(c['p_holm'])} | {wins}")
     lines += ["", "## Secondary readouts (reported without a claim)", "", *_secondary(settings, summary), "",
               "## What held", "", *_what_held(gate, room, summary, primary, settings), ""]
+    tests = "; ".join(f"({'ab'[i]}) {_plural(n)}, {'the early readout' if r == 'early' else 'final weights'}"
+                      for i, (r, n) in enumerate(proto.hypotheses()))
+    stopped = [n for n in proto.labelled if n in proto.stop_early]
     lines += [
         "## Protocol (fixed in the demo settings before any result)",
         "",
-        f"- Arms ({_plural(proto.primary)}): {', '.join(ARMS[a].text for a in proto.arms)}; other regimes: "
+        f"- Arms ({_plural(shown)}): {', '.join(ARMS[a].text for a in proto.arms_of(shown))}; other regimes: "
         f"{', '.join(ARMS[a].text for a in proto.other_arms)}. Within a regime and seed every arm sees the same "
         "labelled phantoms, seed, data order and augmentation; they differ in their starting weights and "
         "recipe (scratch or pretrained).",
         f"- Regimes: {', '.join(map(str, proto.labelled))} labelled training phantom(s) of {p.train}; which "
         f"ones are labelled is drawn from the seed. Seeds {list(proto.seeds)}. Every run is scored on the same "
         f"{p.test} held-out phantoms (mean over organs of the per-organ Dice averaged over phantoms), with its "
-        f"final weights (after {ft.run.max_steps} steps) and, as the early readout, after "
-        f"{summary.get(str(proto.primary), {}).get('early_step', '?')} steps.",
-        f"- Test: paired Wilcoxon signed-rank, exact, alternative `{proto.alternative}`, of builtin - scratch "
-        f"mean Dice with {_plural(proto.primary)}, at level {proto.alpha}; 95 % percentile bootstrap "
+        f"final weights and, as the early readout, with the mean of its scores at evenly spaced steps up to "
+        f"{proto.early_fraction:g} of the budget (one jagged evaluation moves it less than a single score). "
+        "Budgets and early steps: " + "; ".join(
+            f"{_plural(n)}: {settings.budget(n)} steps, early {', '.join(map(str, settings.early_steps(n)))}"
+            + (" (the runs stop there, on the schedule of the whole budget, and are read early only)"
+               if n in stopped else "") for n in proto.labelled) + ".",
+        f"- Tests: {tests}; builtin - scratch mean Dice, paired Wilcoxon signed-rank, exact, alternative "
+        f"`{proto.alternative}`, Holm's correction across them at level {proto.alpha}; 95 % percentile bootstrap "
         f"interval of the mean paired difference ({proto.bootstrap} resamples, seed {proto.bootstrap_seed}). "
         "The other comparisons are reported without a claim.",
         "",
@@ -403,7 +467,8 @@ def write_report(out: Path, settings: DemoSettings, data: DemoData, gate: GateRe
               "",
               "```bash",
               f"volumefusion finetune -c configs/finetune_pretrained.yaml --data {rel['dataset']} "
-              f"--split {rel['split']} --seed {proto.seeds[0]} --pretrained {proto.builtin} --out rerun",
+              f"--split {rel['split']} --seed {proto.seeds[0]} --max-steps {settings.budget(shown)} "
+              f"--pretrained {proto.builtin} --out rerun",
               "```",
               ""]
     report = out / "report.md"

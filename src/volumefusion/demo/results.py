@@ -20,8 +20,9 @@ def _mean_dice(dice: dict[str, dict[str, float]]) -> tuple[dict[str, float], flo
 @dataclass
 class RunResult:
     """What one fine-tuning run measured. ``dice``: ``{organ: {case: Dice}}`` of the final weights on
-    the held-out phantoms; ``early_dice``: the same after ``early_step`` steps (the secondary, early
-    readout); ``curve``: ``[(step, validation mean Dice), ...]`` on the validation phantoms."""
+    the held-out phantoms (empty for a run stopped at the early readout); ``early``: ``{step: dice}``,
+    the same after each step of the early readout; ``curve``: ``[(step, validation mean Dice), ...]``
+    on the validation phantoms."""
 
     seed: int
     arm: str
@@ -29,8 +30,7 @@ class RunResult:
     seconds: float
     best_score: float | None
     dice: dict[str, dict[str, float]] = field(default_factory=dict)
-    early_step: int = 0
-    early_dice: dict[str, dict[str, float]] = field(default_factory=dict)
+    early: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     curve: list[tuple[int, float]] = field(default_factory=list)
 
     @property
@@ -44,13 +44,23 @@ class RunResult:
         return _mean_dice(self.dice)[1]
 
     @property
+    def early_step(self) -> int:
+        """The last step of the early readout."""
+        return max(map(int, self.early), default=0)
+
+    @property
+    def early_curve(self) -> dict[str, float]:
+        """``{step: mean Dice}`` of the weights at each step of the early readout."""
+        return {step: _mean_dice(dice)[1] for step, dice in self.early.items()}
+
+    @property
     def early_mean_dice(self) -> float:
-        """:attr:`mean_dice` of the weights after ``early_step`` steps."""
-        return _mean_dice(self.early_dice)[1]
+        """The early readout: the mean of :attr:`early_curve`."""
+        return float(np.mean(list(self.early_curve.values()))) if self.early else float("nan")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "organ_dice": self.organ_dice, "mean_dice": self.mean_dice,
-                "early_mean_dice": self.early_mean_dice}
+                "early_curve": self.early_curve, "early_mean_dice": self.early_mean_dice}
 
     @classmethod
     def from_dict(cls, d: dict) -> RunResult:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ import torch
 
 from volumefusion import VolumeFusionError
 from volumefusion.checkpoint import read_checkpoint, resolve_weights
-from volumefusion.config import Config, load, save, to_dict
+from volumefusion.config import load, save, to_dict
 from volumefusion.demo.data import DemoData, make_data
 from volumefusion.demo.report import write_report
 from volumefusion.demo.results import DemoResult, GateResult, PretrainResult, RunResult
@@ -45,7 +46,10 @@ from volumefusion.train.runs import evaluate_pretext, finetune, pretrain
 
 log = get_logger(__name__)
 
-RUN_OVERHEAD_STEPS = 30
+RUN_OVERHEAD_STEPS = 10
+SCORE_STEPS = 10
+"""Besides its training steps, a run spends about RUN_OVERHEAD_STEPS steps' time on preparing its store,
+validations and checkpoints, and SCORE_STEPS on each scoring of the held-out phantoms (measured)."""
 MARKER = "demo.json"
 """The file that makes a folder a demo's (its settings): a rerun with the same settings resumes there."""
 
@@ -68,7 +72,9 @@ class FinetuneJob:
     test_labels: Path
     label_names: dict[int, str]
     device: str
-    early_step: int
+    steps: int
+    early_steps: tuple[int, ...]
+    stop_after: int = 0
     needs: str | None = None
 
 
@@ -110,28 +116,33 @@ def _fresh(run_dir: Path) -> None:
 
 
 def run_job(job: FinetuneJob, threads: int | None = None, verbosity: int | None = None) -> RunResult:
-    """Fine-tune, then score the final weights and those after ``early_step`` steps on the held-out
-    phantoms; a run whose ``result.json`` exists is not run again. ``threads``/``verbosity``: torch
-    threads and log level (:func:`volumefusion.log.setup`) to set first, in a worker process."""
+    """Fine-tune, then score the final weights (unless the run stops early) and those after each of
+    ``early_steps`` on the held-out phantoms; a run whose ``result.json`` exists is not run again.
+    ``threads``/``verbosity``: torch threads and log level (:func:`volumefusion.log.setup`) to set
+    first, in a worker process."""
     done = job.run_dir / "result.json"
     if done.is_file():
         return RunResult.from_dict(json.loads(done.read_text()))
     _worker_setup(threads, verbosity)
     _fresh(job.run_dir)
     t0 = time.perf_counter()
-    overrides = [f"run.device={job.device}", f"run.seed={job.seed}", f"finetune.split_file={job.split}"]
+    every = math.gcd(*job.early_steps)  # numbered checkpoints at each step of the early readout
+    overrides = [f"run.device={job.device}", f"run.seed={job.seed}", f"finetune.split_file={job.split}",
+                 f"run.max_steps={job.steps}", f"run.stop_after={job.stop_after}", f"run.checkpoint_every={every}",
+                 f"run.keep_last={job.steps // every + 1}"]
     result = finetune([str(job.config)], overrides, job.dataset, job.run_dir, job.pretrained)
     _finished(result, f"fine-tuning ({job.labelled} labelled, seed {job.seed}, {job.arm})", job.run_dir)
     seconds = time.perf_counter() - t0
     checkpoints = job.run_dir / "checkpoints"
     score = [job.test_images, job.test_labels, job.label_names, job.device]
-    dice = evaluate_checkpoint(checkpoints / "latest.pt", *score, job.run_dir)
-    early = evaluate_checkpoint(checkpoints / f"step_{job.early_step:08d}.pt", *score, job.run_dir / "early")
+    dice = {} if job.stop_after else evaluate_checkpoint(checkpoints / "latest.pt", *score, job.run_dir)
+    early = {str(step): evaluate_checkpoint(checkpoints / f"step_{step:08d}.pt", *score,
+                                            job.run_dir / "early" / f"step{step}") for step in job.early_steps}
     for numbered in checkpoints.glob("step_*.pt"):  # scored; latest.pt stays for predict
         numbered.unlink()
     curve = [(int(r["step"]), float(r["val_score"])) for r in read_metrics(job.run_dir / "metrics.jsonl")
              if "val_score" in r]
-    run = RunResult(job.seed, job.arm, job.labelled, seconds, result.best_score, dice, job.early_step, early, curve)
+    run = RunResult(job.seed, job.arm, job.labelled, seconds, result.best_score, dice, early, curve)
     # beside the run's own files, so an interrupted demo still leaves every finished run's scores
     atomic_write_text(done, json.dumps(run.to_dict(), indent=1) + "\n")
     return run
@@ -221,20 +232,12 @@ def _verbosity() -> int:
     return 1 if level <= logging.DEBUG else -1 if level >= logging.WARNING else 0
 
 
-def early_step(cfg: Config, fraction: float) -> int:
-    """The step of the early readout: ``fraction`` of the run, at least 1."""
-    return max(1, round(cfg.run.max_steps * fraction))
-
-
 def write_configs(settings: DemoSettings, folder: Path) -> dict[str, Path]:
     """Each fine-tuning recipe (scratch, pretrained, probe) and the pretraining stages' configs as
-    YAML files in ``folder``; the fine-tuning configs also keep the numbered checkpoint of the early
-    readout."""
-    early = early_step(settings.finetune_run_config(), settings.protocol.early_fraction)
+    YAML files in ``folder`` (each run sets its budget and checkpoints on top)."""
     paths = {}
     for name in ("scratch", "pretrained", "probe"):
         cfg = settings.finetune_run_config(next(a.name for a in ARMS.values() if a.recipe == name))
-        cfg.run.checkpoint_every, cfg.run.keep_last = early, cfg.run.max_steps // early + 1
         paths[name] = folder / f"finetune_{name}.yaml"
         save(cfg, paths[name])
     for name, cfg in (("pretrain", settings.pretrain_run_config()), ("control", settings.control_run_config())):
@@ -248,16 +251,17 @@ def make_jobs(settings: DemoSettings, data: DemoData, out: Path, configs: dict[s
     """Every fine-tuning run: regime x seed x arm, the arms of one seed and regime alike but for the
     starting weights and their recipe (scratch or pretrained; the probes hold the encoder still)."""
     proto = settings.protocol
-    early = early_step(settings.finetune_run_config(), proto.early_fraction)
     jobs = []
     for n in proto.labelled:
+        early = settings.early_steps(n)
         for seed in proto.seeds:
-            for arm in proto.arms if n == proto.primary else proto.other_arms:
+            for arm in proto.arms_of(n):
                 a = ARMS[arm]
                 jobs.append(FinetuneJob(seed, arm, n, out / "runs" / f"{n}labelled" / f"seed{seed}" / arm,
                                         configs[a.recipe], data.split(n, seed), data.dataset,
                                         starts[a.start] if a.start else None, data.test_images, data.test_labels,
-                                        data.label_names, device, early, a.stage))
+                                        data.label_names, device, settings.budget(n), early,
+                                        early[-1] if n in proto.stop_early else 0, a.stage))
     return jobs
 
 
@@ -274,9 +278,9 @@ class _Progress:
     def run_done(self, r: RunResult) -> None:
         self.done += 1
         left = self.elapsed() / self.done * (self.total - self.done)
-        log.info("[demo %5.0f s] %d/%d runs: %d labelled, seed %d, %s: held-out mean Dice %.3f "
-                 "(fine-tuned in %.0f s); about %.0f s left", self.elapsed(), self.done, self.total,
-                 r.labelled, r.seed, r.arm, r.mean_dice, r.seconds, left)
+        score = f"held-out mean Dice {r.mean_dice:.3f}" if r.dice else f"early readout {r.early_mean_dice:.3f}"
+        log.info("[demo %5.0f s] %d/%d runs: %d labelled, seed %d, %s: %s (fine-tuned in %.0f s); about %.0f s "
+                 "left", self.elapsed(), self.done, self.total, r.labelled, r.seed, r.arm, score, r.seconds, left)
 
 
 def claim_folder(out: Path, settings: DemoSettings) -> bool:
@@ -299,14 +303,15 @@ def claim_folder(out: Path, settings: DemoSettings) -> bool:
 
 
 def run_demo(out: str | Path = "vf-demo", *, quick: bool = False, seeds: list[int] | None = None,
-             device: str = "auto", config: str | Path | None = None, workers: int | None = None
-             ) -> DemoResult:
+             device: str = "auto", config: str | Path | None = None, workers: int | None = None,
+             study: bool = False) -> DemoResult:
     """Run the whole demo into ``out`` and write its report; see :mod:`volumefusion.demo`.
 
+    ``study``: the longer study (the settings' ``study`` section: more regimes and arms).
     ``workers``: processes (default: one per CPU core; one on a GPU). A folder that holds an
     unfinished demo of the same settings is resumed: finished runs are kept.
     """
-    settings = load_settings(config, quick, seeds)
+    settings = load_settings(config, quick, seeds, study)
     if workers is not None and workers < 1:
         raise VolumeFusionError(f"--workers {workers}: give a number of processes >= 1 (or leave it out)")
     resolve_device(device)
@@ -314,34 +319,36 @@ def run_demo(out: str | Path = "vf-demo", *, quick: bool = False, seeds: list[in
     out = Path(out).resolve()
     check_writable_folder(out, "--out")
     with folder_lock(out):
-        return _run_demo(settings, out, builtin, quick, device, workers)
+        return _run_demo(settings, out, builtin, quick, study, device, workers)
 
 
-def _run_demo(settings: DemoSettings, out: Path, builtin: Path, quick: bool, device: str, workers: int | None
-              ) -> DemoResult:
+def _run_demo(settings: DemoSettings, out: Path, builtin: Path, quick: bool, study: bool, device: str,
+              workers: int | None) -> DemoResult:
     resumed = claim_folder(out, settings)
     proto = settings.protocol
-    arms = set(proto.arms) | (set(proto.other_arms) if len(proto.labelled) > 1 else set())
+    arms = {a for n in proto.labelled for a in proto.arms_of(n)}
     needed = {ARMS[a].stage for a in arms} - {None}  # pretraining stages some arm starts from
     pretrain_cfg, finetune_cfg = settings.pretrain_run_config(), settings.finetune_run_config()
     control_cfg = settings.control_run_config()
     configs = write_configs(settings, out / "configs")
     stage_steps = ((pretrain_cfg.run.max_steps if "live" in needed else 0)
                    + (control_cfg.run.max_steps if "control" in needed else 0))
-    n_jobs = sum(len(proto.arms if n == proto.primary else proto.other_arms) for n in proto.labelled) \
-        * len(proto.seeds)
+    # each run's training steps, plus the time of its validations, checkpoints and scorings in steps
+    plan = [(settings.early_steps(n)[-1], len(settings.early_steps(n))) if n in proto.stop_early
+            else (settings.budget(n), len(settings.early_steps(n)) + 1)
+            for n in proto.labelled for _ in proto.seeds for _ in proto.arms_of(n)]
+    n_jobs = len(plan)
     n_workers, threads = plan_workers(device, workers, n_jobs + 1)
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     per_step = step_seconds(finetune_cfg, device)
-    # Besides its steps, a run spends about RUN_OVERHEAD_STEPS steps' time on preparing its store,
-    # validations, checkpoints and scoring the held-out phantoms twice (measured on the quick demo).
-    steps = stage_steps + n_jobs * (finetune_cfg.run.max_steps + RUN_OVERHEAD_STEPS)
-    expected = per_step * steps / n_workers + 30
-    log.info("[demo] %s%d fine-tuning runs (%d steps each) and %d steps of pretraining stages on %d process(es): "
+    run_steps = sum(steps + RUN_OVERHEAD_STEPS + SCORE_STEPS * scorings for steps, scorings in plan)
+    expected = per_step * (stage_steps + run_steps) / n_workers + 30
+    log.info("[demo] %s%d fine-tuning runs (%d steps in all) and %d steps of pretraining stages on %d process(es): "
              "expected about %.0f min (%.2f s per training step here)", "resuming: " if resumed else "",
-             n_jobs, finetune_cfg.run.max_steps, stage_steps, n_workers, expected / 60, per_step)
+             n_jobs, sum(steps for steps, _ in plan), stage_steps, n_workers,
+             expected / 60, per_step)
     progress = _Progress(n_jobs, expected)
     try:
         data = make_data(settings, out / "data", with_pool="live" in needed)
@@ -367,26 +374,30 @@ def _run_demo(settings: DemoSettings, out: Path, builtin: Path, quick: bool, dev
             stages["control"] = (run_control, (configs["control"], (f"run.device={device}",),
                                                data.control_dataset, data.control_split, stage_dirs["control"]))
         jobs = make_jobs(settings, data, out, configs, starts, device)
-        pretraining, runs = _schedule(jobs, proto.primary, stages, n_workers, threads, progress)
+        pretraining, runs = _schedule(jobs, {n for _, n in proto.hypotheses()}, stages, n_workers, threads,
+                                      progress)
     finally:
         torch.set_num_threads(previous_threads)
     order = {(j.labelled, j.seed, j.arm): i for i, j in enumerate(jobs)}
     runs.sort(key=lambda r: order[r.labelled, r.seed, r.arm])
     report = write_report(out, settings, data, gate, pretraining, runs, builtin, device=device, quick=quick,
-                          workers=n_workers, seconds=progress.elapsed(), expected=expected)
+                          study=study, workers=n_workers, seconds=progress.elapsed(), expected=expected)
     log.info("[demo %5.0f s] report: %s", progress.elapsed(), report)
     return DemoResult(out, report, runs, gate, pretraining, progress.elapsed())
 
 
-def _schedule(jobs: list[FinetuneJob], primary: int, stages: dict[str, tuple[Callable, tuple]], n_workers: int,
-              threads: int | None, progress: _Progress) -> tuple[dict[str, PretrainResult], list[RunResult]]:
+def _schedule(jobs: list[FinetuneJob], primary: set[int], stages: dict[str, tuple[Callable, tuple]],
+              n_workers: int, threads: int | None, progress: _Progress
+              ) -> tuple[dict[str, PretrainResult], list[RunResult]]:
     """The pretraining stages and every job; a job that ``needs`` a stage starts once it is done.
 
-    Order: the pre-registered comparison (scratch and builtin in the primary regime) first, then the
-    stages, then the primary regime's other arms, then the other regimes (scratch first: the headroom
-    the comparison rests on), so that an interrupted demo has measured what matters most."""
-    first = [j for j in jobs if j.labelled == primary and j.arm in ("scratch", "builtin")]
-    rest = sorted((j for j in jobs if j not in first), key=lambda j: (j.labelled != primary, j.arm != "scratch"))
+    Order: the pre-registered comparisons (scratch and builtin in the primary regimes; runs to the end
+    of the budget before runs that stop early, so that the short ones fill the last gaps) first, then
+    the stages, then the primary regimes' other arms, then the other regimes (scratch first: the
+    headroom the comparison rests on), so that an interrupted demo has measured what matters most."""
+    first = sorted((j for j in jobs if j.labelled in primary and j.arm in ("scratch", "builtin")),
+                   key=lambda j: j.stop_after > 0)
+    rest = sorted((j for j in jobs if j not in first), key=lambda j: (j.labelled not in primary, j.arm != "scratch"))
     waiting = {name: [j for j in rest if j.needs == name] for name in stages}
     later = [j for j in rest if j.needs is None]
     done: dict[str, PretrainResult] = {}

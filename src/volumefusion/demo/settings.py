@@ -1,7 +1,8 @@
 """The demo's settings: typed and checked by the machinery of :mod:`volumefusion.config`.
 
 A demo settings file (the bundled preset ``demo.yaml``) has the sections of :class:`DemoSettings`
-plus ``quick``, a partial copy of the others applied on top for ``--quick``. The run-config sections
+plus ``study`` and ``quick``, partial copies of the others applied on top for ``--study`` (the longer
+study: more regimes and arms) and ``--quick`` (a smoke run). The run-config sections
 (``volumefusion config --fields``) build on each other:
 
 * ``pretrain`` goes over the ``pretrain_config`` preset (the config of the built-in weights): the
@@ -97,33 +98,50 @@ class PhantomSettings:
 
 @dataclass
 class ProtocolSettings:
-    seeds: tuple[int, ...] = setting((0, 1, 2, 3, 4, 5), "fine-tuning seeds: one run per seed, arm and regime; "
-                                     "the seed also chooses which phantoms are labelled", min=0)
-    labelled: tuple[int, ...] = setting((1, 2, 8), "label regimes: labelled training phantoms per run", min=1)
-    arms: tuple[str, ...] = setting(("scratch", "builtin", "control", "probe_builtin", "probe_random"),
-                                    "arms run in the primary regime", choices=tuple(ARMS))
+    seeds: tuple[int, ...] = setting((20, 21, 22, 23, 24, 25, 26, 27), "fine-tuning seeds: one run per seed, "
+                                     "arm and regime; the seed also chooses which phantoms are labelled", min=0)
+    labelled: tuple[int, ...] = setting((8, 1), "label regimes: labelled training phantoms per run", min=1)
+    steps: tuple[int, ...] = setting((), "fine-tuning budget of each regime in steps, in the order of labelled "
+                                     "(empty: finetune's run.max_steps for every regime)", min=1)
+    arms: tuple[str, ...] = setting(("scratch", "builtin"), "arms run in the regime primary_final",
+                                    choices=tuple(ARMS))
     other_arms: tuple[str, ...] = setting(("scratch", "builtin"), "arms run in the other regimes",
                                           choices=tuple(ARMS))
     builtin: str = setting("builtin:demo", "weights of the 'builtin' arm (a checkpoint or builtin:NAME)")
-    primary: int = setting(1, "the regime (labelled phantoms) of the pre-registered test")
+    primary_early: int = setting(8, "primary hypothesis (a), faster convergence: builtin vs scratch in this regime "
+                                 "(labelled phantoms), early readout (0: none)", min=0)
+    primary_final: int = setting(1, "primary hypothesis (b), few labels: builtin vs scratch in this regime, at the "
+                                 "end of the budget (0: none)", min=0)
     alternative: str = setting("greater", "Wilcoxon signed-rank test of builtin - scratch mean Dice: greater "
                                "(builtin better, one-sided) or two-sided", choices=("greater", "two-sided"))
-    alpha: float = setting(0.05, "significance level of the test", min=0.0, max=1.0)
+    alpha: float = setting(0.05, "significance level of the primary tests, Holm's correction across them",
+                           min=0.0, max=1.0)
     bootstrap: int = setting(10000, "bootstrap resamples of the 95% interval of the mean paired difference",
                              min=100)
     bootstrap_seed: int = setting(0, "seed of the bootstrap resampling", min=0)
-    early_fraction: float = setting(0.25, "secondary readout: held-out Dice after this share of the steps",
-                                    min=0.01, max=1.0)
+    early_fraction: float = setting(0.25, "early readout: over the first share of the steps", min=0.01, max=1.0)
+    early_points: int = setting(4, "early readout: mean held-out Dice at this many evenly spaced steps up to "
+                                "early_fraction (1: at its end only)", min=1)
+    stop_early: tuple[int, ...] = setting((8,), "regimes whose runs stop at the early readout (no final readout)",
+                                          min=1)
     gate_mean: float = setting(0.6, "gate: least mean pretext Dice of the built-in weights on unseen phantoms",
                                min=0.0, max=1.0)
     gate_level: float = setting(0.3, "gate: least pretext Dice of every fusion level", min=0.0, max=1.0)
     gate_samples: int = setting(64, "gate: fused crops of the unseen phantoms", min=1)
     headroom_gap: float = setting(0.08, "headroom: least mean Dice from scratch of the full label set over "
-                                  "the primary regime", min=0.0, max=1.0)
+                                  "the regime primary_final", min=0.0, max=1.0)
     headroom_full: float = setting(0.85, "headroom: least mean Dice from scratch with the full label set",
                                    min=0.0, max=1.0)
     headroom_organ: float = setting(0.6, "headroom: least Dice of every organ from scratch with the full "
                                     "label set", min=0.0, max=1.0)
+
+    def hypotheses(self) -> list[tuple[str, int]]:
+        """The primary tests as (readout, regime): ``early`` for (a), ``final`` for (b)."""
+        return [(r, n) for r, n in (("early", self.primary_early), ("final", self.primary_final)) if n]
+
+    def arms_of(self, labelled: int) -> tuple[str, ...]:
+        """The arms run with ``labelled`` labelled phantoms."""
+        return self.arms if labelled == self.primary_final else self.other_arms
 
 
 @dataclass
@@ -147,6 +165,18 @@ class DemoSettings:
     def finetune_run_config(self, arm: str = "scratch") -> Config:
         """The resolved config of the fine-tuning runs of ``arm`` (seed and split are set per run)."""
         return from_dict(self._sections()[ARMS[arm].recipe])
+
+    def budget(self, labelled: int) -> int:
+        """The fine-tuning steps of the regime with ``labelled`` labelled phantoms."""
+        p = self.protocol
+        return p.steps[p.labelled.index(labelled)] if p.steps else self.finetune_run_config().run.max_steps
+
+    def early_steps(self, labelled: int) -> tuple[int, ...]:
+        """The steps of the early readout of a regime: ``protocol.early_points`` evenly spaced steps up
+        to ``protocol.early_fraction`` of its budget (distinct, at least 1)."""
+        p = self.protocol
+        end = max(1, round(self.budget(labelled) * p.early_fraction))
+        return tuple(sorted({max(1, round(end * k / p.early_points)) for k in range(1, p.early_points + 1)}))
 
     def control_run_config(self) -> Config:
         """The resolved config of the positive control's supervised pretraining."""
@@ -174,19 +204,25 @@ class DemoSettings:
                 raise ConfigError(f"{section}.{exc}") from None
 
 
+MODES = ("study", "quick")
+"""Sections of a settings file applied on top of the rest when asked for (``--study``, ``--quick``)."""
+
+
 def load_settings(path: str | Path | None = None, quick: bool = False,
-                  seeds: list[int] | None = None) -> DemoSettings:
-    """The demo settings from ``path`` (default :data:`DEFAULT_SETTINGS`), with the ``quick`` section
-    applied when ``quick``, and ``seeds`` replacing ``protocol.seeds`` when given.
+                  seeds: list[int] | None = None, study: bool = False) -> DemoSettings:
+    """The demo settings from ``path`` (default :data:`DEFAULT_SETTINGS`), with the ``study`` section
+    applied when ``study`` and then the ``quick`` section when ``quick``, and ``seeds`` replacing
+    ``protocol.seeds`` when given.
 
     Raises :class:`~volumefusion.config.ConfigError` naming the file and the field for anything the
     demo could not run with, including invalid run configs.
     """
     path = resolve_path(path or DEFAULT_SETTINGS)
     data = read_yaml(path)
-    quick_part = data.pop("quick", None) or {}
-    if quick:
-        data = merge(data, quick_part)
+    parts = {mode: data.pop(mode, None) or {} for mode in MODES}
+    for mode, wanted in (("study", study), ("quick", quick)):
+        if wanted:
+            data = merge(data, parts[mode])
     if seeds:
         data = merge(data, {"protocol": {"seeds": list(seeds)}})
     try:
@@ -194,7 +230,8 @@ def load_settings(path: str | Path | None = None, quick: bool = False,
         _check(settings)
         settings.check_sections()
     except ConfigError as exc:
-        raise ConfigError(f"{path}{' (quick)' if quick else ''}: {exc}") from None
+        modes = ", ".join(m for m, wanted in (("study", study), ("quick", quick)) if wanted)
+        raise ConfigError(f"{path}{f' ({modes})' if modes else ''}: {exc}") from None
     return settings
 
 
@@ -204,11 +241,19 @@ def _check(s: DemoSettings) -> None:
         raise ConfigError(f"phantoms.pool: {p.pool}; Volume Fusion needs at least 2 pool volumes")
     if not r.seeds or len(set(r.seeds)) != len(r.seeds):
         raise ConfigError(f"protocol.seeds: {list(r.seeds)} must name distinct seeds")
+    if r.steps and len(r.steps) != len(r.labelled):
+        raise ConfigError(f"protocol.steps: {list(r.steps)} needs one budget per regime of labelled "
+                          f"{list(r.labelled)} (or none)")
     if max(r.labelled) > p.train:
         raise ConfigError(f"protocol.labelled: {list(r.labelled)} asks for more labelled phantoms than "
                           f"phantoms.train ({p.train})")
-    if r.primary not in r.labelled:
-        raise ConfigError(f"protocol.primary: {r.primary} is not one of the regimes {list(r.labelled)}")
+    for name in ("primary_early", "primary_final"):
+        n = getattr(r, name)
+        if n and n not in r.labelled:
+            raise ConfigError(f"protocol.{name}: {n} is not one of the regimes {list(r.labelled)}")
+    if r.primary_final in r.stop_early:
+        raise ConfigError(f"protocol.stop_early: {list(r.stop_early)} stops the regime of primary_final "
+                          f"({r.primary_final}) before its final readout")
     for name, arms in (("arms", r.arms), ("other_arms", r.other_arms)):
         if not {"scratch", "builtin"} <= set(arms):
             raise ConfigError(f"protocol.{name}: {list(arms)} must hold scratch and builtin (the comparison)")
