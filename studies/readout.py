@@ -21,7 +21,7 @@ from volumefusion.demo import run_demo
 
 DEV = {
     "phantoms": {"seed_offset": 50000, "gate": 1},
-    "protocol": {"seeds": [101, 102, 103, 104, 105, 106], "labelled": [8], "primary_final": 0,
+    "protocol": {"seeds": [101, 102, 103, 104, 105, 106], "labelled": [8], "steps": [1200], "primary_final": 0,
                  "early_points": 12, "stop_early": [8], "gate_samples": 4},
 }
 CANDIDATES = (1, 2, 4, 6, 12)

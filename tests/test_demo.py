@@ -282,6 +282,10 @@ def test_what_held_draws_the_implication_from_gate_control_probe_and_headroom(
     lines = _what_held(gate, room, summary, [{"readout": "final", "significant": False}], settings)
     assert implied in lines[-1] and lines[-1].startswith("- So:"), lines
     assert "gap +0.160 held" in lines[1] and f"full set 0.780 {'held' if room_passed else 'not'}" in lines[1]
+    # where nothing that could explain the result was measured (the main demo), nothing is implied
+    lines = _what_held(gate, {}, {}, [{"readout": "final", "significant": False}], settings)
+    assert any("--study" in line for line in lines)
+    assert any(line.startswith("- So:") for line in lines) == (not gate.passed)
 
 
 def test_wilcoxon_p_is_exact_and_one_sided_when_asked():

@@ -23,6 +23,7 @@ from volumefusion import VolumeFusionError, config
 from volumefusion.integrations.nnunet import PCTNetForNNUNet, pctnet_strides
 from volumefusion.integrations.nnunet.export import SEG_KEY
 from volumefusion.nets import PCTNet, deep_supervision_owner
+from volumefusion.nnunet_plans import plans_configuration
 
 DATASET_ID = 501
 DATASET = f"Dataset{DATASET_ID:03d}_Phantom"
@@ -504,7 +505,7 @@ def _check_export(result, ours: dict[str, torch.Tensor]) -> None:
     norm = CTNormalization(False, variant["foreground_intensity_properties_per_channel"]["0"])
     np.testing.assert_allclose(norm.run(hu.copy()), normalise_hu(torch.from_numpy(hu)).numpy(), atol=1e-6)
 
-    conf = config.plans_configuration(result.plans, result.configuration)
+    conf = plans_configuration(result.plans, result.configuration)
     arch = conf["architecture"]
     network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
                                      1, 3, allow_init=True, deep_supervision=True)

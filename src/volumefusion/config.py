@@ -6,7 +6,8 @@ one from YAML files (the bundled presets of ``volumefusion/configs/`` can be nam
 and ``--set section.field=value`` overrides, and :func:`validate` checks it and the rules between
 fields before any work starts: every error is one line naming the field, the value and what is
 allowed. The machinery (typed dataclasses from plain data, YAML files, presets, overrides) is
-:mod:`volumefusion.typed_config`; nnU-Net plans files are read by :mod:`volumefusion.nnunet_plans`.
+:mod:`volumefusion.typed_config`; the rules of a plans network (`model.name: nnunet`) and the
+crop it implies are :mod:`volumefusion.nnunet_plans`'s.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import yaml
 
 from volumefusion.files import atomic_write_text
-from volumefusion.nnunet_plans import plans_configuration
+from volumefusion.nnunet_plans import check_plans_model, plans_crop
 from volumefusion.typed_config import (
     PRESETS,
     ConfigError,
@@ -38,7 +39,7 @@ from volumefusion.typed_config import (
 __all__ = [
     "PRESETS", "Config", "ConfigError", "DataConfig", "FinetuneConfig", "FusionConfig", "LossConfig", "ModelConfig",
     "OptimConfig", "ProbeConfig", "RunConfig", "build_dataclass", "changed_fields", "declared_command",
-    "describe_fields", "from_dict", "is_run_config", "load", "merge", "parse_override", "plans_configuration",
+    "describe_fields", "from_dict", "is_run_config", "load", "merge", "parse_override",
     "presets", "read_yaml", "resolve_path", "save", "setting", "to_dict", "validate",
 ]
 
@@ -226,10 +227,7 @@ def validate(cfg: Config) -> Config:
             if c % h:
                 raise ConfigError(f"model.num_heads: {h} heads do not divide {c} channels")
     if m.name == "nnunet":
-        if not m.plans:
-            raise ConfigError("model.plans: model.name nnunet builds the network of an nnU-Net plans file; set "
-                              "model.plans=PATH (e.g. $nnUNet_preprocessed/Dataset001_X/nnUNetPlans.json)")
-        plans_configuration(m.plans, m.configuration)
+        check_plans_model(m)
     for i, (lo, hi) in enumerate(zip(fu.box_size_min, fu.box_size_max)):
         if lo > hi:
             raise ConfigError(f"fusion.box_size_min: {list(fu.box_size_min)} exceeds box_size_max on axis {i}")
@@ -282,7 +280,7 @@ def load(paths: list[str | Path] | str | Path | None = None, overrides: list[str
         data = merge(data, parse_override(text))
     cfg = from_dict(merge(to_dict(Config()), data))
     if cfg.model.name == "nnunet" and "crop_size" not in (data.get("data") or {}):
-        cfg.data.crop_size = tuple(plans_configuration(cfg.model.plans, cfg.model.configuration)["patch_size"])
+        cfg.data.crop_size = plans_crop(cfg.model)
     return validate(cfg)
 
 

@@ -22,6 +22,20 @@ def describe_json(value: Any) -> str:
     return f"{kind} {text[:40]}".strip()
 
 
+def check_plans_model(model: Any) -> None:
+    """The rules of ``model.name: nnunet`` (``model`` a :class:`~volumefusion.config.ModelConfig`): a
+    plans file must be named, and the configuration to build must read from it (ConfigError otherwise)."""
+    if not model.plans:
+        raise ConfigError("model.plans: model.name nnunet builds the network of an nnU-Net plans file; set "
+                          "model.plans=PATH (e.g. $nnUNet_preprocessed/Dataset001_X/nnUNetPlans.json)")
+    plans_configuration(model.plans, model.configuration)
+
+
+def plans_crop(model: Any) -> tuple[int, ...]:
+    """The training crop of a plans network when the config names none: its configuration's patch size."""
+    return tuple(plans_configuration(model.plans, model.configuration)["patch_size"])
+
+
 def plans_configuration(path: str | Path, name: str) -> dict[str, Any]:
     """Configuration ``name`` of the nnU-Net plans file ``path`` as a dict, with the entries it
     inherits (``inherits_from``) filled in; errors name ``model.plans`` / ``model.configuration``,

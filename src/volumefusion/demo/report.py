@@ -124,7 +124,13 @@ def _when(readout: str, regime: dict) -> str:
     steps = regime["early_steps"]
     if len(steps) == 1:
         return f"after {steps[0]} steps"
-    return f"over the first {steps[-1]} steps, the mean of the scores after {', '.join(map(str, steps))} steps"
+    return f"over the first {steps[-1]} steps, the mean of the scores after {_and(steps)} steps"
+
+
+def _and(items) -> str:
+    """``1, 2 and 3``."""
+    items = [str(i) for i in items]
+    return " and ".join([", ".join(items[:-1]), items[-1]] if len(items) > 1 else items)
 
 
 def _seeds(n: int) -> str:
@@ -197,11 +203,12 @@ def _what_held(gate: GateResult, room: dict, summary: dict, primary: list[dict],
         lines.append(f"- Positive control (the set-up detects transfer): control minus scratch "
                      f"{control['mean_difference']:+.3f} (interval {control['ci_low']:+.3f} to "
                      f"{control['ci_high']:+.3f}, p = {_p(control['p_value'])}).")
-    if not probe and not control and not room:
+    unmeasured = not probe and not control and not room
+    if unmeasured:
         lines.append("- Headroom, probe and positive control: not measured in this mode (`volumefusion demo --study` "
                      "measures them).")
-    if all(c["significant"] for c in primary if c["readout"] == "final"):
-        return lines
+    if all(c["significant"] for c in primary if c["readout"] == "final") or (unmeasured and gate.passed):
+        return lines  # nothing to explain, or nothing measured that could explain it
     detects = control is not None and control["ci_low"] > 0
     features = probe is not None and probe["ci_low"] > 0
     worse = probe is not None and probe["ci_high"] < 0
@@ -361,6 +368,7 @@ def write_report(out: Path, settings: DemoSettings, data: DemoData, gate: GateRe
     }
     atomic_write_text(out / "report.json", json.dumps(results, indent=1) + "\n")
 
+    arms = {a for n in proto.labelled for a in proto.arms_of(n)}
     shown = _final_regime(settings)
     rel = {k: _relative(v, out) for k, v in (("dataset", data.dataset), ("split", data.split(shown, proto.seeds[0])))}
     title = " (--quick: a smoke run, too short to mean anything)" if quick else " (--study)" if study else ""
@@ -419,7 +427,7 @@ def write_report(out: Path, settings: DemoSettings, data: DemoData, gate: GateRe
         f"final weights and, as the early readout, with the mean of its scores at evenly spaced steps up to "
         f"{proto.early_fraction:g} of the budget (one jagged evaluation moves it less than a single score). "
         "Budgets and early steps: " + "; ".join(
-            f"{_plural(n)}: {settings.budget(n)} steps, early {', '.join(map(str, settings.early_steps(n)))}"
+            f"{_plural(n)}: {settings.budget(n)} steps, early {_and(settings.early_steps(n))}"
             + (" (the runs stop there, on the schedule of the whole budget, and are read early only)"
                if n in stopped else "") for n in proto.labelled) + ".",
         f"- Tests: {tests}; builtin - scratch mean Dice, paired Wilcoxon signed-rank, exact, alternative "
@@ -439,9 +447,10 @@ def write_report(out: Path, settings: DemoSettings, data: DemoData, gate: GateRe
         "docs/weights.md).",
         f"- Recipes: scratch lr {ft.optim.lr} ({ft.optim.schedule}, warm-up {ft.optim.warmup_steps}); "
         f"pretrained lr {ft_pre.optim.lr} ({ft_pre.optim.schedule}, warm-up {ft_pre.optim.warmup_steps}, encoder "
-        f"held for {ft_pre.finetune.freeze_encoder_steps} steps); probes: encoder held for the whole run; "
-        f"positive control: {control_cfg.run.max_steps} steps of supervised training on {p.control - 1} control "
-        "phantoms, then the pretrained recipe.",
+        f"held for {ft_pre.finetune.freeze_encoder_steps} steps)"
+        + ("; probes: encoder held for the whole run" if {"probe_builtin", "probe_random"} & arms else "")
+        + (f"; positive control: {control_cfg.run.max_steps} steps of supervised training on {p.control - 1} "
+           "control phantoms, then the pretrained recipe" if "control" in arms else "") + ".",
         f"- Machine: {platform.machine()}, {cpu_count()} CPU core(s), device {device}, {workers} process(es); "
         f"the runs and stages took {work / 60:.0f} min of process time, about {work / workers / 60:.0f} min on "
         f"{workers} process(es); this invocation {seconds / 60:.1f} min (expected {expected / 60:.1f} min"

@@ -47,9 +47,12 @@ from volumefusion.train.runs import evaluate_pretext, finetune, pretrain
 log = get_logger(__name__)
 
 RUN_OVERHEAD_STEPS = 10
-SCORE_STEPS = 10
-"""Besides its training steps, a run spends about RUN_OVERHEAD_STEPS steps' time on preparing its store,
-validations and checkpoints, and SCORE_STEPS on each scoring of the held-out phantoms (measured)."""
+SCORE_STEPS = 20
+STEP_SLOWDOWN = 1.3
+"""The time estimate: besides its training steps, a run spends about RUN_OVERHEAD_STEPS steps' time on
+preparing its store, validations and checkpoints, and SCORE_STEPS on each scoring of the held-out
+phantoms; a training step with its data, beside another run, takes STEP_SLOWDOWN times the model's step
+alone (measured in round three on 2 cores: 0.30 s against 0.23 s)."""
 MARKER = "demo.json"
 """The file that makes a folder a demo's (its settings): a rerun with the same settings resumes there."""
 
@@ -344,7 +347,7 @@ def _run_demo(settings: DemoSettings, out: Path, builtin: Path, quick: bool, stu
         torch.set_num_threads(threads)
     per_step = step_seconds(finetune_cfg, device)
     run_steps = sum(steps + RUN_OVERHEAD_STEPS + SCORE_STEPS * scorings for steps, scorings in plan)
-    expected = per_step * (stage_steps + run_steps) / n_workers + 30
+    expected = STEP_SLOWDOWN * per_step * (stage_steps + run_steps) / n_workers + 30
     log.info("[demo] %s%d fine-tuning runs (%d steps in all) and %d steps of pretraining stages on %d process(es): "
              "expected about %.0f min (%.2f s per training step here)", "resuming: " if resumed else "",
              n_jobs, sum(steps for steps, _ in plan), stage_steps, n_workers,
