@@ -20,8 +20,8 @@ The same small PCT-Net is fine-tuned on varied CT phantoms from scratch and from
 Fusion weights (builtin:demo, see docs/weights.md), for each label regime and seed, and every run is
 scored on held-out phantoms. Two hypotheses are fixed in the settings before any run and tested with
 Holm's correction: (a) with the full label set (8 phantoms) the built-in weights converge faster (the
-early readout: mean held-out Dice at 4 steps up to a quarter of the budget; these runs stop there),
-(b) with 1 labelled phantom they score higher at the end. --study adds a network pretrained with
+early readout: mean held-out Dice after 150 and 300 of 1,200 steps; these runs stop at 300), (b) with
+1 labelled phantom they score higher at the end of its 600-step budget. --study adds a network pretrained with
 labels on other phantoms (the positive control: can the set-up detect transfer at all?), the built-in
 or a random encoder held still (probes: are the features any use?), 2 labelled phantoms and the final
 readout with 8; --quick also runs weights the demo pretrains itself. DIR/report.md gives the gate
