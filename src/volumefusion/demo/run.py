@@ -269,10 +269,14 @@ def make_jobs(settings: DemoSettings, data: DemoData, out: Path, configs: dict[s
 
 
 class _Progress:
-    """Progress lines: runs done of all, elapsed time and the expected remainder."""
+    """Progress lines: runs done of all, elapsed time and the expected remainder: the planned work
+    (``cost``: training steps and their overheads, per regime) still to do, at the pace the finished
+    runs kept (their seconds per planned step), over the ``workers``."""
 
-    def __init__(self, total: int, expected: float):
-        self.total, self.expected, self.done = total, expected, 0
+    def __init__(self, cost: dict[int, int], regimes: list[int], workers: int):
+        self.cost, self.total, self.workers = cost, len(regimes), workers
+        self.left_cost = sum(cost[n] for n in regimes)
+        self.done, self.seconds, self.cost_done = 0, 0.0, 0
         self.start = time.perf_counter()
 
     def elapsed(self) -> float:
@@ -280,7 +284,10 @@ class _Progress:
 
     def run_done(self, r: RunResult) -> None:
         self.done += 1
-        left = self.elapsed() / self.done * (self.total - self.done)
+        self.seconds += r.seconds
+        self.cost_done += self.cost[r.labelled]
+        self.left_cost -= self.cost[r.labelled]
+        left = self.seconds / self.cost_done * self.left_cost / self.workers
         score = f"held-out mean Dice {r.mean_dice:.3f}" if r.dice else f"early readout {r.early_mean_dice:.3f}"
         log.info("[demo %5.0f s] %d/%d runs: %d labelled, seed %d, %s: %s (fine-tuned in %.0f s); about %.0f s "
                  "left", self.elapsed(), self.done, self.total, r.labelled, r.seed, r.arm, score, r.seconds, left)
@@ -336,23 +343,22 @@ def _run_demo(settings: DemoSettings, out: Path, builtin: Path, quick: bool, stu
     configs = write_configs(settings, out / "configs")
     stage_steps = ((pretrain_cfg.run.max_steps if "live" in needed else 0)
                    + (control_cfg.run.max_steps if "control" in needed else 0))
-    # each run's training steps, plus the time of its validations, checkpoints and scorings in steps
-    plan = [(settings.early_steps(n)[-1], len(settings.early_steps(n))) if n in proto.stop_early
-            else (settings.budget(n), len(settings.early_steps(n)) + 1)
-            for n in proto.labelled for _ in proto.seeds for _ in proto.arms_of(n)]
-    n_jobs = len(plan)
+    # per regime: a run's training steps, and its validations, checkpoints and scorings in steps' time
+    steps = {n: settings.early_steps(n)[-1] if n in proto.stop_early else settings.budget(n) for n in proto.labelled}
+    scorings = {n: len(settings.early_steps(n)) + (n not in proto.stop_early) for n in proto.labelled}
+    cost = {n: steps[n] + RUN_OVERHEAD_STEPS + SCORE_STEPS * scorings[n] for n in proto.labelled}
+    regimes = [n for n in proto.labelled for _ in proto.seeds for _ in proto.arms_of(n)]  # of each run
+    n_jobs = len(regimes)
     n_workers, threads = plan_workers(device, workers, n_jobs + 1)
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     per_step = step_seconds(finetune_cfg, device)
-    run_steps = sum(steps + RUN_OVERHEAD_STEPS + SCORE_STEPS * scorings for steps, scorings in plan)
-    expected = STEP_SLOWDOWN * per_step * (stage_steps + run_steps) / n_workers + 30
+    expected = STEP_SLOWDOWN * per_step * (stage_steps + sum(cost[n] for n in regimes)) / n_workers + 30
     log.info("[demo] %s%d fine-tuning runs (%d steps in all) and %d steps of pretraining stages on %d process(es): "
              "expected about %.0f min (%.2f s per training step here)", "resuming: " if resumed else "",
-             n_jobs, sum(steps for steps, _ in plan), stage_steps, n_workers,
-             expected / 60, per_step)
-    progress = _Progress(n_jobs, expected)
+             n_jobs, sum(steps[n] for n in regimes), stage_steps, n_workers, expected / 60, per_step)
+    progress = _Progress(cost, regimes, n_workers)
     try:
         data = make_data(settings, out / "data", with_pool="live" in needed)
         log.info("[demo %5.0f s] data: %d labelled training, %d validation, %d test, %d control and %d gate "
