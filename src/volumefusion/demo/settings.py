@@ -120,7 +120,7 @@ class ProtocolSettings:
                              min=100)
     bootstrap_seed: int = setting(0, "seed of the bootstrap resampling", min=0)
     early_fraction: float = setting(0.25, "early readout: over the first share of the steps", min=0.01, max=1.0)
-    early_points: int = setting(4, "early readout: mean held-out Dice at this many evenly spaced steps up to "
+    early_points: int = setting(2, "early readout: mean held-out Dice at this many evenly spaced steps up to "
                                 "early_fraction (1: at its end only)", min=1)
     stop_early: tuple[int, ...] = setting((8,), "regimes whose runs stop at the early readout (no final readout)",
                                           min=1)
@@ -204,10 +204,6 @@ class DemoSettings:
                 raise ConfigError(f"{section}.{exc}") from None
 
 
-MODES = ("study", "quick")
-"""Sections of a settings file applied on top of the rest when asked for (``--study``, ``--quick``)."""
-
-
 def load_settings(path: str | Path | None = None, quick: bool = False,
                   seeds: list[int] | None = None, study: bool = False) -> DemoSettings:
     """The demo settings from ``path`` (default :data:`DEFAULT_SETTINGS`), with the ``study`` section
@@ -219,8 +215,9 @@ def load_settings(path: str | Path | None = None, quick: bool = False,
     """
     path = resolve_path(path or DEFAULT_SETTINGS)
     data = read_yaml(path)
-    parts = {mode: data.pop(mode, None) or {} for mode in MODES}
-    for mode, wanted in (("study", study), ("quick", quick)):
+    modes = {"study": study, "quick": quick}  # sections applied on top of the rest, in this order
+    parts = {mode: data.pop(mode, None) or {} for mode in modes}
+    for mode, wanted in modes.items():
         if wanted:
             data = merge(data, parts[mode])
     if seeds:
@@ -230,8 +227,8 @@ def load_settings(path: str | Path | None = None, quick: bool = False,
         _check(settings)
         settings.check_sections()
     except ConfigError as exc:
-        modes = ", ".join(m for m, wanted in (("study", study), ("quick", quick)) if wanted)
-        raise ConfigError(f"{path}{f' ({modes})' if modes else ''}: {exc}") from None
+        asked = ", ".join(m for m, wanted in modes.items() if wanted)
+        raise ConfigError(f"{path}{f' ({asked})' if asked else ''}: {exc}") from None
     return settings
 
 
