@@ -341,23 +341,28 @@ def _run_demo(settings: DemoSettings, out: Path, builtin: Path, quick: bool, stu
     pretrain_cfg, finetune_cfg = settings.pretrain_run_config(), settings.finetune_run_config()
     control_cfg = settings.control_run_config()
     configs = write_configs(settings, out / "configs")
-    stage_steps = ((pretrain_cfg.run.max_steps if "live" in needed else 0)
-                   + (control_cfg.run.max_steps if "control" in needed else 0))
+    stage_dirs = {"live": out / "runs" / "pretrain", "control": out / "runs" / "control"}
+    stage_steps = sum(cfg.run.max_steps for name, cfg in (("live", pretrain_cfg), ("control", control_cfg))
+                      if name in needed and not _stage_done(stage_dirs[name]))
     # per regime: a run's training steps, and its validations, checkpoints and scorings in steps' time
     steps = {n: settings.early_steps(n)[-1] if n in proto.stop_early else settings.budget(n) for n in proto.labelled}
     scorings = {n: len(settings.early_steps(n)) + (n not in proto.stop_early) for n in proto.labelled}
     cost = {n: steps[n] + RUN_OVERHEAD_STEPS + SCORE_STEPS * scorings[n] for n in proto.labelled}
     regimes = [n for n in proto.labelled for _ in proto.seeds for _ in proto.arms_of(n)]  # of each run
     n_jobs = len(regimes)
+    # the runs a resumed demo has still to do (a finished one left its result.json)
+    todo = [n for n in proto.labelled for s in proto.seeds for a in proto.arms_of(n)
+            if not (out / "runs" / f"{n}labelled" / f"seed{s}" / a / "result.json").is_file()]
     n_workers, threads = plan_workers(device, workers, n_jobs + 1)
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     per_step = step_seconds(finetune_cfg, device)
-    expected = STEP_SLOWDOWN * per_step * (stage_steps + sum(cost[n] for n in regimes)) / n_workers + 30
+    expected = STEP_SLOWDOWN * per_step * (stage_steps + sum(cost[n] for n in todo)) / n_workers + 30
     log.info("[demo] %s%d fine-tuning runs (%d steps in all) and %d steps of pretraining stages on %d process(es): "
-             "expected about %.0f min (%.2f s per training step here)", "resuming: " if resumed else "",
-             n_jobs, sum(steps[n] for n in regimes), stage_steps, n_workers, expected / 60, per_step)
+             "expected about %.0f min (%.2f s per training step here)",
+             f"resuming ({n_jobs - len(todo)} runs kept): " if resumed else "", len(todo),
+             sum(steps[n] for n in todo), stage_steps, n_workers, expected / 60, per_step)
     progress = _Progress(cost, regimes, n_workers)
     try:
         data = make_data(settings, out / "data", with_pool="live" in needed)
@@ -370,7 +375,6 @@ def _run_demo(settings: DemoSettings, out: Path, builtin: Path, quick: bool, stu
         log.info("[demo %5.0f s] gate: pretext Dice of %s on unseen phantoms %.3f (%s): %s", progress.elapsed(),
                  proto.builtin, gate.mean, ", ".join(f"{k} {v:.2f}" for k, v in gate.levels.items()),
                  "passed" if gate.passed else "NOT passed")
-        stage_dirs = {"live": out / "runs" / "pretrain", "control": out / "runs" / "control"}
         shipped = read_checkpoint(builtin)  # the random arm holds a fresh network of the same architecture
         starts = {"builtin": builtin, "random": random_start(shipped.run_config(), shipped.task, 0,
                                                              out / "data" / "random_encoder.pt"),
