@@ -152,9 +152,9 @@ def test_quick_demo_writes_every_picture_it_links(quick_demo):
 
 
 @pytest.mark.slow
-def test_a_rerun_resumes_the_demo_and_redoes_only_what_is_missing(quick_demo, tmp_path):
+def test_a_rerun_resumes_the_demo_and_redoes_only_what_is_missing(quick_demo, tmp_path, caplog):
     """A moved copy of a finished demo with one run's result and the report deleted: the same command
-    runs that one run again and keeps every other result as it was."""
+    runs that one run again and keeps every other result as it was, and its estimate counts that run."""
     from volumefusion.demo import run_demo
 
     copy = tmp_path / "moved"
@@ -163,7 +163,11 @@ def test_a_rerun_resumes_the_demo_and_redoes_only_what_is_missing(quick_demo, tm
     (lost / "result.json").unlink()
     (copy / "report.md").unlink()
     kept = {p: p.stat().st_mtime_ns for p in copy.glob("runs/**/result.json")}
-    result = run_demo(copy, quick=True, device="cpu")
+    with caplog.at_level("INFO", logger="volumefusion"):
+        result = run_demo(copy, quick=True, device="cpu")
+    finished = len(list(copy.glob("runs/*labelled/*/*/result.json"))) - 1  # the lost one was rerun
+    assert f"resuming ({finished} runs kept): 1 fine-tuning runs" in caplog.text
+    assert "and 0 steps of pretraining stages" in caplog.text  # the live and control stages are kept too
     assert (lost / "result.json").is_file() and (copy / "report.md").is_file()
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
     before = json.loads((quick_demo / "report.json").read_text())["runs"]
