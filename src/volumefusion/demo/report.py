@@ -22,7 +22,7 @@ import numpy as np
 from volumefusion.checkpoint import read_checkpoint
 from volumefusion.config import to_dict
 from volumefusion.demo.data import DemoData
-from volumefusion.demo.results import GateResult, PretrainResult, RunResult
+from volumefusion.demo.results import GateResult, PretrainResult, RunResult, run_folder
 from volumefusion.demo.settings import ARMS, DemoSettings
 from volumefusion.files import atomic_write_text
 from volumefusion.io import read_image
@@ -299,9 +299,8 @@ def _predictions_figure(out: Path, data: DemoData, settings: DemoSettings, path:
     for case in cases:
         image, _ = read_image(data.test_images / case)
         truth, _ = read_image(data.test_labels / case)
-        where = Path("early") / f"step{settings.early_steps(n)[-1]}" if n in proto.stop_early else Path()
-        preds = {a: read_image(out / "runs" / f"{n}labelled" / f"seed{seed}" / a / where / "predictions" / case)[0]
-                 for a in arms}
+        where = Path("early") / f"step{settings.trained_steps(n)}" if n in proto.stop_early else Path()
+        preds = {a: read_image(run_folder(out, n, seed, a) / where / "predictions" / case)[0] for a in arms}
         for frac in (0.3, 0.7):  # one slice through the abdomen, one through the chest
             z = int(round(frac * (image.shape[0] - 1)))
             columns.append(f"{case.removesuffix('.nii.gz')}, z={z}")

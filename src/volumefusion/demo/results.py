@@ -17,6 +17,11 @@ def _mean_dice(dice: dict[str, dict[str, float]]) -> tuple[dict[str, float], flo
     return organs, float(np.mean(list(organs.values()))) if organs else float("nan")
 
 
+def run_folder(out: Path, labelled: int, seed: int, arm: str) -> Path:
+    """The folder of one fine-tuning run of the demo in ``out`` (its ``result.json`` once finished)."""
+    return out / "runs" / f"{labelled}labelled" / f"seed{seed}" / arm
+
+
 @dataclass
 class RunResult:
     """What one fine-tuning run measured. ``dice``: ``{organ: {case: Dice}}`` of the final weights on

@@ -31,7 +31,7 @@ from volumefusion.checkpoint import read_checkpoint, resolve_weights
 from volumefusion.config import load, save, to_dict
 from volumefusion.demo.data import DemoData, make_data
 from volumefusion.demo.report import write_report
-from volumefusion.demo.results import DemoResult, GateResult, PretrainResult, RunResult
+from volumefusion.demo.results import DemoResult, GateResult, PretrainResult, RunResult, run_folder
 from volumefusion.demo.settings import ARMS, DemoSettings, load_settings
 from volumefusion.device import resolve_device
 from volumefusion.evaluate import evaluate_folders
@@ -260,11 +260,11 @@ def make_jobs(settings: DemoSettings, data: DemoData, out: Path, configs: dict[s
         for seed in proto.seeds:
             for arm in proto.arms_of(n):
                 a = ARMS[arm]
-                jobs.append(FinetuneJob(seed, arm, n, out / "runs" / f"{n}labelled" / f"seed{seed}" / arm,
+                jobs.append(FinetuneJob(seed, arm, n, run_folder(out, n, seed, arm),
                                         configs[a.recipe], data.split(n, seed), data.dataset,
                                         starts[a.start] if a.start else None, data.test_images, data.test_labels,
                                         data.label_names, device, settings.budget(n), early,
-                                        early[-1] if n in proto.stop_early else 0, a.stage))
+                                        settings.trained_steps(n) if n in proto.stop_early else 0, a.stage))
     return jobs
 
 
@@ -345,14 +345,14 @@ def _run_demo(settings: DemoSettings, out: Path, builtin: Path, quick: bool, stu
     stage_steps = sum(cfg.run.max_steps for name, cfg in (("live", pretrain_cfg), ("control", control_cfg))
                       if name in needed and not _stage_done(stage_dirs[name]))
     # per regime: a run's training steps, and its validations, checkpoints and scorings in steps' time
-    steps = {n: settings.early_steps(n)[-1] if n in proto.stop_early else settings.budget(n) for n in proto.labelled}
+    steps = {n: settings.trained_steps(n) for n in proto.labelled}
     scorings = {n: len(settings.early_steps(n)) + (n not in proto.stop_early) for n in proto.labelled}
     cost = {n: steps[n] + RUN_OVERHEAD_STEPS + SCORE_STEPS * scorings[n] for n in proto.labelled}
-    regimes = [n for n in proto.labelled for _ in proto.seeds for _ in proto.arms_of(n)]  # of each run
+    planned = [(n, s, a) for n in proto.labelled for s in proto.seeds for a in proto.arms_of(n)]
+    regimes = [n for n, _, _ in planned]  # of each run
     n_jobs = len(regimes)
     # the runs a resumed demo has still to do (a finished one left its result.json)
-    todo = [n for n in proto.labelled for s in proto.seeds for a in proto.arms_of(n)
-            if not (out / "runs" / f"{n}labelled" / f"seed{s}" / a / "result.json").is_file()]
+    todo = [n for n, s, a in planned if not (run_folder(out, n, s, a) / "result.json").is_file()]
     n_workers, threads = plan_workers(device, workers, n_jobs + 1)
     previous_threads = torch.get_num_threads()
     if threads:

@@ -178,6 +178,10 @@ class DemoSettings:
         end = max(1, round(self.budget(labelled) * p.early_fraction))
         return tuple(sorted({max(1, round(end * k / p.early_points)) for k in range(1, p.early_points + 1)}))
 
+    def trained_steps(self, labelled: int) -> int:
+        """The steps a run of a regime trains: its budget, or the last early step where it stops early."""
+        return self.early_steps(labelled)[-1] if labelled in self.protocol.stop_early else self.budget(labelled)
+
     def control_run_config(self) -> Config:
         """The resolved config of the positive control's supervised pretraining."""
         return from_dict(self._sections()["control_pretrain"])
