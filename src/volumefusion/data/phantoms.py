@@ -115,8 +115,10 @@ class _Canvas:
     sees the patient smaller, off-centre or shifted along z scales and shifts these coordinates.
     """
 
-    def __init__(self, shape: tuple[int, int, int], spacing_zyx: tuple[float, float, float], scan: _Scan):
+    def __init__(self, shape: tuple[int, int, int], spacing_zyx: tuple[float, float, float], scan: _Scan,
+                 grain: _Field | None = None):
         self.scan = scan
+        self.grain = grain  # textured organs (make_phantom's ``texture``): the liver's fine texture
         extent = [n * s for n, s in zip(shape, spacing_zyx)]
         half_inplane = min(extent[1], extent[2]) / 2
         scales = (extent[0] / 2, half_inplane, half_inplane)
@@ -233,6 +235,12 @@ PHASES: dict[str, tuple[float, float, float]] = {
 }
 """Contrast phase -> enhancement of (blood, liver and spleen, kidneys) relative to the portal-venous
 HU the organs are drawn with; 0 is unenhanced tissue (:data:`_NATIVE_HU`)."""
+
+_GRAIN_HU = 30.0
+"""Standard deviation of the liver's texture in textured phantoms (make_phantom's ``texture``)."""
+_GRAIN_NODES = (28, 42, 42)
+"""Nodes of the texture field over the canvas: about 1.5 voxels apart in z and 2 in-plane at the demo's
+[32, 64, 64] grid, coarser than the scanner's noise."""
 
 _PHASE_P = {"native": 0.15, "arterial": 0.25, "portal": 0.45, "delayed": 0.15}
 _NATIVE_HU = {"blood": 45.0, "liver": 45.0, "kidney": 32.0}
@@ -438,7 +446,10 @@ def _paint_abdomen(cv: _Canvas, rng, t: _Torso) -> None:
             continue
         f1, f2 = (f(cv.z[s[0]], cv.y[s[1]], cv.x[s[2]]) for f in vessels)
         vessel = (np.abs(f1) < 0.12) & (np.abs(f2) < 0.12)
-        cv.paint(s, m, np.where(vessel, portal_vein_hu, liver_hu + 6 * f1), _LABEL["liver"])
+        tissue = liver_hu + 6 * f1
+        if cv.grain is not None:
+            tissue = tissue + _GRAIN_HU * cv.grain(cv.z[s[0]], cv.y[s[1]], cv.x[s[2]])
+        cv.paint(s, m, np.where(vessel, portal_vein_hu, tissue), _LABEL["liver"])
     _paint_lesions(cv, right, liver_hu)
 
     # Spleen: a crescent behind the stomach, HU close to the liver's.
@@ -449,6 +460,8 @@ def _paint_abdomen(cv: _Canvas, rng, t: _Torso) -> None:
     notch = _Blob.draw(rng, spleen.centre + medial, spleen.axes * np.array([1.3, 0.7, 0.5], np.float32),
                        angle=spleen.angle, wobble=0.05)
     spleen_hu = liver_hu + u(-12, 12)
+    if cv.grain is not None:
+        spleen_hu = liver_hu  # smooth, where the liver is grainy
     s, m = spleen.mask(cv, t.interior)
     if s is not None and "spleen" not in cv.scan.missing:
         m &= ~_restrict(notch.mask(cv), s, m.shape)
@@ -457,6 +470,8 @@ def _paint_abdomen(cv: _Canvas, rng, t: _Torso) -> None:
     # Kidneys beside the spine: bright cortex, darker medulla, a fat-filled hilum facing front-middle.
     drawn_kidney_hu = u(140, 180)
     cortex_hu, medulla_hu = (np.float32(cv.scan.enhanced("kidney", drawn_kidney_hu - d)) for d in (0, 50))
+    if cv.grain is not None:  # the liver's mean HU: cortex brighter, medulla darker
+        cortex_hu, medulla_hu = np.float32(liver_hu + 20), np.float32(liver_hu - 40)
     for name, side in (("kidney_right", -1), ("kidney_left", 1)):
         drop = 0.1 if side < 0 else 0.0  # the right kidney sits lower, under the liver
         kidney = _Blob.draw(rng, (d - u(0.8, 0.9) - drop, t.spine_y - u(0.0, 0.08),
@@ -554,6 +569,7 @@ def make_phantom(
     spacing_zyx: tuple[float, float, float] = (2.5, 1.5, 1.5),
     *,
     vary: bool = False,
+    texture: bool = False,
 ) -> Phantom:
     """Generate one CT phantom; the result is a deterministic function of the arguments.
 
@@ -566,6 +582,10 @@ def make_phantom(
             contrast phase (native, arterial, portal-venous, delayed), a missing spleen or kidney,
             liver lesions, noise, sharpness and slice profile. The anatomy is the same as without.
             Without: the anatomy fills the field of view, upright and centred, in portal-venous phase.
+        texture: organs told apart by texture and structure rather than by mean HU: liver, spleen and
+            kidneys get the liver's mean HU; the liver is grainy (a random texture of 30 HU, from a
+            random stream of its own) around its vessels, the spleen smooth, the kidneys a bright
+            cortex around a dark medulla. Anatomy, scan and noise are the same as without.
 
     Returns:
         A :class:`Phantom` with int16 HU and uint8 labels (:data:`LABEL_NAMES`).
@@ -577,7 +597,8 @@ def make_phantom(
     spacing_zyx = tuple(float(s) for s in spacing_zyx)
     rng = np.random.default_rng(seed)
     scan = _Scan.draw(seed) if vary else _Scan()
-    cv = _Canvas(tuple(int(n) for n in shape), spacing_zyx, scan)
+    grain = _Field(np.random.default_rng([seed, 0x6A1]), _GRAIN_NODES) if texture else None
+    cv = _Canvas(tuple(int(n) for n in shape), spacing_zyx, scan, grain)
     torso = _Torso.draw(rng)
     # later structures overwrite earlier ones where they overlap (HU and label alike)
     for paint in (_paint_body, _paint_muscles, _paint_lungs, _paint_abdomen, _paint_heart_and_vessels,
@@ -624,10 +645,10 @@ def _geometry(phantom: Phantom):
 
 
 def _write_cases(image_dir: Path, label_dir: Path | None, seeds: Iterable[int], fmt: str, shape, spacing_zyx,
-                 vary: bool) -> list[tuple[str, Path, Path | None]]:
+                 vary: bool, texture: bool) -> list[tuple[str, Path, Path | None]]:
     written = []
     for seed in seeds:
-        phantom = make_phantom(int(seed), shape, spacing_zyx, vary=vary)
+        phantom = make_phantom(int(seed), shape, spacing_zyx, vary=vary, texture=texture)
         geometry = _geometry(phantom)
         name = f"phantom_{int(seed):04d}"
         image_path = image_dir / f"{name}.{fmt}"
@@ -649,6 +670,7 @@ def write_phantoms(
     shape: tuple[int, int, int] = (64, 160, 160),
     spacing_zyx: tuple[float, float, float] = (2.5, 1.5, 1.5),
     vary: bool = False,
+    texture: bool = False,
 ) -> list[Path]:
     """Write one phantom per seed as ``out_dir/images/phantom_<seed>.<fmt>`` (int16 HU).
 
@@ -657,14 +679,14 @@ def write_phantoms(
 
     Args:
         fmt: any extension :func:`volumefusion.io.write_image` knows (``nii.gz``, ``nrrd``, ``mha``...).
-        vary: vary the scans (:func:`make_phantom`).
+        vary, texture: as in :func:`make_phantom`.
 
     Returns:
         The image paths, in the order of ``seeds``.
     """
     out_dir = Path(out_dir)
     label_dir = out_dir / "labels" if with_labels else None
-    cases = _write_cases(out_dir / "images", label_dir, seeds, fmt.lstrip("."), shape, spacing_zyx, vary)
+    cases = _write_cases(out_dir / "images", label_dir, seeds, fmt.lstrip("."), shape, spacing_zyx, vary, texture)
     return [image for _, image, _ in cases]
 
 
@@ -676,15 +698,17 @@ def write_msd_dataset(
     shape: tuple[int, int, int] = (64, 160, 160),
     spacing_zyx: tuple[float, float, float] = (2.5, 1.5, 1.5),
     vary: bool = False,
+    texture: bool = False,
 ) -> Path:
     """Write labelled phantoms as a Medical Segmentation Decathlon / nnU-Net raw dataset.
 
     Layout: ``out_dir/dataset.json`` (``labels`` ``{"0": "background", ...}``, ``training`` entries
     ``{"image": "./imagesTr/<case>.nii.gz", "label": "./labelsTr/<case>.nii.gz"}``), ``imagesTr/``,
-    ``labelsTr/``; ``vary`` as in :func:`make_phantom`. Returns ``out_dir``.
+    ``labelsTr/``; ``vary`` and ``texture`` as in :func:`make_phantom`. Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
-    cases = _write_cases(out_dir / "imagesTr", out_dir / "labelsTr", seeds, "nii.gz", shape, spacing_zyx, vary)
+    cases = _write_cases(out_dir / "imagesTr", out_dir / "labelsTr", seeds, "nii.gz", shape, spacing_zyx, vary,
+                         texture)
     dataset = {
         "name": name,
         "description": "procedural CT phantoms (volumefusion.data.phantoms)",
