@@ -172,3 +172,27 @@ def test_unvaried_phantoms_keep_their_anatomy_and_scan():
     fixed, varied = make_phantom(3, (16, 32, 32)), make_phantom(3, (16, 32, 32), vary=True)
     assert fixed.scan == {} and varied.scan
     assert not np.array_equal(fixed.image, varied.image)
+
+
+def test_textured_phantoms_tell_organs_apart_by_texture_not_mean_hu():
+    """texture=True: same labels and, away from the retextured organs, the same image; liver, spleen
+    and kidneys share a mean HU (plain kidneys are far brighter) and differ in texture: the liver
+    grainy, the spleen smooth."""
+    for seed in (0, 1):
+        plain, textured = make_phantom(seed), make_phantom(seed, texture=True)
+        assert np.array_equal(plain.label, textured.label)
+        organs = np.isin(plain.label, [NAME_TO_LABEL[n] for n in ("liver", "spleen", "kidney_right", "kidney_left")])
+        far = ~ndimage.binary_dilation(organs, iterations=5)
+        assert np.array_equal(plain.image[far], textured.image[far])
+
+        def inside(p, name):  # away from edges, where blur mixes organs
+            return p.image[ndimage.binary_erosion(p.label == NAME_TO_LABEL[name], iterations=2)]
+        liver = inside(textured, "liver")
+        for kidney in ("kidney_right", "kidney_left"):
+            assert inside(plain, kidney).mean() - inside(plain, "liver").mean() > 50
+            assert abs(inside(textured, kidney).mean() - liver.mean()) < 15
+        assert abs(inside(textured, "spleen").mean() - liver.mean()) < 10
+        assert liver.std() > 2 * inside(textured, "spleen").std()
+        assert liver.std() > 1.5 * inside(plain, "liver").std()
+    again = make_phantom(1, texture=True)
+    assert np.array_equal(again.image, textured.image)
