@@ -24,7 +24,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "volumefusion"
 # Lowest first; a module may import from its own layer or any layer below.
 LAYERS = [
     {"volumefusion", "deprecated", "log", "files", "geometry", "io", "processes", "typed_config", "nnunet_plans",
-     "stats", "config", "device", "preprocess", "metrics", "augment", "viz"},
+     "pctnet_shape", "stats", "config", "device", "preprocess", "metrics", "augment", "viz"},
     {"data", "fusion", "nets"},
     {"checkpoint"},
     {"weights"},

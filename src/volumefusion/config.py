@@ -22,6 +22,7 @@ import yaml
 
 from volumefusion.files import atomic_write_text
 from volumefusion.nnunet_plans import check_plans_model, plans_crop
+from volumefusion.pctnet_shape import pyramid_shape
 from volumefusion.typed_config import (
     PRESETS,
     ConfigError,
@@ -214,18 +215,7 @@ def validate(cfg: Config) -> Config:
             f"needs one per feature_channels entry ({len(m.feature_channels)})"
         )
     if m.name == "pctnet":
-        if len(m.feature_channels) != 5:
-            raise ConfigError(f"model.feature_channels: PCT-Net needs 5 levels, got {list(m.feature_channels)}")
-        if len(m.depths) != 3 or len(m.num_heads) != 3:
-            raise ConfigError("model.depths / model.num_heads: PCT-Net needs 3 values each")
-        for key in ("window_size", "shifted_windows"):
-            values = getattr(m, key)
-            if len(values) not in (1, 3):
-                raise ConfigError(f"model.{key}: {list(values)} has {len(values)} values; PCT-Net needs one "
-                                  "(every level) or 3 (levels 1/4, 1/8, 1/16)")
-        for c, h in zip(m.feature_channels[2:], m.num_heads):
-            if c % h:
-                raise ConfigError(f"model.num_heads: {h} heads do not divide {c} channels")
+        pyramid_shape(m.feature_channels, m.depths, m.num_heads, m.window_size, m.shifted_windows)
     if m.name == "nnunet":
         check_plans_model(m)
     for i, (lo, hi) in enumerate(zip(fu.box_size_min, fu.box_size_max)):

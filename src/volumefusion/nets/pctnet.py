@@ -34,6 +34,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from volumefusion.nets.blocks import ConvBlock, DownSample, PreActConv, UpCat, kernel_and_padding
+from volumefusion.pctnet_shape import pyramid_shape
 
 REL_POS_KINDS = ("exact", "reference")
 # Additive mask value between tokens of different regions of a shifted window (the reference's).
@@ -416,16 +417,6 @@ class Head(nn.Module):
         return run_module((self.out_conv0, self.out_conv1)[level], d, checkpoint=self.checkpointing)
 
 
-def _per_level(value, n: int, name: str) -> tuple:
-    """``n`` values from one value (a scalar or a sequence of one, as configs hold it) or ``n`` values."""
-    values = tuple(value) if isinstance(value, Sequence) else (value,)
-    if len(values) == 1:
-        values *= n
-    if len(values) != n:
-        raise ValueError(f"{name}: expected one value or {n}, got {list(values)}")
-    return values
-
-
 def reference_windows(input_size: Sequence[int], resolution_mode: int = 1,
                       window_sizes: Sequence[int] = (6, 6, 6)) -> tuple[tuple[int, ...], tuple[bool, ...]]:
     """Per-level (window sizes, shifted) of a MIS-FM PCT-Net configured with ``input_size``.
@@ -467,20 +458,14 @@ class PCTNet(nn.Module):
                  rel_pos_index: str = "exact", activation_checkpointing: bool = False,
                  shifted_windows: bool | Sequence[bool] = True):
         super().__init__()
-        if len(feature_channels) != 5 or len(dropout) != 5:
-            raise ValueError(f"feature_channels {list(feature_channels)} and dropout {list(dropout)} "
-                             "need 5 values")
+        depths, num_heads, windows, shifted = pyramid_shape(feature_channels, depths, num_heads, window_size,
+                                                            shifted_windows)
+        if len(dropout) != len(feature_channels):
+            raise ValueError(f"dropout {list(dropout)}: needs one value per feature level ({len(feature_channels)})")
         if resolution_mode not in (0, 1, 2):
             raise ValueError(f"resolution_mode {resolution_mode}: choose 0, 1 or 2")
         if rel_pos_index not in REL_POS_KINDS:
             raise ValueError(f"rel_pos_index {rel_pos_index!r}: choose one of {REL_POS_KINDS}")
-        depths = _per_level(depths, 3, "depths")
-        num_heads = _per_level(num_heads, 3, "num_heads")
-        windows = _per_level(window_size, 3, "window_size")
-        shifted = _per_level(shifted_windows, 3, "shifted_windows")
-        for c, h in zip(feature_channels[2:], num_heads):
-            if c % h:
-                raise ValueError(f"num_heads {list(num_heads)}: {h} heads do not divide {c} channels")
         self.resolution_mode = resolution_mode
         self.deep_supervision = deep_supervision
         planar = (resolution_mode >= 1, resolution_mode >= 2)
