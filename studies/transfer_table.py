@@ -1,9 +1,11 @@
 """The transfer study's table (studies/README.md): every candidate and checkpoint, by seed, from the
 runs a `volumefusion probe` folder holds and the candidates' own metrics.
 
-Usage: python studies/transfer_table.py PROBE_DIR RUNS_DIR [SHORTCUT_JSONL]
+Usage: python studies/transfer_table.py PROBE_DIR RUNS_DIR [SHORTCUT_JSONL] [--json OUT]
 Prints a Markdown table: pretext Dice (the run's own validation at that step), probe vs random encoder
 and fine-tuning vs scratch (held-out mean Dice, seeds listed), and the shortcut diagnostic when given.
+With --json, also writes every run (per-organ Dice), each candidate's pretext per step and the
+shortcut records to OUT (the form of docs/study/*.json).
 """
 
 from __future__ import annotations
@@ -17,14 +19,31 @@ import numpy as np
 from volumefusion.train.logging import read_metrics
 
 
+def results(probe_dir: Path) -> list[dict]:
+    """Every finished run's result.json, in a stable order."""
+    return [json.loads(done.read_text()) for done in sorted(probe_dir.glob("runs/**/result.json"))]
+
+
 def runs(probe_dir: Path) -> dict[tuple[str, str], dict[int, float]]:
     """``{(name, arm): {seed: score}}`` of every finished run; the random and scratch arms under ``"-"``."""
     out: dict[tuple[str, str], dict[int, float]] = {}
-    for done in probe_dir.glob("runs/**/result.json"):
-        r = json.loads(done.read_text())
+    for r in results(probe_dir):
         name = r["name"] if r["arm"] in ("probe", "finetune") else "-"
         out.setdefault((name, r["arm"]), {})[int(r["seed"])] = float(r["score"])
     return out
+
+
+def write_json(out: Path, probe_dir: Path, runs_dir: Path, shortcut: Path | None) -> None:
+    pretexts = {}
+    for run in sorted(p.parent for p in runs_dir.glob("*/metrics.jsonl")):
+        pretexts[run.name] = {str(r["step"]): {"score": r["val_score"], **{k: v for k, v in r.items()
+                                                                          if k.startswith("val_dice_a")}}
+                              for r in read_metrics(run / "metrics.jsonl") if "val_score" in r}
+    keep = ("name", "arm", "seed", "score", "dice", "seconds")
+    record = {"protocol": "studies/README.md", "probe_dir": str(probe_dir),
+              "runs": [{k: r.get(k) for k in keep} for r in results(probe_dir)], "pretext": pretexts,
+              "shortcut": [json.loads(line) for line in shortcut.read_text().splitlines()] if shortcut else []}
+    out.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def pretext(runs_dir: Path, name: str) -> str:
@@ -47,7 +66,15 @@ def cell(mine: dict[int, float], base: dict[int, float]) -> str:
 
 
 def main() -> None:
-    probe_dir, runs_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    args = sys.argv[1:]
+    json_out = None
+    if "--json" in args:
+        i = args.index("--json")
+        json_out, args[i:i + 2] = Path(args[i + 1]), []
+    probe_dir, runs_dir = Path(args[0]), Path(args[1])
+    shortcut = Path(args[2]) if len(args) > 2 else None
+    if json_out:
+        write_json(json_out, probe_dir, runs_dir, shortcut)
     found = runs(probe_dir)
     random, scratch = found.get(("-", "random"), {}), found.get(("-", "scratch"), {})
     names = sorted({n for n, a in found if n != "-"})
@@ -58,10 +85,10 @@ def main() -> None:
     for name in names:
         print(f"| {name} | {pretext(runs_dir, name)} | {cell(found.get((name, 'probe'), {}), random)} | "
               f"{cell(found.get((name, 'finetune'), {}), scratch)} |")
-    if len(sys.argv) > 3:
+    if shortcut:
         print("\n| fusion recipe | tiny local model's pretext Dice | per level (a0 ... aK) |")
         print("| --- | ---: | --- |")
-        for line in Path(sys.argv[3]).read_text().splitlines():
+        for line in shortcut.read_text().splitlines():
             r = json.loads(line)
             levels = " / ".join(f"{v:.2f}" for k, v in r["tiny"].items() if k.startswith("dice_a"))
             print(f"| {r['run']} | {r['tiny']['score']:.3f} | {levels} |")
