@@ -57,6 +57,12 @@ def test_probe_keeps_finished_runs_and_shares_the_random_arm(supervised, phantom
     assert len(list((tmp_path / "runs").glob("*/random/seed0"))) == 1
     assert second.scores("a", "probe") == first.scores("a", "probe")
     assert second.scores("b", "random") == second.scores("a", "random")
+    # a folder written before a setting existed is the same probe when the new setting keeps its default
+    recorded = json.loads((tmp_path / "recipe.json").read_text())
+    del recorded["defines"]["recipe"]["run"]["stop_after"]
+    (tmp_path / "recipe.json").write_text(json.dumps(recorded))
+    probe({"a": supervised}, phantom_dataset, tmp_path, overrides=recipe, seeds=[0], device="cpu", workers=1)
+    assert result_file.stat().st_mtime_ns == stamp
     with pytest.raises(VolumeFusionError, match="holds a probe with another recipe"):  # a longer budget
         probe({"a": supervised}, phantom_dataset, tmp_path, overrides=[*RECIPE, "run.max_steps=3"], seeds=[0],
               device="cpu", workers=1)

@@ -191,13 +191,28 @@ def _claim(out: Path, defines: dict, record: dict) -> None:
     rather than a table that mixes runs of two budgets."""
     path = out / "recipe.json"
     if path.is_file():
-        saved = json.loads(path.read_text()).get("defines")
+        saved = _with_new_defaults(json.loads(path.read_text()).get("defines") or {})
         if saved != json.loads(json.dumps(defines)):
             changed = sorted(k for k in defines if json.dumps(saved.get(k) if saved else None, sort_keys=True)
                              != json.dumps(defines[k], sort_keys=True))
             raise VolumeFusionError(f"--out {out}: holds a probe with another {' and '.join(changed) or 'recipe'} "
                                     "(its runs would be mixed with these); choose another folder")
     atomic_write_text(path, json.dumps({"defines": defines, **record}, indent=1) + "\n")
+
+
+def _with_new_defaults(defines: dict) -> dict:
+    """Recorded ``defines`` as this version would write them: the recipe's fields added since take their
+    defaults, which keep the behaviour the recorded runs had, so an upgrade does not orphan a probe."""
+    recipe = defines.get("recipe")
+    if not isinstance(recipe, dict):
+        return defines
+    filled = Config().to_dict()
+    for section, fields in recipe.items():
+        if isinstance(fields, dict) and isinstance(filled.get(section), dict):
+            filled[section].update(fields)
+        else:
+            filled[section] = fields
+    return {**defines, "recipe": filled}
 
 
 def _write_split(train: list[str], val: list[str], labelled: int | None, seed: int, path: Path) -> Path:
