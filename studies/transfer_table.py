@@ -10,8 +10,8 @@ shortcut records to OUT (the form of docs/study/*.json).
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,15 +66,15 @@ def cell(mine: dict[int, float], base: dict[int, float]) -> str:
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    json_out = None
-    if "--json" in args:
-        i = args.index("--json")
-        json_out, args[i:i + 2] = Path(args[i + 1]), []
-    probe_dir, runs_dir = Path(args[0]), Path(args[1])
-    shortcut = Path(args[2]) if len(args) > 2 else None
-    if json_out:
-        write_json(json_out, probe_dir, runs_dir, shortcut)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("probe_dir", type=Path)
+    parser.add_argument("runs_dir", type=Path)
+    parser.add_argument("shortcut", type=Path, nargs="?")
+    parser.add_argument("--json", type=Path, metavar="OUT")
+    args = parser.parse_args()
+    probe_dir, runs_dir, shortcut = args.probe_dir, args.runs_dir, args.shortcut
+    if args.json:
+        write_json(args.json, probe_dir, runs_dir, shortcut)
     found = runs(probe_dir)
     random, scratch = found.get(("-", "random"), {}), found.get(("-", "scratch"), {})
     names = sorted({n for n, a in found if n != "-"})

@@ -63,7 +63,7 @@ def test_probe_keeps_finished_runs_and_shares_the_random_arm(supervised, phantom
     (tmp_path / "recipe.json").write_text(json.dumps(recorded))
     probe({"a": supervised}, phantom_dataset, tmp_path, overrides=recipe, seeds=[0], device="cpu", workers=1)
     assert result_file.stat().st_mtime_ns == stamp
-    with pytest.raises(VolumeFusionError, match="holds a probe with another recipe"):  # a longer budget
+    with pytest.raises(VolumeFusionError, match=r"holds a probe with another recipe \(run.max_steps: 2 -> 3\)"):
         probe({"a": supervised}, phantom_dataset, tmp_path, overrides=[*RECIPE, "run.max_steps=3"], seeds=[0],
               device="cpu", workers=1)
 

@@ -45,8 +45,10 @@ def pyramid_shape(feature_channels: Sequence[int], depths, num_heads, window_siz
     if len(channels) != LEVELS:
         raise ConfigError(f"model.feature_channels: PCT-Net needs {LEVELS} levels, got {list(channels)}")
     depths, num_heads = _values(depths), _values(num_heads)
-    if len(depths) != PYRAMID or len(num_heads) != PYRAMID:
-        raise ConfigError(f"model.depths / model.num_heads: PCT-Net needs {PYRAMID} values each")
+    for key, values in (("depths", depths), ("num_heads", num_heads)):
+        if len(values) != PYRAMID:
+            raise ConfigError(f"model.{key}: {list(values)} has {len(values)} values; PCT-Net needs {PYRAMID} "
+                              "(levels 1/4, 1/8, 1/16)")
     per_level = []
     for key, value in (("window_size", window_size), ("shifted_windows", shifted_windows)):
         values = _values(value)

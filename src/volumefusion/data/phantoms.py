@@ -459,7 +459,7 @@ def _paint_abdomen(cv: _Canvas, rng, t: _Torso) -> None:
     medial = -0.9 * spleen.axes[2] * np.array([0, np.sin(spleen.angle), np.cos(spleen.angle)], np.float32)
     notch = _Blob.draw(rng, spleen.centre + medial, spleen.axes * np.array([1.3, 0.7, 0.5], np.float32),
                        angle=spleen.angle, wobble=0.05)
-    spleen_hu = liver_hu + u(-12, 12)
+    spleen_hu = liver_hu + u(-12, 12)  # drawn either way: the anatomy's stream stays the same
     if cv.grain is not None:
         spleen_hu = liver_hu  # smooth, where the liver is grainy
     s, m = spleen.mask(cv, t.interior)
@@ -470,7 +470,7 @@ def _paint_abdomen(cv: _Canvas, rng, t: _Torso) -> None:
     # Kidneys beside the spine: bright cortex, darker medulla, a fat-filled hilum facing front-middle.
     drawn_kidney_hu = u(140, 180)
     cortex_hu, medulla_hu = (np.float32(cv.scan.enhanced("kidney", drawn_kidney_hu - d)) for d in (0, 50))
-    if cv.grain is not None:  # the liver's mean HU: cortex brighter, medulla darker
+    if cv.grain is not None:  # around the liver's mean HU whatever the phase (drawn HU unused: same stream)
         cortex_hu, medulla_hu = np.float32(liver_hu + 20), np.float32(liver_hu - 40)
     for name, side in (("kidney_right", -1), ("kidney_left", 1)):
         drop = 0.1 if side < 0 else 0.0  # the right kidney sits lower, under the liver

@@ -37,7 +37,7 @@ import torch
 
 from volumefusion import VolumeFusionError, nets
 from volumefusion.checkpoint import read_checkpoint, resolve_weights, write_weights
-from volumefusion.config import Config, load
+from volumefusion.config import Config, changed_fields, load
 from volumefusion.files import atomic_write_text, check_writable_folder, folder_lock
 from volumefusion.log import get_logger
 from volumefusion.processes import plan_workers, worker_pool
@@ -46,6 +46,7 @@ from volumefusion.train.engine import RunInterrupted
 from volumefusion.train.logging import read_metrics
 from volumefusion.train.runs import finetune, segmentation_store
 from volumefusion.train.tasks import split_cases
+from volumefusion.typed_config import ConfigError
 from volumefusion.weights import model_from_checkpoint
 
 log = get_logger(__name__)
@@ -185,34 +186,24 @@ def random_start(cfg: Config, task: dict, seed: int, path: Path) -> Path:
     return path
 
 
-def _claim(out: Path, defines: dict, record: dict) -> None:
-    """Keep finished runs only for the same probe: ``out/recipe.json`` records what ``defines`` the runs
-    (the resolved recipe, the split, the labelled count); another recipe into the same folder is an error
-    rather than a table that mixes runs of two budgets."""
+def _claim(out: Path, recipe: Config, split: dict, record: dict) -> None:
+    """Keep finished runs only for the same probe: ``out/recipe.json`` records what defines the runs (the
+    resolved ``recipe``, and ``split``: the cases and the labelled count); another recipe into the same
+    folder is an error naming what changed, rather than a table that mixes runs of two budgets. Fields
+    added to the settings since the folder was written count as their defaults (an upgrade keeps it)."""
     path = out / "recipe.json"
     if path.is_file():
-        saved = _with_new_defaults(json.loads(path.read_text()).get("defines") or {})
-        if saved != json.loads(json.dumps(defines)):
-            changed = sorted(k for k in defines if json.dumps(saved.get(k) if saved else None, sort_keys=True)
-                             != json.dumps(defines[k], sort_keys=True))
-            raise VolumeFusionError(f"--out {out}: holds a probe with another {' and '.join(changed) or 'recipe'} "
-                                    "(its runs would be mixed with these); choose another folder")
-    atomic_write_text(path, json.dumps({"defines": defines, **record}, indent=1) + "\n")
-
-
-def _with_new_defaults(defines: dict) -> dict:
-    """Recorded ``defines`` as this version would write them: the recipe's fields added since take their
-    defaults, which keep the behaviour the recorded runs had, so an upgrade does not orphan a probe."""
-    recipe = defines.get("recipe")
-    if not isinstance(recipe, dict):
-        return defines
-    filled = Config().to_dict()
-    for section, fields in recipe.items():
-        if isinstance(fields, dict) and isinstance(filled.get(section), dict):
-            filled[section].update(fields)
-        else:
-            filled[section] = fields
-    return {**defines, "recipe": filled}
+        saved = json.loads(path.read_text()).get("defines") or {}
+        changed = [f"{key}: {saved.get(key)} -> {now}" if key == "labelled" else f"{key} cases"
+                   for key, now in split.items() if json.dumps(saved.get(key)) != json.dumps(now)]
+        try:
+            changed += changed_fields(saved.get("recipe") or {}, recipe)
+        except ConfigError as exc:  # a recipe this version cannot read
+            changed.append(f"recorded recipe unreadable: {exc}")
+        if changed:
+            raise VolumeFusionError(f"--out {out}: holds a probe with another recipe ({'; '.join(changed)}): its "
+                                    "runs would be mixed with these; choose another folder")
+    atomic_write_text(path, json.dumps({"defines": {"recipe": recipe.to_dict(), **split}, **record}, indent=1) + "\n")
 
 
 def _write_split(train: list[str], val: list[str], labelled: int | None, seed: int, path: Path) -> Path:
@@ -301,7 +292,7 @@ def _probe(named: dict[str, str | Path], data: str | Path, out: Path, config: li
         held = recipe.run.max_steps if arm in ("probe", "random") else 0
         recipes[arm] = (*overrides, f"finetune.freeze_encoder_steps={held}",
                         f"run.checkpoint_every={recipe.run.max_steps}", "run.keep_last=0", "run.image_every=1000000000")
-    _claim(out, {"recipe": recipe.to_dict(), "train": sorted(train), "val": sorted(val), "labelled": labelled},
+    _claim(out, recipe, {"train": sorted(train), "val": sorted(val), "labelled": labelled},
            {"config": [str(c) for c in config], "overrides": recipes})
     splits = {s: _write_split(train, val, labelled, s, out / "splits" / f"seed{s}.json") for s in seeds}
 
